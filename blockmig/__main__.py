@@ -1,0 +1,3 @@
+from blockmig.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""The one error hierarchy. Every message is a single line a storage admin can act on.
+
+The CLI catches BlockmigError, prints its message to stderr and exits with
+`exit_code`; anything else escaping is a bug and shows a traceback.
+"""
+
+
+class BlockmigError(Exception):
+    exit_code = 1
+
+
+class UsageError(BlockmigError):
+    """Bad input, refused before anything was changed."""
+
+    exit_code = 2
+
+
+class DeviceError(BlockmigError):
+    """A block device (or image file) cannot be opened, sized or used as asked."""
+
+
+class GuardRefusedWrite(BlockmigError):
+    """The destination guard refused a write whose address is not the reserved one."""
+
+    def __init__(self, designated: int, reserved: int):
+        self.designated = designated
+        self.reserved = reserved
+        super().__init__(
+            f"guard refused write at byte {designated}: reserved write address is {reserved}; nothing written"
+        )
+
+
+class VerifyError(BlockmigError):
+    """Data read back does not match the manifest."""
+
+
+class JournalError(BlockmigError):
+    """The journal is missing, unreadable, or belongs to another job."""
+
+
+class ArrayError(BlockmigError):
+    """The storage array (LIO) refused or lacks something."""
+
+
+class HostError(BlockmigError):
+    """The host side (open-iscsi, multipath, udev) failed or timed out."""
+
+
+class MigrationError(BlockmigError):
+    """A migration step cannot proceed in the state it finds."""
+
+
+class LabError(BlockmigError):
+    """The lab (VM or lab arrays) cannot be built, started or reached."""
