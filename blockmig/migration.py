@@ -1,0 +1,689 @@
+"""The orchestrator: move a host's LUN to another LIO array and switch the host over.
+
+A migration is a sequence of steps (state.STEPS); each is recorded in the
+journal when it starts and when it is done, and each is written so that running
+it again after a crash (kill -9) finds what the previous attempt did and
+finishes it. `resume` simply runs the remaining steps; `rollback` undoes what
+was made as long as the host has not left the source.
+
+Who does what:
+  array/lio.py        storage objects, LUNs, ACLs, write protection, serials
+  host/iscsi.py       iscsiadm logins (host iface and the migrator's own iface)
+  host/multipath.py   the host's map: paths, suspend/resume (IO hold)
+  datapath/           the guarded copy and the verify against the manifest
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from blockmig.array import lio
+from blockmig.datapath.copy import DEFAULT_CHUNK_SIZE, copy_volume
+from blockmig.datapath.digest import load_manifest
+from blockmig.datapath.journal import write_json_atomically
+from blockmig.datapath.verify import verify_volume
+from blockmig.errors import ArrayError, BlockmigError, DeviceError, HostError, MigrationError, UsageError
+from blockmig.host import iscsi, multipath, udev
+from blockmig.state import STEPS, MigrationJournal, VolumeLock
+
+FENCES = ("writeprotect", "suspend", "none")
+SWITCHES = ("multipath", "relogin")
+MIGRATOR_IQN_PREFIX = "iqn.2026-11.io.blockmig:migrator"
+MULTIPATH_CONF_DIR = "/etc/multipath/conf.d"
+COPY_RETRIES = 5  # a source path that fails during the copy gets this many resumes
+COPY_RETRY_WAIT = 3.0  # seconds between them (replacement_timeout in the lab is 5 s)
+
+EventHandler = Callable[[dict], None]
+
+
+@dataclass
+class MigrationRequest:
+    device: str  # /dev/mapper/NAME, /dev/dm-N, or /dev/sdX (relogin only)
+    to_target: str
+    to_portal: str  # IP:PORT
+    backing_dir: str | None = None
+    backing_device: str | None = None
+    fence: str = "writeprotect"
+    switch: str = "multipath"
+    worm: bool = False
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    max_rate: float | None = None
+    migration_id: str | None = None
+
+
+@dataclass
+class HostDevice:
+    """What the host uses: a multipath map (name + member disks) or a bare SCSI disk."""
+
+    device: str
+    wwid: str
+    map_name: str | None
+    disks: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# public API
+
+
+def migrate(request: MigrationRequest, on_event: EventHandler | None = None, after_chunk=None) -> dict:
+    """Plan and run a migration; return the final report."""
+    journal = plan_migration(request)
+    return run_migration(journal.id, on_event, after_chunk)
+
+
+def plan_migration(request: MigrationRequest) -> MigrationJournal:
+    """Check everything and write the journal; changes nothing on either array or the host."""
+    _check_request(request)
+    host_device = resolve_host_device(request.device)
+    if host_device.map_name is None and request.switch == "multipath":
+        raise UsageError(
+            f"{request.device} is not a multipath map: use --switch relogin for a host without multipath"
+        )
+    source = _describe_source(host_device)
+    portal_ip, port = parse_portal(request.to_portal)
+    destination_array = lio.find_array(request.to_target)
+    if (portal_ip, port) not in destination_array.portals:
+        offered = ", ".join(f"{ip}:{p}" for ip, p in destination_array.portals) or "none"
+        raise ArrayError(f"target {request.to_target} has no portal {portal_ip}:{port} (it has: {offered})")
+    if request.to_target == source["target"]:
+        raise UsageError(f"{request.to_target} is the source's own target")
+    migration_id = request.migration_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{source['wwid'][-6:]}"
+    _refuse_unfinished_migration_of(source["wwid"])
+    volume_name = f"blockmig-{migration_id}"
+    if request.backing_device:
+        backing = os.path.realpath(request.backing_device)
+        _check_backing_device(backing, source["size"])
+        backing_created = False
+    else:
+        backing_dir = os.path.abspath(request.backing_dir or os.path.dirname(source["backing"]))
+        if not os.path.isdir(backing_dir):
+            raise UsageError(f"backing directory {backing_dir} does not exist")
+        backing = os.path.join(backing_dir, f"{volume_name}.img")
+        if os.path.lexists(backing):
+            raise UsageError(f"{backing} already exists")
+        lio.check_free_space(backing_dir, source["size"])
+        backing_created = True
+    temporary_serial = str(uuid.uuid4())
+    with VolumeLock(source["wwid"], migration_id):
+        return MigrationJournal.create(
+            migration_id,
+            source=source,
+            destination={
+                "target": request.to_target,
+                "portal": f"{portal_ip}:{port}",
+                "volume": volume_name,
+                "backing": backing,
+                "backing_created": backing_created,
+                "temporary_serial": temporary_serial,
+                "temporary_wwid": lio.wwid_for_serial(temporary_serial),
+                "lun": None,
+            },
+            migrator={
+                "iface": f"blockmig-{migration_id}",
+                "initiator": f"{MIGRATOR_IQN_PREFIX}-{migration_id.lower()}",
+            },
+            fence=request.fence,
+            switch=request.switch,
+            worm=request.worm,
+            chunk_size=request.chunk_size,
+            max_rate=request.max_rate,
+        )
+
+
+def run_migration(migration_id: str, on_event: EventHandler | None = None, after_chunk=None) -> dict:
+    """Run the steps not done yet (this is also `resume`); return the final report."""
+    journal = MigrationJournal.load(migration_id)
+    if journal.data["state"] == "done":
+        return journal.data["report"]
+    if journal.data["state"] == "rolled_back":
+        raise MigrationError(f"migration {migration_id} was rolled back; start a new one")
+    with VolumeLock(journal.data["source"]["wwid"], migration_id):
+        return Migration(journal, on_event, after_chunk).run()
+
+
+resume_migration = run_migration
+
+
+def rollback_migration(migration_id: str, on_event: EventHandler | None = None) -> dict:
+    """Put the host back on the source and remove what blockmig made; refused after the switch."""
+    journal = MigrationJournal.load(migration_id)
+    if journal.data["state"] == "rolled_back":
+        return journal.summary()
+    with VolumeLock(journal.data["source"]["wwid"], migration_id):
+        return Migration(journal, on_event).rollback()
+
+
+def migration_status(migration_id: str | None = None) -> list[dict]:
+    if migration_id:
+        return [MigrationJournal.load(migration_id).summary()]
+    return [journal.summary() for journal in MigrationJournal.list_all()]
+
+
+# ---------------------------------------------------------------------------
+# planning helpers
+
+
+def parse_portal(portal: str) -> tuple[str, int]:
+    ip, _, port = portal.rpartition(":") if ":" in portal else (portal, "", "3260")
+    if not ip or not port.isdigit():
+        raise UsageError(f"portal {portal!r} is not IP:PORT")
+    return ip, int(port)
+
+
+def _check_request(request: MigrationRequest) -> None:
+    if request.fence not in FENCES:
+        raise UsageError(f"--fence must be one of {', '.join(FENCES)}")
+    if request.switch not in SWITCHES:
+        raise UsageError(f"--switch must be one of {', '.join(SWITCHES)}")
+    if request.backing_dir and request.backing_device:
+        raise UsageError("give --backing-dir or --backing-device, not both")
+    if request.chunk_size <= 0 or request.chunk_size % 4096:
+        raise UsageError(f"chunk size {request.chunk_size} must be a positive multiple of 4096")
+    if request.migration_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", request.migration_id):
+        raise UsageError(f"migration id {request.migration_id!r}: use letters, digits, '.', '_', '-' (max 41)")
+
+
+def resolve_host_device(device: str) -> HostDevice:
+    """/dev/mapper/NAME, /dev/dm-N or /dev/sdX -> the map (if any), its WWID and member disks."""
+    if not os.path.exists(device):
+        raise DeviceError(f"no such device {device}")
+    name = os.path.basename(os.path.realpath(device))
+    if name.startswith("sd"):
+        holders = os.listdir(f"/sys/block/{name}/holders") if os.path.isdir(f"/sys/block/{name}/holders") else []
+        if not holders:
+            return HostDevice(device, udev.disk_wwid(name), None, [name])
+        name = holders[0]
+    if not name.startswith("dm-"):
+        raise DeviceError(f"{device} is neither a multipath map nor a SCSI disk")
+    uuid_text = _read_sysfs(f"/sys/block/{name}/dm/uuid")
+    if not uuid_text.startswith("mpath-"):
+        raise DeviceError(f"{device} is a device-mapper device but not a multipath map (uuid {uuid_text!r})")
+    map_name = _read_sysfs(f"/sys/block/{name}/dm/name")
+    disks = sorted(os.listdir(f"/sys/block/{name}/slaves"))
+    return HostDevice(device, uuid_text[len("mpath-"):], map_name, disks)
+
+
+def _describe_source(host_device: HostDevice) -> dict:
+    """The source LUN behind the host device: array volume + the host's session to it."""
+    volume = lio.find_volume_by_wwid(host_device.wwid)
+    if volume.target_iqn is None:
+        raise ArrayError(f"volume {volume.name} (WWID {host_device.wwid}) is not exported by any target")
+    session = None
+    for disk in host_device.disks:
+        found = _session_of_disk(disk)
+        if found and found.target_iqn == volume.target_iqn:
+            session = found
+            break
+    if session is None:
+        raise HostError(
+            f"the host is not logged in to {volume.target_iqn} for {host_device.device}: no iSCSI path to the source"
+        )
+    return {
+        "device": host_device.device,
+        "map": host_device.map_name,
+        "wwid": host_device.wwid,
+        "serial": volume.serial,
+        "volume": volume.name,
+        "size": volume.size,
+        "backing": volume.backing,
+        "target": volume.target_iqn,
+        "lun": volume.lun,
+        "portal": f"{session.portal_ip}:{session.port}",
+        "host_initiator": session.initiator_iqn,
+        "host_iface": session.iface,
+    }
+
+
+def _refuse_unfinished_migration_of(wwid: str) -> None:
+    for journal in MigrationJournal.list_all():
+        if journal.data["source"]["wwid"] == wwid and journal.data["state"] not in ("done", "rolled_back"):
+            raise MigrationError(
+                f"migration {journal.id} of this volume is unfinished ({journal.data['state']}): "
+                f"blockmig resume {journal.id} or blockmig rollback {journal.id}"
+            )
+
+
+def _check_backing_device(path: str, size: int) -> None:
+    if not os.path.exists(path):
+        raise DeviceError(f"no such device {path}")
+    with open(path, "rb") as device:
+        device_size = device.seek(0, os.SEEK_END)
+    if device_size < size:
+        raise ArrayError(f"{path} holds {device_size} bytes: no room for the {size}-byte volume")
+    if device_size != size:
+        raise ArrayError(f"{path} holds {device_size} bytes; the destination must be exactly {size} bytes")
+
+
+def _read_sysfs(path: str) -> str:
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def _session_of_disk(disk: str) -> iscsi.Session | None:
+    for session in iscsi.sessions():
+        if disk in iscsi.session_disks(session).values():
+            return session
+    return None
+
+
+# ---------------------------------------------------------------------------
+# the steps
+
+
+class Migration:
+    def __init__(self, journal: MigrationJournal, on_event: EventHandler | None = None, after_chunk=None):
+        self.journal = journal
+        self.emit = on_event or (lambda event: None)
+        self.after_chunk = after_chunk
+        self.source = journal.data["source"]
+        self.destination = journal.data["destination"]
+        self.migrator = journal.data["migrator"]
+
+    # -- running -----------------------------------------------------------------
+    def run(self) -> dict:
+        self.emit({"event": "migration", "id": self.journal.id, "state": self.journal.data["state"]})
+        for name in STEPS:
+            if self.journal.is_done(name):
+                continue
+            self.emit({"event": "step", "step": name, "state": "started"})
+            self.journal.mark_started(name)
+            try:
+                facts = getattr(self, f"_step_{name}")() or {}
+            except (BlockmigError, KeyboardInterrupt) as exc:
+                self._after_failure(name)
+                message = str(exc) or type(exc).__name__
+                self.journal.mark_failed(f"{name}: {message}")
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                raise MigrationError(
+                    f"migration {self.journal.id} stopped in step {name}: {message} "
+                    f"(blockmig resume {self.journal.id} or blockmig rollback {self.journal.id})"
+                ) from exc
+            self.journal.mark_done(name, **facts)
+            self.emit({"event": "step", "step": name, "state": "done", **facts})
+        return self.journal.data["report"]
+
+    def _after_failure(self, step: str) -> None:
+        """Leave no host IO held past our exit; a suspend fence is lifted, so the copy restarts on resume."""
+        map_name = self.source["map"]
+        if map_name and multipath.is_suspended(map_name):
+            if self.journal.data["fence"] == "suspend" and not self.journal.is_done("switch"):
+                self._lift_fence()
+                self.journal.data["steps"].pop("copy", None)
+                self.journal.data["steps"].pop("verify", None)
+                self.journal.data["steps"].pop("fence", None)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.journal.copy_journal_path)
+            else:
+                multipath.resume_map(map_name)
+            self.emit({"event": "io_resumed", "map": map_name, "after_failure_in": step})
+
+    # -- plan --------------------------------------------------------------------
+    def _step_plan(self) -> dict:
+        """Re-check, on resume, that the host still sees the source as planned."""
+        if self.journal.is_done("switch"):
+            return {}
+        host_device = resolve_host_device(self.source["device"])
+        if host_device.wwid != self.source["wwid"]:
+            raise MigrationError(f"{self.source['device']} now has WWID {host_device.wwid}, not {self.source['wwid']}")
+        return {"wwid": host_device.wwid, "disks": host_device.disks}
+
+    # -- create destination -------------------------------------------------------
+    def _step_create_destination(self) -> dict:
+        """Make the destination volume with a serial of its own, exported to the migrator only."""
+        volume = self._destination_volume(create=True)
+        if not any(m.initiator_iqn == self.migrator["initiator"] for m in lio.list_mappings(volume)):
+            lio.export_volume(volume, self.migrator["initiator"])
+        self._blacklist_temporary_wwid()
+        disk = self._login_migrator(volume)
+        return {"volume": volume.name, "lun": volume.lun, "serial": volume.serial, "migrator_disk": disk}
+
+    def _destination_volume(self, create: bool = False) -> lio.Volume:
+        with contextlib.suppress(ArrayError):
+            return lio.find_volume(self.destination["volume"])
+        if not create:
+            raise MigrationError(f"destination volume {self.destination['volume']} is gone")
+        self.journal.record("create_destination", creating=True)
+        volume = lio.create_volume(
+            self.destination["target"],
+            self.destination["volume"],
+            self.source["size"],
+            self.destination["backing"],
+            serial=self.destination["temporary_serial"],
+        )
+        self.destination["lun"] = volume.lun
+        self.journal.save()
+        return volume
+
+    def _blacklist_temporary_wwid(self) -> None:
+        """Keep multipathd off the migrator's disk: a map on it would hold it (no O_EXCL open)."""
+        path = self._multipath_drop_in()
+        text = f'# blockmig migration {self.journal.id}: the migrator\'s destination disk\nblacklist {{\n    wwid "{self.destination["temporary_wwid"]}"\n}}\n'
+        if _read_text(path) != text:
+            os.makedirs(MULTIPATH_CONF_DIR, exist_ok=True)
+            with open(path + ".tmp", "w") as handle:
+                handle.write(text)
+            os.replace(path + ".tmp", path)
+            multipath.reconfigure()
+
+    def _remove_blacklist(self) -> None:
+        path = self._multipath_drop_in()
+        if os.path.exists(path):
+            os.unlink(path)
+            multipath.reconfigure()
+
+    def _multipath_drop_in(self) -> str:
+        return os.path.join(MULTIPATH_CONF_DIR, f"blockmig-{self.journal.id}.conf")
+
+    def _login_migrator(self, volume: lio.Volume) -> str:
+        ip, port = parse_portal(self.destination["portal"])
+        iscsi.create_iface(self.migrator["iface"], self.migrator["initiator"])
+        session = iscsi.login(self.destination["target"], ip, port, iface=self.migrator["iface"])
+        disk = iscsi.wait_for_session_disk(session, volume.lun)
+        udev.settle()
+        wwid = udev.disk_wwid(disk)
+        if wwid != self.destination["temporary_wwid"]:
+            raise HostError(f"migrator disk {disk} has WWID {wwid}, expected {self.destination['temporary_wwid']}")
+        return disk
+
+    def _migrator_disk(self) -> str:
+        ip, port = parse_portal(self.destination["portal"])
+        session = iscsi.find_session(self.destination["target"], ip, port, self.migrator["iface"])
+        if session is None:
+            self._login_migrator(self._destination_volume())
+            session = iscsi.find_session(self.destination["target"], ip, port, self.migrator["iface"])
+        return iscsi.wait_for_session_disk(session, self._destination_volume().lun)
+
+    def _logout_migrator(self) -> None:
+        ip, port = parse_portal(self.destination["portal"])
+        session = iscsi.find_session(self.destination["target"], ip, port, self.migrator["iface"])
+        if session is not None:
+            iscsi.logout_safely(session)
+        if self.migrator["iface"] in iscsi.list_ifaces():
+            iscsi.remove_iface(self.migrator["iface"])
+
+    # -- fence -------------------------------------------------------------------
+    def _step_fence(self) -> dict:
+        fence = self.journal.data["fence"]
+        map_name = self.source["map"]
+        if fence == "none":
+            return {"fence": "none"}
+        if map_name:
+            multipath.flush_buffers(map_name)  # the host's dirty pages land before the fence
+        if fence == "writeprotect":
+            lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], True)
+        elif fence == "suspend":
+            if not map_name:
+                raise UsageError("--fence suspend needs a multipath map to hold IO on")
+            if not multipath.is_suspended(map_name):
+                multipath.suspend_map(map_name)
+        return {"fence": fence}
+
+    def _lift_fence(self) -> None:
+        fence = self.journal.data["fence"]
+        if fence == "writeprotect":
+            with contextlib.suppress(ArrayError):
+                lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], False)
+        map_name = self.source["map"]
+        if map_name and multipath.is_suspended(map_name):
+            multipath.resume_map(map_name)
+
+    def _source_volume(self) -> lio.Volume:
+        return lio.find_volume(self.source["volume"])
+
+    # -- copy and verify ---------------------------------------------------------
+    def _source_disk(self) -> str:
+        """The host's own path to the source LUN (a member of its map); the copy reads it."""
+        ip, port = parse_portal(self.source["portal"])
+        session = iscsi.find_session(self.source["target"], ip, port, self.source["host_iface"])
+        if session is None:
+            raise HostError(f"the host has no session to the source {self.source['target']} at {self.source['portal']}")
+        return iscsi.wait_for_session_disk(session, self.source["lun"])
+
+    def _step_copy(self) -> dict:
+        destination = f"/dev/{self._migrator_disk()}"
+        progress = _Progress(self.emit, "copy")
+        for attempt in range(COPY_RETRIES + 1):
+            source = f"/dev/{self._source_disk()}"
+            try:
+                manifest = copy_volume(
+                    source,
+                    destination,
+                    self.journal.copy_journal_path,
+                    chunk_size=self.journal.data["chunk_size"],
+                    resume=True,
+                    max_rate=self.journal.data["max_rate"],
+                    on_event=progress,
+                    after_chunk=self.after_chunk,
+                )
+                break
+            except DeviceError as exc:
+                if attempt == COPY_RETRIES:
+                    raise
+                self.emit({"event": "copy_retry", "attempt": attempt + 1, "error": str(exc)})
+                time.sleep(COPY_RETRY_WAIT)
+        write_json_atomically(self.journal.manifest_path, manifest.to_dict())
+        return {
+            "source_disk": source,
+            "destination_disk": destination,
+            "volume_digest": manifest.volume_digest,
+            "chunks": manifest.chunk_count,
+            "seconds": progress.seconds,
+        }
+
+    def _step_verify(self) -> dict:
+        manifest = load_manifest(self.journal.manifest_path)
+        destination = f"/dev/{self._migrator_disk()}"
+        progress = _Progress(self.emit, "verify")
+        digest = verify_volume(destination, manifest, on_event=progress)
+        return {"volume_digest": digest, "seconds": progress.seconds}
+
+    # -- switch ------------------------------------------------------------------
+    def _step_switch(self) -> dict:
+        """Give the destination the source's identity and move the host's path onto it.
+
+        multipath: the destination joins the map (write-protected) next to the
+        fenced source; host IO is held (dmsetup suspend) while the destination
+        is opened for writes and the source path is removed; then IO resumes.
+        relogin: host IO is held (if there is a map), the host logs out of the
+        source and in to the destination.
+        """
+        facts = self.journal.facts("switch")
+        volume = self._destination_volume()
+        map_name = self.source["map"]
+        if not facts.get("source_removed"):
+            # Writes must not reach the source from here on, whatever the fence was.
+            lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], True)
+            self._logout_migrator()
+            volume = lio.change_volume_serial(volume, self.source["serial"])
+            self._map_destination_to_host(volume, write_protect=self.journal.data["switch"] == "multipath")
+        if self.journal.data["switch"] == "multipath" and not facts.get("source_removed"):
+            self._login_host_to_destination(volume)
+        if map_name and not facts.get("source_removed"):
+            if "suspended_at" not in facts:
+                self.journal.record("switch", suspended_at=time.time())
+            if not multipath.is_suspended(map_name):
+                multipath.suspend_map(map_name)
+            self.emit({"event": "io_held", "map": map_name})
+            facts = self.journal.facts("switch")
+        if not facts.get("source_removed"):
+            lio.set_mapping_write_protect(volume, self.source["host_initiator"], False)
+            self._remove_host_source_path()
+            self.journal.record("switch", source_removed=True)
+        if self.journal.data["switch"] == "relogin":
+            self._login_host_to_destination(volume)
+        io_held = None
+        if map_name:
+            if multipath.is_suspended(map_name):
+                multipath.resume_map(map_name)
+            facts = self.journal.facts("switch")
+            io_held = facts.get("io_held_seconds") or round(time.time() - facts["suspended_at"], 3)
+            self.journal.record("switch", io_held_seconds=io_held)
+            self.emit({"event": "io_resumed", "map": map_name, "io_held_seconds": io_held})
+        self._logout_host_from_source()
+        return {"io_held_seconds": io_held, "host_disk": self._host_destination_disk()}
+
+    def _map_destination_to_host(self, volume: lio.Volume, write_protect: bool) -> None:
+        host = self.source["host_initiator"]
+        mappings = {m.initiator_iqn: m for m in lio.list_mappings(volume)}
+        if self.migrator["initiator"] in mappings:
+            lio.unexport_volume(volume, self.migrator["initiator"])
+        if host not in mappings:
+            lio.export_volume(volume, host, write_protect=write_protect)
+
+    def _login_host_to_destination(self, volume: lio.Volume) -> str:
+        ip, port = parse_portal(self.destination["portal"])
+        session = iscsi.login(self.destination["target"], ip, port, iface=self.source["host_iface"])
+        disk = iscsi.wait_for_session_disk(session, volume.lun)
+        if self.source["map"]:
+            udev.wait_until(
+                lambda: disk in multipath.map_disks(self.source["map"]),
+                f"{disk} to join map {self.source['map']}",
+            )
+        return disk
+
+    def _host_destination_disk(self) -> str | None:
+        ip, port = parse_portal(self.destination["portal"])
+        session = iscsi.find_session(self.destination["target"], ip, port, self.source["host_iface"])
+        return iscsi.session_disks(session).get(self.destination["lun"]) if session else None
+
+    def _remove_host_source_path(self) -> None:
+        ip, port = parse_portal(self.source["portal"])
+        session = iscsi.find_session(self.source["target"], ip, port, self.source["host_iface"])
+        if session is None:
+            return
+        disk = iscsi.session_disks(session).get(self.source["lun"])
+        if disk is None:
+            return
+        if self.source["map"] and disk in multipath.map_disks(self.source["map"]):
+            multipath.del_path(disk)
+        iscsi.delete_disks([disk])
+
+    def _logout_host_from_source(self) -> None:
+        ip, port = parse_portal(self.source["portal"])
+        session = iscsi.find_session(self.source["target"], ip, port, self.source["host_iface"])
+        if session is not None and not iscsi.session_disks(session):
+            iscsi.logout(self.source["target"], ip, port, self.source["host_iface"], missing_ok=True)
+
+    # -- finish ------------------------------------------------------------------
+    def _step_finish(self) -> dict:
+        volume = self._destination_volume()
+        if self.journal.data["worm"]:
+            lio.set_mapping_write_protect(volume, self.source["host_initiator"], True)
+        self._remove_blacklist()
+        if self.migrator["iface"] in iscsi.list_ifaces():
+            iscsi.remove_iface(self.migrator["iface"])
+        report = self._report()
+        self.journal.set_state("done", report=report)
+        return {}
+
+    def _report(self) -> dict:
+        copy, verify, switch = (self.journal.facts(name) for name in ("copy", "verify", "switch"))
+        created = self.journal.data["created"]
+        from datetime import datetime, timezone
+
+        total = (datetime.now(timezone.utc) - datetime.fromisoformat(created)).total_seconds()
+        return {
+            "id": self.journal.id,
+            "map": self.source["map"],
+            "wwid": self.source["wwid"],
+            "size": self.source["size"],
+            "chunk_size": self.journal.data["chunk_size"],
+            "chunks": copy.get("chunks"),
+            "source": {key: self.source[key] for key in ("target", "portal", "volume", "backing")},
+            "destination": {key: self.destination[key] for key in ("target", "portal", "volume", "backing")},
+            "volume_digest": verify.get("volume_digest"),
+            "copy_seconds": copy.get("seconds"),
+            "verify_seconds": verify.get("seconds"),
+            "io_held_seconds": switch.get("io_held_seconds"),
+            "host_disk": switch.get("host_disk"),
+            "fence": self.journal.data["fence"],
+            "switch": self.journal.data["switch"],
+            "worm": self.journal.data["worm"],
+            "total_seconds": round(total, 3),
+        }
+
+    # -- rollback ----------------------------------------------------------------
+    def rollback(self) -> dict:
+        facts = self.journal.facts("switch")
+        if facts.get("source_removed") or self.journal.data["state"] == "done":
+            raise MigrationError(
+                f"migration {self.journal.id} has already moved the host to the destination; "
+                f"finish it with blockmig resume {self.journal.id}"
+            )
+        self.emit({"event": "rollback", "id": self.journal.id})
+        self.journal.set_state("rolling_back")
+        self._detach_host_from_destination()
+        self._lift_fence()
+        self._logout_migrator()
+        with contextlib.suppress(ArrayError):
+            volume = lio.find_volume(self.destination["volume"])
+            lio.remove_volume(volume, remove_backing=self.destination["backing_created"])
+        if self.destination["backing_created"] and os.path.exists(self.destination["backing"]):
+            os.unlink(self.destination["backing"])
+        self._remove_blacklist()
+        self.journal.set_state("rolled_back")
+        return self.journal.summary()
+
+    def _detach_host_from_destination(self) -> None:
+        """If the switch had added the destination to the host's map, take that path out again."""
+        ip, port = parse_portal(self.destination["portal"])
+        session = iscsi.find_session(self.destination["target"], ip, port, self.source["host_iface"])
+        if session is None:
+            return
+        disks = list(iscsi.session_disks(session).values())
+        for disk in disks:
+            if self.source["map"] and disk in multipath.map_disks(self.source["map"]):
+                multipath.del_path(disk)
+        iscsi.logout_safely(session)
+
+
+# ---------------------------------------------------------------------------
+
+
+class _Progress:
+    """Turns the engine's chunk events into progress events with rate and ETA."""
+
+    def __init__(self, emit: EventHandler, phase: str):
+        self.emit = emit
+        self.phase = phase
+        self.began = time.monotonic()
+        self.start_bytes = 0
+        self.total = 0
+        self.seconds = 0.0
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind in ("start", "verify_start"):
+            self.began = time.monotonic()
+            self.total = event["size"]
+            self.start_bytes = event.get("resume_from", 0)
+            self.emit({"event": "progress", "phase": self.phase, "bytes": self.start_bytes, "total": self.total,
+                       "rate": None, "eta": None})
+        elif kind in ("chunk", "verified_chunk"):
+            done = event["reserved_address"] if kind == "chunk" else event["end"]
+            elapsed = time.monotonic() - self.began
+            rate = (done - self.start_bytes) / elapsed if elapsed > 0 else None
+            eta = (self.total - done) / rate if rate else None
+            self.emit({"event": "progress", "phase": self.phase, "bytes": done, "total": self.total,
+                       "rate": rate, "eta": eta})
+        elif kind in ("done", "verify_done"):
+            self.seconds = round(time.monotonic() - self.began, 3)
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return None
