@@ -1,0 +1,158 @@
+"""The copy engine: source -> read-ahead -> digest -> guard -> destination.
+
+Chunks of a fixed length are read top to bottom; each chunk's write address is
+the total length read before it, and its write is issued only after the previous
+write's acknowledgement (one write outstanding, strictly in order). Reads run
+ahead in a bounded pipeline. After each acknowledged chunk the journal records
+the reserved address and the manifest so far, so `resume=True` after a crash
+continues where the last acknowledgement left off.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from blockmig.datapath.blockdev import (
+    Volume,
+    check_copy_pair,
+    open_destination,
+    open_source,
+    require_root_for_block_devices,
+)
+from blockmig.datapath.digest import Manifest
+from blockmig.datapath.guard import DestinationGuard, WriteAck
+from blockmig.datapath.journal import CopyJournal, default_journal_path
+from blockmig.datapath.readahead import ReadAhead
+from blockmig.errors import JournalError, UsageError
+
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+DEFAULT_QUEUE_DEPTH = 4
+
+EventHandler = Callable[[dict], None]
+AfterChunkHook = Callable[[DestinationGuard, WriteAck], None]
+
+
+def copy_volume(
+    source: str,
+    destination: str,
+    journal_path: str | None = None,
+    *,
+    chunk_size: int | None = None,
+    resume: bool = False,
+    allow_regular_files: bool = False,
+    max_rate: float | None = None,
+    journal_interval: float = 0.0,
+    queue_depth: int = DEFAULT_QUEUE_DEPTH,
+    on_event: EventHandler | None = None,
+    after_chunk: AfterChunkHook | None = None,
+) -> Manifest:
+    """Copy `source` onto the first bytes of `destination`; return the complete manifest.
+
+    chunk_size: None means the journal's on resume, else DEFAULT_CHUNK_SIZE.
+    resume: continue from the journal if there is one (start fresh if there is none);
+        without it an existing journal is refused rather than silently overwritten.
+    journal_interval: seconds between journal writes (0: after every acknowledged chunk);
+        chunks acknowledged but not yet journaled are simply copied again on resume.
+    after_chunk: called with the guard and each acknowledgement (a hook for tests and
+        the migrate orchestrator; it may try writes the guard must refuse).
+    """
+    emit = on_event or (lambda event: None)
+    require_root_for_block_devices(source, destination)
+    journal_path = journal_path or default_journal_path(source, destination)
+    source_volume = open_source(source, allow_regular_files)
+    destination_volume: Volume | None = None
+    try:
+        destination_volume = open_destination(destination, allow_regular_files)
+        journal = _open_journal(journal_path, source_volume, destination_volume, chunk_size, resume)
+        check_copy_pair(source_volume.info, destination_volume.info, journal.manifest.chunk_size)
+        journal.save()  # proves the journal is writable before the first byte is
+        guard = DestinationGuard(destination_volume, journal.reserved_address)
+        destination_volume = None  # the guard owns it now
+        with guard:
+            _copy_chunks(source_volume, guard, journal, max_rate, journal_interval, queue_depth, emit, after_chunk)
+    finally:
+        source_volume.close()
+        if destination_volume is not None:
+            destination_volume.close()
+    return journal.manifest
+
+
+def _open_journal(path: str, source: Volume, destination: Volume, chunk_size: int | None, resume: bool) -> CopyJournal:
+    if not os.path.exists(path):
+        manifest = Manifest(source.info.size, chunk_size or DEFAULT_CHUNK_SIZE)
+        return CopyJournal(path, source.info, destination.info, manifest)
+    journal = CopyJournal.load(path)
+    journal.check_belongs_to(source.info, destination.info)
+    if not resume:
+        state = "complete" if journal.manifest.complete else f"at byte {journal.reserved_address} of {journal.manifest.size}"
+        raise JournalError(f"journal {path} exists (copy {state}): pass --resume to continue, or delete it to start over")
+    if chunk_size is not None and chunk_size != journal.manifest.chunk_size:
+        raise UsageError(f"chunk size {chunk_size} differs from the journal's {journal.manifest.chunk_size}")
+    return journal
+
+
+def _copy_chunks(
+    source: Volume,
+    guard: DestinationGuard,
+    journal: CopyJournal,
+    max_rate: float | None,
+    journal_interval: float,
+    queue_depth: int,
+    emit: EventHandler,
+    after_chunk: AfterChunkHook | None,
+) -> None:
+    manifest = journal.manifest
+    start = journal.reserved_address
+    emit(
+        {
+            "event": "start",
+            "source": source.info.path,
+            "destination": guard.info.path,
+            "size": manifest.size,
+            "chunk_size": manifest.chunk_size,
+            "resume_from": start,
+            "journal": journal.path,
+        }
+    )
+    began = last_journaled = time.monotonic()
+    with ReadAhead(source, start, manifest.size, manifest.chunk_size, queue_depth) as chunks:
+        for chunk in chunks:
+            ack = guard.write(chunk.address, chunk.data)
+            chunks.release(chunk)
+            manifest.chunk_digests.append(chunk.digest)
+            now = time.monotonic()
+            if now - last_journaled >= journal_interval or manifest.complete:
+                journal.save()
+                last_journaled = now
+            if after_chunk is not None:
+                after_chunk(guard, ack)
+            emit(
+                {
+                    "event": "chunk",
+                    "index": chunk.index,
+                    "address": ack.address,
+                    "length": ack.length,
+                    "reserved_address": ack.reserved_address,
+                    "digest": chunk.digest,
+                }
+            )
+            if max_rate:
+                _throttle(ack.reserved_address - start, max_rate, began)
+    seconds = time.monotonic() - began
+    emit(
+        {
+            "event": "done",
+            "size": manifest.size,
+            "bytes_copied": manifest.size - start,
+            "seconds": round(seconds, 3),
+            "volume_digest": manifest.volume_digest,
+        }
+    )
+
+
+def _throttle(bytes_done: int, max_rate: float, began: float) -> None:
+    ahead = bytes_done / max_rate - (time.monotonic() - began)
+    if ahead > 0:
+        time.sleep(ahead)
