@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_copy(sub)
     _add_verify(sub)
+    _add_migrate(sub)
+    _add_status(sub)
+    _add_resume(sub)
+    _add_rollback(sub)
     return parser
 
 
@@ -100,6 +104,156 @@ def _cmd_verify(args) -> int:
         if not args.json:
             print(f"verified {path}: {manifest.size} bytes match the manifest, volume digest sha256:{digest}")
     return 0
+
+
+def _add_migrate(sub) -> None:
+    parser = sub.add_parser("migrate", help="move the host's volume to another array and switch the host over")
+    parser.add_argument("device", metavar="DEVICE", help="host device: /dev/mapper/NAME, /dev/dm-N, or /dev/sdX (relogin)")
+    parser.add_argument("--to-target", required=True, metavar="IQN", help="destination array's iSCSI target")
+    parser.add_argument("--to-portal", required=True, metavar="IP:PORT", help="destination array's portal")
+    backing = parser.add_mutually_exclusive_group()
+    backing.add_argument("--backing-dir", metavar="DIR", help="file-backed destination in DIR (default: the source's)")
+    backing.add_argument("--backing-device", metavar="DEV", help="destination on this block device (exact size)")
+    parser.add_argument("--fence", choices=("writeprotect", "suspend", "none"), default="writeprotect",
+                        help="keep the source unchanged during the copy: write-protect the host's mapping "
+                             "(default), hold host IO on the map, or none (only if the host is quiesced)")
+    parser.add_argument("--switch", choices=("multipath", "relogin"), default="multipath",
+                        help="move the host by a multipath path switch (default) or iSCSI logout/login")
+    parser.add_argument("--worm", action="store_true", help="write-protect the destination for the host afterwards")
+    parser.add_argument("--chunk-size", type=parse_size, default=4 << 20, help="chunk length (default 4M)")
+    parser.add_argument("--max-rate", type=parse_size, help="throttle the copy to this many bytes per second")
+    parser.add_argument("--id", dest="migration_id", help="migration id (default: time and WWID)")
+    parser.add_argument("--json", action="store_true", help="one JSON event per line on stdout, then the report")
+    parser.set_defaults(func=_cmd_migrate)
+
+
+def _cmd_migrate(args) -> int:
+    from blockmig.migration import MigrationRequest, plan_migration, run_migration
+
+    request = MigrationRequest(
+        device=args.device, to_target=args.to_target, to_portal=args.to_portal,
+        backing_dir=args.backing_dir, backing_device=args.backing_device, fence=args.fence,
+        switch=args.switch, worm=args.worm, chunk_size=args.chunk_size, max_rate=args.max_rate,
+        migration_id=args.migration_id,
+    )
+    journal = plan_migration(request)
+    with _MigrationRenderer(args.json) as render:
+        render({"event": "planned", "id": journal.id, "journal": journal.path})
+        report = run_migration(journal.id, render)
+    _print_report(report, args.json)
+    return 0
+
+
+def _add_resume(sub) -> None:
+    parser = sub.add_parser("resume", help="finish a migration that stopped (crash, kill, error)")
+    parser.add_argument("migration_id", metavar="ID")
+    parser.add_argument("--json", action="store_true", help="one JSON event per line on stdout, then the report")
+    parser.set_defaults(func=_cmd_resume)
+
+
+def _cmd_resume(args) -> int:
+    from blockmig.migration import resume_migration
+
+    with _MigrationRenderer(args.json) as render:
+        report = resume_migration(args.migration_id, render)
+    _print_report(report, args.json)
+    return 0
+
+
+def _add_rollback(sub) -> None:
+    parser = sub.add_parser("rollback", help="before the switch: back to the source, destination removed")
+    parser.add_argument("migration_id", metavar="ID")
+    parser.add_argument("--json", action="store_true", help="print the final state as JSON")
+    parser.set_defaults(func=_cmd_rollback)
+
+
+def _cmd_rollback(args) -> int:
+    from blockmig.migration import rollback_migration
+
+    with _MigrationRenderer(args.json) as render:
+        summary = rollback_migration(args.migration_id, render)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"migration {summary['id']} rolled back: host on {summary['source'].get('target')}, "
+              f"destination volume removed, fence lifted")
+    return 0
+
+
+def _add_status(sub) -> None:
+    parser = sub.add_parser("status", help="show migrations (all, or one ID) from their journals")
+    parser.add_argument("migration_id", metavar="ID", nargs="?")
+    parser.add_argument("--json", action="store_true", help="machine-readable")
+    parser.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args) -> int:
+    from blockmig.migration import migration_status
+
+    summaries = migration_status(args.migration_id)
+    if args.json:
+        print(json.dumps(summaries if args.migration_id is None else summaries[0], indent=2))
+        return 0
+    if not summaries:
+        print("no migrations")
+    for summary in summaries:
+        source, destination = summary["source"], summary["destination"]
+        print(f"{summary['id']}: {summary['state']}"
+              + (f" in {summary['current_step']}" if summary["state"] not in ("done", "rolled_back") else "")
+              + (f" ({summary['error']})" if summary.get("error") and summary["state"] == "failed" else ""))
+        print(f"  source      {source.get('map') or source.get('device')} wwid {source.get('wwid')} "
+              f"{source.get('size')} bytes on {source.get('target')}")
+        print(f"  destination {destination.get('volume')} on {destination.get('target')} "
+              f"({destination.get('backing')})")
+        print(f"  fence {summary['fence']}, switch {summary['switch']}, worm {'yes' if summary['worm'] else 'no'}")
+        for name, step in summary["steps"].items():
+            print(f"  {name:<18} {step.get('state', '?'):<8} {step.get('done') or step.get('started') or ''}")
+    return 0
+
+
+def _print_report(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"event": "report", **report}), flush=True)
+        return
+    held = report.get("io_held_seconds")
+    print(f"migrated {report['map'] or report['host_disk']} (WWID {report['wwid']}, {report['size']} bytes, "
+          f"{report['chunks']} chunks of {report['chunk_size']})")
+    print(f"  from {report['source']['target']} {report['source']['backing']}")
+    print(f"  to   {report['destination']['target']} {report['destination']['backing']}")
+    print(f"  volume digest sha256:{report['volume_digest']} (copied and verified)")
+    print(f"  copy {report['copy_seconds']} s, verify {report['verify_seconds']} s, "
+          f"host IO held at the switch {'n/a' if held is None else f'{held * 1000:.0f} ms'}, "
+          f"total {report['total_seconds']} s")
+    print(f"  fence {report['fence']}, switch {report['switch']}, worm {'yes' if report['worm'] else 'no'}")
+
+
+class _MigrationRenderer:
+    """Progress bars for the copy and verify, one line per step on stderr; JSON lines with --json."""
+
+    def __init__(self, as_json: bool):
+        self._as_json = as_json
+        self._bars = _ProgressRenderer(as_json)
+
+    def __call__(self, event: dict) -> None:
+        if self._as_json or event["event"] in ("start", "chunk", "verify_start", "verified_chunk"):
+            self._bars(event)
+            return
+        if event["event"] in ("done", "verify_done"):
+            self._bars.__exit__(None, None, None)
+            self._bars = _ProgressRenderer(False)
+        elif event["event"] == "step":
+            print(f"blockmig: {event['step']}: {event['state']}", file=sys.stderr, flush=True)
+        elif event["event"] == "io_resumed" and event.get("io_held_seconds") is not None:
+            print(f"blockmig: host IO held {event['io_held_seconds'] * 1000:.0f} ms", file=sys.stderr, flush=True)
+        elif event["event"] in ("copy_retry", "rollback", "planned"):
+            details = ", ".join(f"{k} {v}" for k, v in event.items() if k != "event")
+            print(f"blockmig: {event['event'].replace('_', ' ')}: {details}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_MigrationRenderer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._bars.__exit__(*exc_info)
 
 
 class _ProgressRenderer:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -314,10 +313,20 @@ class Migration:
         return self.journal.data["report"]
 
     def _after_failure(self, step: str) -> None:
-        """Leave no host IO held past our exit; a suspend fence is lifted, so the copy restarts on resume."""
+        """Leave no host IO held past our exit; a suspend fence is lifted, so the copy restarts on resume.
+
+        A destination that could not be made or reached is removed again, so a
+        refused login or a full array leaves both arrays as they were.
+        """
+        with contextlib.suppress(BlockmigError):
+            if step == "create_destination":
+                self._remove_destination()
+            self._release_held_io(step)
+
+    def _release_held_io(self, step: str) -> None:
         map_name = self.source["map"]
         if map_name and multipath.is_suspended(map_name):
-            if self.journal.data["fence"] == "suspend" and not self.journal.is_done("switch"):
+            if self.journal.data["fence"] == "suspend" and STEPS.index(step) < STEPS.index("switch"):
                 self._lift_fence()
                 self.journal.data["steps"].pop("copy", None)
                 self.journal.data["steps"].pop("verify", None)
@@ -353,7 +362,6 @@ class Migration:
             return lio.find_volume(self.destination["volume"])
         if not create:
             raise MigrationError(f"destination volume {self.destination['volume']} is gone")
-        self.journal.record("create_destination", creating=True)
         volume = lio.create_volume(
             self.destination["target"],
             self.destination["volume"],
@@ -362,7 +370,7 @@ class Migration:
             serial=self.destination["temporary_serial"],
         )
         self.destination["lun"] = volume.lun
-        self.journal.save()
+        self.journal.record("create_destination", backing_made=self.destination["backing_created"])
         return volume
 
     def _blacklist_temporary_wwid(self) -> None:
@@ -625,15 +633,19 @@ class Migration:
         self.journal.set_state("rolling_back")
         self._detach_host_from_destination()
         self._lift_fence()
-        self._logout_migrator()
-        with contextlib.suppress(ArrayError):
-            volume = lio.find_volume(self.destination["volume"])
-            lio.remove_volume(volume, remove_backing=self.destination["backing_created"])
-        if self.destination["backing_created"] and os.path.exists(self.destination["backing"]):
-            os.unlink(self.destination["backing"])
-        self._remove_blacklist()
+        self._remove_destination()
         self.journal.set_state("rolled_back")
         return self.journal.summary()
+
+    def _remove_destination(self) -> None:
+        """The migrator's session and iface, the destination volume and its backing file, the blacklist."""
+        self._logout_migrator()
+        ours = bool(self.journal.facts("create_destination").get("backing_made"))
+        with contextlib.suppress(ArrayError):
+            lio.remove_volume(lio.find_volume(self.destination["volume"]), remove_backing=ours)
+        if ours and os.path.exists(self.destination["backing"]):
+            os.unlink(self.destination["backing"])
+        self._remove_blacklist()
 
     def _detach_host_from_destination(self) -> None:
         """If the switch had added the destination to the host's map, take that path out again."""
@@ -652,7 +664,7 @@ class Migration:
 
 
 class _Progress:
-    """Turns the engine's chunk events into progress events with rate and ETA."""
+    """Passes the engine's events on, adding phase, bytes done, rate (B/s) and ETA (s) to each chunk."""
 
     def __init__(self, emit: EventHandler, phase: str):
         self.emit = emit
@@ -668,17 +680,15 @@ class _Progress:
             self.began = time.monotonic()
             self.total = event["size"]
             self.start_bytes = event.get("resume_from", 0)
-            self.emit({"event": "progress", "phase": self.phase, "bytes": self.start_bytes, "total": self.total,
-                       "rate": None, "eta": None})
         elif kind in ("chunk", "verified_chunk"):
             done = event["reserved_address"] if kind == "chunk" else event["end"]
             elapsed = time.monotonic() - self.began
             rate = (done - self.start_bytes) / elapsed if elapsed > 0 else None
-            eta = (self.total - done) / rate if rate else None
-            self.emit({"event": "progress", "phase": self.phase, "bytes": done, "total": self.total,
-                       "rate": rate, "eta": eta})
+            event = {**event, "bytes": done, "total": self.total, "rate": rate,
+                     "eta": (self.total - done) / rate if rate else None}
         elif kind in ("done", "verify_done"):
             self.seconds = round(time.monotonic() - self.began, 3)
+        self.emit({**event, "phase": self.phase})
 
 
 def _read_text(path: str) -> str | None:
