@@ -133,8 +133,11 @@ class _ProgressRenderer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run parsed arguments; turn a BlockmigError into one line on stderr and its exit code."""
     try:
         return args.func(args) or 0
     except BlockmigError as exc:
