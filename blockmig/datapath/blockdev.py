@@ -142,18 +142,22 @@ def check_copy_pair(source: VolumeInfo, destination: VolumeInfo, chunk_size: int
         raise UsageError(f"chunk size {chunk_size} is not a positive multiple of the logical block size {block}")
 
 
-def check_destination_unused(path: str, rdev: int) -> None:
-    """Name the reason a destination is busy; O_EXCL alone would only say EBUSY."""
-    devices = {_major_minor(rdev)} | set(_partitions(rdev))
-    for line in _read_text("/proc/self/mountinfo").splitlines():
+def check_destination_unused(path: str, rdev: int, sysfs: str = "/sys", mountinfo: str = "/proc/self/mountinfo") -> None:
+    """Name the reason a destination is busy; O_EXCL alone would only say EBUSY.
+
+    `sysfs` and `mountinfo` are parameters so a unit test can show the holders
+    refusal without device-mapper (absent on the build machine).
+    """
+    devices = {_major_minor(rdev)} | set(_partitions(rdev, sysfs))
+    for line in _read_text(mountinfo).splitlines():
         fields = line.split()
         if len(fields) > 4 and fields[2] in devices:
             raise UsageError(f"destination {path} is mounted on {fields[4]}")
     for dev in sorted(devices):
-        holders_dir = f"/sys/dev/block/{dev}/holders"
+        holders_dir = f"{sysfs}/dev/block/{dev}/holders"
         holders = sorted(os.listdir(holders_dir)) if os.path.isdir(holders_dir) else []
         if holders:
-            raise UsageError(f"destination {path} is held by {', '.join(holders)} (/sys/dev/block/{dev}/holders)")
+            raise UsageError(f"destination {path} is held by {', '.join(holders)} ({holders_dir})")
 
 
 def _open(path: str, flags: int) -> int:
@@ -194,12 +198,12 @@ def _serial(device: str) -> str:
     return ""
 
 
-def _partitions(rdev: int) -> list[str]:
-    sysfs = f"/sys/dev/block/{_major_minor(rdev)}"
+def _partitions(rdev: int, sysfs: str) -> list[str]:
+    device_dir = f"{sysfs}/dev/block/{_major_minor(rdev)}"
     found = []
-    for entry in os.listdir(sysfs) if os.path.isdir(sysfs) else []:
-        dev = _read_text(f"{sysfs}/{entry}/dev").strip()
-        if dev and os.path.exists(f"{sysfs}/{entry}/partition"):
+    for entry in os.listdir(device_dir) if os.path.isdir(device_dir) else []:
+        dev = _read_text(f"{device_dir}/{entry}/dev").strip()
+        if dev and os.path.exists(f"{device_dir}/{entry}/partition"):
             found.append(dev)
     return found
 

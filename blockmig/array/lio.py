@@ -1,0 +1,484 @@
+"""The storage side: LIO targets driven in-process through rtslib-fb.
+
+An *array* is one iSCSI target with one TPG (tag 1) and explicit network
+portals; a *volume* is a storage object (fileio on a file, block on a block
+device) exported as one LUN of that TPG. The host reaches a volume only
+through a NodeACL + MappedLUN for its initiator name (no demo mode), which is
+also how the migrator gets exclusive access to a destination.
+
+Every call that creates something is all-or-nothing: what it made is removed
+again before the ArrayError leaves. rtslib_fb is imported lazily so blockmig
+imports on machines without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+from dataclasses import dataclass
+
+from blockmig.errors import ArrayError
+
+TPG_TAG = 1
+LIO_WWID_PREFIX = "36001405"  # "3" (NAA designator) + NAA 6 + LIO's OUI 001405
+LIO_WWID_HEX_DIGITS = 25  # the kernel takes this many hex digits of the unit serial
+MAX_SERIAL_LENGTH = 254  # INQUIRY_VPD_SERIAL_LEN
+_SERIAL_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
+
+
+@dataclass(frozen=True)
+class Array:
+    target_iqn: str
+    portals: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Volume:
+    name: str
+    size: int
+    serial: str
+    backing: str
+    plugin: str  # "fileio" or "block"
+    target_iqn: str | None  # None when the storage object is not exported as a LUN
+    lun: int | None
+
+    @property
+    def wwid(self) -> str:
+        return wwid_for_serial(self.serial)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    initiator_iqn: str
+    mapped_lun: int
+    write_protect: bool
+
+
+def wwid_for_serial(serial: str) -> str:
+    """The SCSI WWID a host sees for an LIO unit serial (what multipath groups paths by).
+
+    LIO builds the NAA 6 designator from the serial's first 25 hex digits,
+    skipping every other character and zero-filling a short serial.
+    """
+    digits = "".join(c for c in serial.lower() if c in "0123456789abcdef")[:LIO_WWID_HEX_DIGITS]
+    return LIO_WWID_PREFIX + digits.ljust(LIO_WWID_HEX_DIGITS, "0")
+
+
+def normalize_wwid(wwid: str) -> str:
+    """Accept the forms tools print (36001405…, naa.6001405…, 0x6001405…) and return 36001405…."""
+    wwid = wwid.strip().lower()
+    for prefix in ("naa.", "0x"):
+        if wwid.startswith(prefix):
+            return "3" + wwid[len(prefix):]
+    return wwid
+
+
+def check_serial(serial: str) -> None:
+    if not serial or len(serial) > MAX_SERIAL_LENGTH or not _SERIAL_RE.match(serial):
+        raise ArrayError(
+            f"invalid unit serial {serial!r}: use 1-{MAX_SERIAL_LENGTH} printable characters without spaces"
+        )
+
+
+def check_free_space(directory: str, size: int) -> None:
+    """Refuse a file-backed volume the backing filesystem cannot hold in full."""
+    try:
+        st = os.statvfs(directory)
+    except OSError as exc:
+        raise ArrayError(f"cannot check free space in {directory}: {exc.strerror}") from exc
+    available = st.f_bavail * st.f_frsize
+    if size > available:
+        raise ArrayError(
+            f"not enough room in {directory} for a {size}-byte volume: only {available} bytes available"
+        )
+
+
+# ---------------------------------------------------------------------------
+# rtslib access
+
+
+def _rtslib():
+    try:
+        import rtslib_fb
+    except ImportError as exc:
+        raise ArrayError("rtslib-fb is not installed (Debian: python3-rtslib-fb); cannot manage LIO") from exc
+    return rtslib_fb
+
+
+@contextlib.contextmanager
+def _lio(action: str):
+    """Translate rtslib's and the kernel's errors into one ArrayError line."""
+    rtslib = _rtslib()
+    try:
+        yield rtslib
+    except ArrayError:
+        raise
+    except (rtslib.RTSLibError, OSError) as exc:
+        raise ArrayError(f"{action}: {exc}") from exc
+
+
+def _root(rtslib):
+    root = rtslib.RTSRoot()
+    # rtslib keeps a per-process cache of backstore indexes; another process
+    # (the CLI, a second test) may have changed configfs since.
+    root.invalidate_caches()
+    return root
+
+
+def _iscsi_fabric(rtslib):
+    return rtslib.FabricModule("iscsi")
+
+
+def _find_target(rtslib, target_iqn: str):
+    for target in _iscsi_fabric(rtslib).targets:
+        if target.wwn == target_iqn:
+            return target
+    raise ArrayError(f"no iSCSI target {target_iqn} on this array host")
+
+
+def _tpg(rtslib, target_iqn: str):
+    target = _find_target(rtslib, target_iqn)
+    for tpg in target.tpgs:
+        if tpg.tag == TPG_TAG:
+            return tpg
+    raise ArrayError(f"target {target_iqn} has no TPG {TPG_TAG}; it was not made by blockmig")
+
+
+def _find_storage_object(rtslib, name: str):
+    for so in _root(rtslib).storage_objects:
+        if so.name == name and so.plugin in ("fileio", "block"):
+            return so
+    raise ArrayError(f"no volume (storage object) named {name}")
+
+
+def _volume_from(so) -> Volume:
+    luns = list(so.attached_luns)
+    if len(luns) > 1:
+        raise ArrayError(f"storage object {so.name} is exported as {len(luns)} LUNs; blockmig expects one")
+    lun = luns[0] if luns else None
+    return Volume(
+        name=so.name,
+        size=int(so.size),
+        serial=so.wwn,
+        backing=so.udev_path,
+        plugin=so.plugin,
+        target_iqn=lun.parent_tpg.parent_target.wwn if lun else None,
+        lun=lun.lun if lun else None,
+    )
+
+
+def _tpg_lun(rtslib, volume: Volume):
+    if volume.target_iqn is None or volume.lun is None:
+        raise ArrayError(f"volume {volume.name} is not exported as a LUN of any target")
+    tpg = _tpg(rtslib, volume.target_iqn)
+    for lun in tpg.luns:
+        if lun.lun == volume.lun:
+            return lun
+    raise ArrayError(f"target {volume.target_iqn} has no LUN {volume.lun}")
+
+
+def _mapped_luns_of(lun):
+    return list(lun.mapped_luns)
+
+
+# ---------------------------------------------------------------------------
+# arrays
+
+
+def create_array(target_iqn: str, portal_ip: str, port: int = 3260) -> Array:
+    """An iSCSI target with one TPG and one explicit portal; ACL-only access, no CHAP."""
+    with _lio(f"cannot create array {target_iqn}") as rtslib:
+        _root(rtslib)
+        fabric = _iscsi_fabric(rtslib)
+        if any(t.wwn == target_iqn for t in fabric.targets):
+            raise ArrayError(f"target {target_iqn} already exists")
+        with contextlib.ExitStack() as undo:
+            target = rtslib.Target(fabric, target_iqn, mode="create")
+            undo.callback(target.delete)
+            tpg = rtslib.TPG(target, TPG_TAG, mode="create")
+            # Only initiators with a NodeACL may log in; no demo mode, no CHAP.
+            tpg.set_attribute("generate_node_acls", "0")
+            tpg.set_attribute("authentication", "0")
+            tpg.set_attribute("demo_mode_write_protect", "1")
+            # rtslib (unlike targetcli) adds no 0.0.0.0 default portal: the
+            # explicit one below is the only one, so several arrays share a host.
+            rtslib.NetworkPortal(tpg, portal_ip, port, mode="create")
+            tpg.enable = True
+            undo.pop_all()
+        return Array(target_iqn=target.wwn, portals=((portal_ip, int(port)),))
+
+
+def list_arrays() -> list[Array]:
+    with _lio("cannot list arrays") as rtslib:
+        _root(rtslib)
+        arrays = []
+        for target in _iscsi_fabric(rtslib).targets:
+            portals = tuple(
+                (np.ip_address, np.port) for tpg in target.tpgs for np in tpg.network_portals
+            )
+            arrays.append(Array(target_iqn=target.wwn, portals=portals))
+        return arrays
+
+
+def find_array(target_iqn: str) -> Array:
+    for array in list_arrays():
+        if array.target_iqn == target_iqn:
+            return array
+    raise ArrayError(f"no iSCSI target {target_iqn} on this array host")
+
+
+def remove_array(target_iqn: str, remove_volumes: bool = True) -> list[Volume]:
+    """Delete the target (ACLs, LUNs, portals) and, by default, the storage objects it exported.
+
+    Backing files stay; the removed volumes are returned so a caller that
+    owns their backing files can delete them.
+    """
+    with _lio(f"cannot remove array {target_iqn}") as rtslib:
+        _root(rtslib)
+        target = _find_target(rtslib, target_iqn)
+        volumes = [_volume_from(lun.storage_object) for tpg in target.tpgs for lun in tpg.luns]
+        target.delete()
+        if remove_volumes:
+            for volume in volumes:
+                _find_storage_object(rtslib, volume.name).delete()
+        return volumes
+
+
+# ---------------------------------------------------------------------------
+# volumes
+
+
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _block_device_size(path: str) -> int:
+    with open(path, "rb") as dev:
+        return dev.seek(0, os.SEEK_END)
+
+
+def create_volume(
+    array: Array | str,
+    name: str,
+    size: int,
+    backing: str,
+    serial: str | None = None,
+    lun: int | None = None,
+) -> Volume:
+    """A storage object on `backing` exported as a LUN of the array (no initiator mapped yet).
+
+    `backing` is a block device (its size must equal `size`) or a file path
+    that must not exist yet (it is created sparse after a free-space check).
+    `serial` is the VPD unit serial (WWID = 36001405 + its hex digits); a
+    random one is generated when omitted.
+    """
+    target_iqn = array.target_iqn if isinstance(array, Array) else array
+    if size <= 0 or size % 512:
+        raise ArrayError(f"volume size {size} must be a positive multiple of 512 bytes")
+    if not name or any(c in name for c in "/ \t\n"):
+        raise ArrayError(f"invalid volume name {name!r}: no slashes or spaces")
+    if serial is not None:
+        check_serial(serial)
+    block = _is_block_device(backing)
+    if block:
+        device_size = _block_device_size(backing)
+        if device_size != size:
+            raise ArrayError(f"block device {backing} holds {device_size} bytes, not the {size} asked for")
+    else:
+        if os.path.lexists(backing):
+            raise ArrayError(f"backing file {backing} already exists; refusing to reuse it")
+        directory = os.path.dirname(os.path.abspath(backing))
+        if not os.path.isdir(directory):
+            raise ArrayError(f"backing directory {directory} does not exist")
+        check_free_space(directory, size)
+
+    with _lio(f"cannot create volume {name} on {target_iqn}") as rtslib:
+        root = _root(rtslib)
+        tpg = _tpg(rtslib, target_iqn)
+        if any(so.name == name for so in root.storage_objects):
+            raise ArrayError(f"a storage object named {name} already exists")
+        if lun is not None and any(existing.lun == lun for existing in tpg.luns):
+            raise ArrayError(f"target {target_iqn} already has a LUN {lun}")
+        with contextlib.ExitStack() as undo:
+            if block:
+                so = rtslib.BlockStorageObject(name, dev=backing, wwn=serial)
+            else:
+                with open(backing, "xb") as f:
+                    undo.callback(os.unlink, backing)
+                    f.truncate(size)
+                # write_back=False: LIO writes through (O_DSYNC) so an acknowledged
+                # write is on the backing store.
+                so = rtslib.FileIOStorageObject(name, dev=backing, size=size, wwn=serial, write_back=False)
+            undo.callback(so.delete)
+            rtslib.LUN(tpg, lun, storage_object=so)
+            volume = _volume_from(so)
+            undo.pop_all()
+        return volume
+
+
+def list_volumes(target_iqn: str | None = None) -> list[Volume]:
+    with _lio("cannot list volumes") as rtslib:
+        volumes = [
+            _volume_from(so)
+            for so in _root(rtslib).storage_objects
+            if so.plugin in ("fileio", "block")
+        ]
+    if target_iqn is not None:
+        volumes = [v for v in volumes if v.target_iqn == target_iqn]
+    return volumes
+
+
+def find_volume(name: str) -> Volume:
+    with _lio(f"cannot look up volume {name}") as rtslib:
+        return _volume_from(_find_storage_object(rtslib, name))
+
+
+def find_volumes_by_wwid(wwid: str) -> list[Volume]:
+    """Every volume whose WWID is `wwid` (after a switch, source and destination share one)."""
+    wanted = normalize_wwid(wwid)
+    return [v for v in list_volumes() if v.wwid == wanted]
+
+
+def find_volume_by_wwid(wwid: str) -> Volume:
+    """The one volume behind a host device's WWID; how migrate finds the source LUN."""
+    found = find_volumes_by_wwid(wwid)
+    if not found:
+        raise ArrayError(f"no volume on this array host has WWID {normalize_wwid(wwid)}")
+    if len(found) > 1:
+        names = ", ".join(v.name for v in found)
+        raise ArrayError(f"WWID {normalize_wwid(wwid)} is carried by several volumes: {names}")
+    return found[0]
+
+
+def remove_volume(volume: Volume | str, remove_backing: bool = False) -> None:
+    """Unexport (LUN and every mapping) and delete the storage object; optionally its backing file."""
+    name = volume.name if isinstance(volume, Volume) else volume
+    with _lio(f"cannot remove volume {name}") as rtslib:
+        so = _find_storage_object(rtslib, name)
+        backing, plugin = so.udev_path, so.plugin
+        for lun in list(so.attached_luns):
+            lun.delete()
+        so.delete()
+    if remove_backing and plugin == "fileio" and os.path.isfile(backing):
+        os.unlink(backing)
+
+
+# ---------------------------------------------------------------------------
+# mappings (which initiator sees which volume)
+
+
+def list_mappings(volume: Volume) -> list[Mapping]:
+    with _lio(f"cannot list mappings of {volume.name}") as rtslib:
+        return [
+            Mapping(m.parent_nodeacl.node_wwn, m.mapped_lun, m.write_protect)
+            for m in _mapped_luns_of(_tpg_lun(rtslib, volume))
+        ]
+
+
+def export_volume(volume: Volume, initiator_iqn: str, write_protect: bool = False, mapped_lun: int | None = None) -> Mapping:
+    """Let one initiator see the volume (NodeACL + MappedLUN); the mapped LUN defaults to the TPG LUN."""
+    mapped_lun = volume.lun if mapped_lun is None else mapped_lun
+    with _lio(f"cannot export {volume.name} to {initiator_iqn}") as rtslib:
+        tpg_lun = _tpg_lun(rtslib, volume)
+        tpg = tpg_lun.parent_tpg
+        with contextlib.ExitStack() as undo:
+            acl = next((a for a in tpg.node_acls if a.node_wwn == initiator_iqn), None)
+            if acl is None:
+                acl = rtslib.NodeACL(tpg, initiator_iqn, mode="create")
+                undo.callback(acl.delete)
+            for existing in acl.mapped_luns:
+                if existing.mapped_lun == mapped_lun:
+                    raise ArrayError(f"{initiator_iqn} already has LUN {mapped_lun} on {volume.target_iqn}")
+                if existing.tpg_lun.lun == tpg_lun.lun:
+                    raise ArrayError(f"{volume.name} is already exported to {initiator_iqn}")
+            rtslib.MappedLUN(acl, mapped_lun, tpg_lun, write_protect)
+            undo.pop_all()
+        return Mapping(initiator_iqn, mapped_lun, bool(write_protect))
+
+
+def _find_mapped_lun(rtslib, volume: Volume, initiator_iqn: str):
+    for mapped in _mapped_luns_of(_tpg_lun(rtslib, volume)):
+        if mapped.parent_nodeacl.node_wwn == initiator_iqn:
+            return mapped
+    raise ArrayError(f"volume {volume.name} is not exported to {initiator_iqn}")
+
+
+def unexport_volume(volume: Volume, initiator_iqn: str) -> None:
+    """Remove the initiator's mapping; its NodeACL goes too once it maps nothing (ends its session)."""
+    with _lio(f"cannot unexport {volume.name} from {initiator_iqn}") as rtslib:
+        mapped = _find_mapped_lun(rtslib, volume, initiator_iqn)
+        acl = mapped.parent_nodeacl
+        mapped.delete()
+        if not list(acl.mapped_luns):
+            acl.delete()
+
+
+def set_mapping_write_protect(volume: Volume, initiator_iqn: str, write_protect: bool) -> None:
+    """Fence (or unfence) an initiator's writes; the kernel applies it live, reads keep working."""
+    with _lio(f"cannot set write protection of {volume.name} for {initiator_iqn}") as rtslib:
+        mapped = _find_mapped_lun(rtslib, volume, initiator_iqn)
+        mapped.write_protect = bool(write_protect)
+        if mapped.write_protect != bool(write_protect):
+            raise ArrayError(f"write protection of {volume.name} for {initiator_iqn} did not change")
+
+
+# ---------------------------------------------------------------------------
+# identity
+
+
+def _rebuild_storage_object(rtslib, volume: Volume, tpg, mappings: list[Mapping], serial: str):
+    if volume.plugin == "block":
+        so = rtslib.BlockStorageObject(volume.name, dev=volume.backing, wwn=serial)
+    else:
+        so = rtslib.FileIOStorageObject(
+            volume.name, dev=volume.backing, size=volume.size, wwn=serial, write_back=False
+        )
+    lun = rtslib.LUN(tpg, volume.lun, storage_object=so)
+    for mapping in mappings:
+        acl = rtslib.NodeACL(tpg, mapping.initiator_iqn)
+        rtslib.MappedLUN(acl, mapping.mapped_lun, lun, mapping.write_protect)
+    return so
+
+
+def change_volume_serial(volume: Volume, new_serial: str) -> Volume:
+    """Give the volume a new unit serial (hence WWID), keeping its bytes, LUN and mappings.
+
+    The kernel refuses to change vpd_unit_serial while the storage object is
+    exported, so: record the mappings, delete the LUN and the storage object,
+    recreate both on the same backing with the new serial, restore the
+    mappings. Sessions on the LUN see it vanish and return. On failure the
+    old serial is put back.
+    """
+    check_serial(new_serial)
+    with _lio(f"cannot change serial of {volume.name}") as rtslib:
+        so = _find_storage_object(rtslib, volume.name)
+        current = _volume_from(so)
+        if current.lun is None:
+            raise ArrayError(f"volume {volume.name} is not exported as a LUN of any target")
+        if current.serial == new_serial:
+            return current
+        tpg_lun = _tpg_lun(rtslib, current)
+        tpg = tpg_lun.parent_tpg
+        mappings = [
+            Mapping(m.parent_nodeacl.node_wwn, m.mapped_lun, m.write_protect)
+            for m in _mapped_luns_of(tpg_lun)
+        ]
+        tpg_lun.delete()  # also deletes the MappedLUNs; the NodeACLs stay
+        so.delete()
+        try:
+            new_so = _rebuild_storage_object(rtslib, current, tpg, mappings, new_serial)
+        except (rtslib.RTSLibError, OSError) as exc:
+            _remove_partial_rebuild(rtslib, current)
+            _rebuild_storage_object(rtslib, current, tpg, mappings, current.serial)
+            raise ArrayError(f"cannot give {volume.name} serial {new_serial}: {exc}; old serial kept") from exc
+        return _volume_from(new_so)
+
+
+def _remove_partial_rebuild(rtslib, volume: Volume) -> None:
+    with contextlib.suppress(ArrayError):
+        _find_storage_object(rtslib, volume.name).delete()

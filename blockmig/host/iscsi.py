@@ -1,0 +1,275 @@
+"""The host's iSCSI initiator: open-iscsi driven through `iscsiadm`.
+
+Sessions and their disks are read from sysfs (the kernel's own view) rather
+than from iscsiadm's human-oriented listings. Each login is bound to an
+open-iscsi iface; an iface with its own `iface.initiatorname` lets the
+migrator log in under a name the arrays' ACLs tell apart from the host's.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+from dataclasses import dataclass
+
+from blockmig.errors import HostError
+from blockmig.host.udev import DEFAULT_TIMEOUT, wait_for_path, wait_until
+
+DEFAULT_IFACE = "default"
+INITIATOR_NAME_FILE = "/etc/iscsi/initiatorname.iscsi"
+
+# open-iscsi's include/iscsi_err.h, for the exit codes blockmig reacts to or reports.
+ISCSI_ERR_SESS_EXISTS = 15
+ISCSI_ERR_NO_OBJS_FOUND = 21
+ISCSI_ERR_LOGIN_AUTH_FAILED = 24
+_EXIT_MEANINGS = {
+    1: "generic error",
+    2: "session not found",
+    4: "transport error",
+    5: "login failed",
+    6: "iSCSI database error",
+    7: "invalid argument",
+    8: "connection timed out",
+    12: "iSCSI transport module not loaded",
+    13: "permission denied (run as root)",
+    15: "already logged in",
+    18: "cannot talk to iscsid",
+    19: "fatal login error (target refused or does not exist)",
+    20: "iscsid is not running",
+    21: "no matching records, targets or sessions",
+    24: "login refused: authorization failure (no ACL for this initiator name)",
+    28: "device or resource busy",
+}
+
+
+@dataclass(frozen=True)
+class Session:
+    sid: int
+    target_iqn: str
+    portal_ip: str
+    port: int
+    iface: str
+    initiator_iqn: str
+    state: str
+
+
+def run_iscsiadm(args: list[str], ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
+    """Run iscsiadm; an exit code outside `ok` becomes one HostError line with iscsiadm's own message."""
+    try:
+        result = subprocess.run(["iscsiadm", *args], capture_output=True, text=True, timeout=300)
+    except FileNotFoundError:
+        raise HostError("iscsiadm not found: install open-iscsi") from None
+    except subprocess.TimeoutExpired:
+        raise HostError(f"iscsiadm {' '.join(args)} did not finish within 300 s") from None
+    if result.returncode not in ok:
+        lines = [l.strip() for l in (result.stderr + result.stdout).splitlines() if l.strip()]
+        message = lines[-1] if lines else "no message"
+        meaning = _EXIT_MEANINGS.get(result.returncode, "see iscsiadm(8)")
+        raise HostError(f"iscsiadm {' '.join(args)}: exit {result.returncode} ({meaning}): {message}")
+    return result
+
+
+def read_initiator_name(path: str = INITIATOR_NAME_FILE) -> str:
+    """The host's own initiator name (what its default iface logs in as)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.strip().partition("=")
+                if key == "InitiatorName" and value:
+                    return value
+    except OSError as exc:
+        raise HostError(f"cannot read the host's initiator name from {path}: {exc.strerror}") from exc
+    raise HostError(f"{path} has no InitiatorName= line")
+
+
+def _portal(portal_ip: str, port: int) -> str:
+    return f"{portal_ip}:{port}"
+
+
+def _node_args(target_iqn: str, portal_ip: str, port: int, iface: str | None) -> list[str]:
+    return ["-m", "node", "-T", target_iqn, "-p", _portal(portal_ip, port), "-I", iface or DEFAULT_IFACE]
+
+
+# ---------------------------------------------------------------------------
+# ifaces
+
+
+def list_ifaces() -> list[str]:
+    """Names of the open-iscsi ifaces (`iscsiadm -m iface` prints `name transport,hw,ip,net,initiator`)."""
+    result = run_iscsiadm(["-m", "iface"], ok=(0, ISCSI_ERR_NO_OBJS_FOUND))
+    return [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
+
+
+def create_iface(name: str, initiator_iqn: str) -> None:
+    """An iface that logs in over TCP as `initiator_iqn` instead of the host's own name."""
+    if name == DEFAULT_IFACE:
+        raise HostError("the 'default' iface is the host's own; choose another name")
+    created = name not in list_ifaces()
+    if created:
+        run_iscsiadm(["-m", "iface", "-I", name, "-o", "new"])
+    try:
+        for key, value in (("iface.transport_name", "tcp"), ("iface.initiatorname", initiator_iqn)):
+            run_iscsiadm(["-m", "iface", "-I", name, "-o", "update", "-n", key, "-v", value])
+    except HostError:
+        if created:
+            run_iscsiadm(["-m", "iface", "-I", name, "-o", "delete"], ok=(0, ISCSI_ERR_NO_OBJS_FOUND))
+        raise
+
+
+def remove_iface(name: str) -> None:
+    """Delete the iface and its node records (its sessions must be logged out first)."""
+    if any(s.iface == name for s in sessions()):
+        raise HostError(f"iface {name} still has iSCSI sessions; log them out first")
+    run_iscsiadm(["-m", "node", "-I", name, "-o", "delete"], ok=(0, ISCSI_ERR_NO_OBJS_FOUND))
+    run_iscsiadm(["-m", "iface", "-I", name, "-o", "delete"], ok=(0, ISCSI_ERR_NO_OBJS_FOUND))
+
+
+# ---------------------------------------------------------------------------
+# discovery, login, logout
+
+
+def discover(portal_ip: str, port: int = 3260, iface: str | None = None) -> list[str]:
+    """Target names the portal offers (SendTargets), without writing node records."""
+    args = ["-m", "discovery", "-t", "sendtargets", "-p", _portal(portal_ip, port), "-o", "nonpersistent"]
+    if iface:
+        args += ["-I", iface]
+    result = run_iscsiadm(args, ok=(0, ISCSI_ERR_NO_OBJS_FOUND))
+    # Each line: "IP:PORT,TPGT TARGET_IQN".
+    return [line.split()[1] for line in result.stdout.splitlines() if len(line.split()) == 2]
+
+
+def login(target_iqn: str, portal_ip: str, port: int = 3260, iface: str | None = None,
+          timeout: float = DEFAULT_TIMEOUT) -> Session:
+    """Log in (idempotent) and return the session; a node record this call made goes again on failure."""
+    existing = find_session(target_iqn, portal_ip, port, iface)
+    if existing:
+        return existing
+    node = _node_args(target_iqn, portal_ip, port, iface)
+    created = run_iscsiadm(node, ok=(0, ISCSI_ERR_NO_OBJS_FOUND)).returncode == ISCSI_ERR_NO_OBJS_FOUND
+    if created:
+        run_iscsiadm([*node, "-o", "new"])
+    try:
+        run_iscsiadm([*node, "--login"], ok=(0, ISCSI_ERR_SESS_EXISTS))
+    except HostError:
+        if created:
+            run_iscsiadm([*node, "-o", "delete"], ok=(0, ISCSI_ERR_NO_OBJS_FOUND))
+        raise
+    return wait_until(
+        lambda: find_session(target_iqn, portal_ip, port, iface),
+        f"the session to {target_iqn} at {_portal(portal_ip, port)} to show in sysfs",
+        timeout,
+    )
+
+
+def logout(target_iqn: str, portal_ip: str, port: int = 3260, iface: str | None = None,
+           missing_ok: bool = False) -> None:
+    """Log out and delete the node record. Delete the session's disks first (see logout_safely)."""
+    node = _node_args(target_iqn, portal_ip, port, iface)
+    ok = (0, ISCSI_ERR_NO_OBJS_FOUND) if missing_ok else (0,)
+    run_iscsiadm([*node, "--logout"], ok=ok)
+    run_iscsiadm([*node, "-o", "delete"], ok=(0, ISCSI_ERR_NO_OBJS_FOUND))
+
+
+def logout_safely(session: Session, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """os-brick's order: flush and delete each SCSI disk, wait until they are gone, then log out.
+
+    Logging out while the disks still exist can leave a kernel worker
+    spinning (open-iscsi issue 90). Flush any multipath map on these disks
+    before calling this.
+    """
+    delete_disks(list(session_disks(session).values()), timeout)
+    logout(session.target_iqn, session.portal_ip, session.port, session.iface, missing_ok=True)
+
+
+def rescan_session(session: Session) -> None:
+    """Ask the target for LUNs mapped since login (REPORT LUNS) and add their disks."""
+    run_iscsiadm(["-m", "session", "-r", str(session.sid), "--rescan"])
+
+
+# ---------------------------------------------------------------------------
+# sessions and disks, from sysfs
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def sessions() -> list[Session]:
+    found = []
+    for session_dir in sorted(glob.glob("/sys/class/iscsi_session/session*")):
+        sid = int(os.path.basename(session_dir)[len("session"):])
+        connection = glob.glob(f"/sys/class/iscsi_connection/connection{sid}:*")
+        address = _read(f"{connection[0]}/persistent_address") if connection else ""
+        port = _read(f"{connection[0]}/persistent_port") if connection else ""
+        found.append(Session(
+            sid=sid,
+            target_iqn=_read(f"{session_dir}/targetname"),
+            portal_ip=address,
+            port=int(port) if port.isdigit() else 0,
+            iface=_read(f"{session_dir}/ifacename") or DEFAULT_IFACE,
+            initiator_iqn=_read(f"{session_dir}/initiatorname"),
+            state=_read(f"{session_dir}/state"),
+        ))
+    return found
+
+
+def find_session(target_iqn: str, portal_ip: str, port: int = 3260, iface: str | None = None) -> Session | None:
+    for session in sessions():
+        if (session.target_iqn, session.portal_ip, session.port, session.iface) == (
+            target_iqn, portal_ip, port, iface or DEFAULT_IFACE
+        ):
+            return session
+    return None
+
+
+def session_disks(session: Session) -> dict[int, str]:
+    """LUN number -> SCSI disk name (sdX) for the disks this session has now."""
+    disks = {}
+    pattern = f"/sys/class/iscsi_session/session{session.sid}/device/target*/*:*:*:*/block/*"
+    for block in glob.glob(pattern):
+        hctl = os.path.basename(os.path.dirname(os.path.dirname(block)))
+        disks[int(hctl.rsplit(":", 1)[1])] = os.path.basename(block)
+    return disks
+
+
+def wait_for_session_disk(session: Session, lun: int, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """Wait for the session's disk for `lun` and its /dev node; return 'sdX'."""
+    name = wait_until(
+        lambda: session_disks(session).get(lun),
+        f"LUN {lun} of {session.target_iqn} (session {session.sid}) to appear",
+        timeout,
+    )
+    wait_for_path(f"/dev/{name}", timeout)
+    return name
+
+
+def by_path_link(portal_ip: str, port: int, target_iqn: str, lun: int) -> str:
+    """udev's persistent name for an iSCSI disk.
+
+    It has no iface in it: two sessions to the same target and portal under
+    different ifaces (host and migrator) compete for the same link, so code
+    that must tell them apart uses session_disks() instead.
+    """
+    return f"/dev/disk/by-path/ip-{portal_ip}:{port}-iscsi-{target_iqn}-lun-{lun}"
+
+
+def delete_disks(names: list[str], timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Flush each disk's buffers, delete it from the SCSI layer, wait until its node is gone."""
+    for name in names:
+        result = subprocess.run(["blockdev", "--flushbufs", f"/dev/{name}"], capture_output=True, text=True)
+        if result.returncode != 0 and os.path.exists(f"/dev/{name}"):
+            raise HostError(f"blockdev --flushbufs /dev/{name} failed: {result.stderr.strip()}")
+        try:
+            with open(f"/sys/block/{name}/device/delete", "w") as f:
+                f.write("1")
+        except FileNotFoundError:
+            continue  # already gone
+        except OSError as exc:
+            raise HostError(f"cannot delete SCSI disk {name}: {exc.strerror}") from exc
+    for name in names:
+        wait_until(lambda name=name: not os.path.exists(f"/sys/block/{name}"), f"disk {name} to go away", timeout)

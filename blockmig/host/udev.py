@@ -1,0 +1,108 @@
+"""Waiting for the host's device nodes and reading their identity.
+
+Logins, rescans and deletes finish asynchronously (the SCSI scan, udev's
+rules, multipathd's event handling), so every host step waits for the state
+it needs with a deadline instead of sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from typing import TypeVar
+
+import pyudev
+import tenacity
+
+from blockmig.errors import HostError
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 30.0
+POLL_INTERVAL = 0.1
+
+
+def wait_until(check: Callable[[], T], what: str, timeout: float = DEFAULT_TIMEOUT) -> T:
+    """Call `check` until it returns something truthy; return that, or HostError after `timeout` s."""
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(timeout),
+        wait=tenacity.wait_fixed(POLL_INTERVAL),
+        retry=tenacity.retry_if_result(lambda result: not result),
+    )
+    try:
+        return retrying(check)
+    except tenacity.RetryError:
+        raise HostError(f"timed out after {timeout:g} s waiting for {what}") from None
+
+
+def wait_for_path(path: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """Wait for a device node or udev symlink to exist; return its resolved /dev path."""
+    wait_until(lambda: os.path.exists(path), f"{path} to appear", timeout)
+    return os.path.realpath(path)
+
+
+def wait_for_path_gone(path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    wait_until(lambda: not os.path.lexists(path), f"{path} to go away", timeout)
+
+
+def settle(timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Let udev finish the events queued so far (symlinks, multipath's claim of new paths)."""
+    result = subprocess.run(
+        ["udevadm", "settle", f"--timeout={int(timeout)}"], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise HostError(f"udevadm settle failed: {result.stderr.strip() or result.returncode}")
+
+
+def disk_name(device: str) -> str:
+    """'sdb' for '/dev/sdb', 'sdb' or a by-path link to it."""
+    return os.path.basename(os.path.realpath(device)) if device.startswith("/") else device
+
+
+def disk_wwid(device: str) -> str:
+    """The WWID multipath uses for a SCSI disk: udev's ID_SERIAL (e.g. 36001405…).
+
+    Read from udev's database via pyudev; falls back to the kernel's VPD 0x83
+    designator in sysfs while udev has not processed the disk yet.
+    """
+    name = disk_name(device)
+    try:
+        udev_device = pyudev.Devices.from_name(pyudev.Context(), "block", name)
+        serial = udev_device.properties.get("ID_SERIAL")
+        if serial:
+            return serial
+    except pyudev.DeviceNotFoundError:
+        pass
+    try:
+        with open(f"/sys/block/{name}/device/wwid") as f:
+            designator = f.read().strip()
+    except OSError as exc:
+        raise HostError(f"cannot read the WWID of {name}: {exc.strerror}") from exc
+    return wwid_from_sysfs(designator)
+
+
+def wwid_from_sysfs(designator: str) -> str:
+    """Turn the kernel's 'naa.6001405…' into the '36001405…' form udev and multipath print."""
+    kind, _, value = designator.partition(".")
+    if kind == "naa":
+        return "3" + value.lower()
+    if kind == "eui":
+        return "2" + value.lower()
+    raise HostError(f"unexpected SCSI designator {designator!r}; cannot derive a WWID")
+
+
+def scsi_disks() -> list[str]:
+    """Names of the SCSI disks the host has now (sda, sdb, …)."""
+    return sorted(name for name in os.listdir("/sys/block") if name.startswith("sd"))
+
+
+def disks_with_wwid(wwid: str) -> list[str]:
+    return [name for name in scsi_disks() if _safe_wwid(name) == wwid]
+
+
+def _safe_wwid(name: str) -> str | None:
+    try:
+        return disk_wwid(name)
+    except HostError:
+        return None

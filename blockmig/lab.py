@@ -1,0 +1,152 @@
+"""The lab: two LIO arrays on one machine and a host using a volume on the first.
+
+`lab_up` builds what `blockmig migrate` needs to have something to migrate:
+a source array (127.0.0.1) with one file-backed volume of known serial that
+the host is logged in to through a multipath map, and an empty destination
+array (127.0.0.2). `lab_down` removes everything the lab and a migration in
+it made, in the safe order. Both are plain uses of blockmig.array and
+blockmig.host, the same on the lab VM, a Vagrant box or a real lab host.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from blockmig.array import lio
+from blockmig.errors import LabError
+from blockmig.host import iscsi, multipath
+
+SOURCE_IQN = "iqn.2026-11.lab.blockmig:source"
+DESTINATION_IQN = "iqn.2026-11.lab.blockmig:destination"
+SOURCE_PORTAL = ("127.0.0.1", 3260)
+DESTINATION_PORTAL = ("127.0.0.2", 3260)
+LAB_TARGETS = {SOURCE_IQN: SOURCE_PORTAL, DESTINATION_IQN: DESTINATION_PORTAL}
+
+SOURCE_VOLUME = "lab-source"
+SOURCE_LUN = 0
+# Hex only, so all 25 digits LIO puts in the WWID are the serial's own.
+SOURCE_SERIAL = "b10c0000000000000000000000000001"
+SOURCE_WWID = lio.wwid_for_serial(SOURCE_SERIAL)
+DEFAULT_SIZE = 64 * 1024 * 1024
+DEFAULT_BACKING_DIR = "/var/lib/blockmig-lab"
+
+
+def _quiet(step: str) -> None:
+    del step
+
+
+def source_backing_file(backing_dir: str = DEFAULT_BACKING_DIR) -> str:
+    return os.path.join(backing_dir, SOURCE_VOLUME + ".img")
+
+
+def lab_up(size: int = DEFAULT_SIZE, backing_dir: str = DEFAULT_BACKING_DIR,
+           on_step: Callable[[str], None] = _quiet, timeout: float = 60) -> dict:
+    """Build the lab; on any failure tear down what was built and re-raise."""
+    if size <= 0 or size % 512:
+        raise LabError(f"lab volume size {size} must be a positive multiple of 512 bytes")
+    present = [a.target_iqn for a in lio.list_arrays() if a.target_iqn in LAB_TARGETS]
+    if present:
+        raise LabError(f"the lab is already up ({', '.join(present)}); run 'blockmig lab down' first")
+    initiator = iscsi.read_initiator_name()
+    try:
+        os.makedirs(backing_dir, exist_ok=True)
+        for iqn, (ip, port) in LAB_TARGETS.items():
+            on_step(f"creating array {iqn} on {ip}:{port}")
+            lio.create_array(iqn, ip, port)
+        on_step(f"creating volume {SOURCE_VOLUME} ({size} bytes, WWID {SOURCE_WWID})")
+        volume = lio.create_volume(
+            SOURCE_IQN, SOURCE_VOLUME, size, source_backing_file(backing_dir), serial=SOURCE_SERIAL, lun=SOURCE_LUN
+        )
+        lio.export_volume(volume, initiator)
+        on_step(f"logging in to {SOURCE_IQN} as {initiator}")
+        session = iscsi.login(SOURCE_IQN, *SOURCE_PORTAL, timeout=timeout)
+        disk = iscsi.wait_for_session_disk(session, SOURCE_LUN, timeout)
+        on_step(f"waiting for the multipath map on /dev/{disk}")
+        multipath.wait_for_map(volume.wwid, 1, timeout)
+    except BaseException:
+        lab_down(backing_dir)
+        raise
+    return lab_status()
+
+
+def lab_down(backing_dir: str = DEFAULT_BACKING_DIR, on_step: Callable[[str], None] = _quiet) -> list[str]:
+    """Remove maps, sessions, node records, arrays and backing files of the lab, in os-brick's order."""
+    removed = []
+    arrays = [a for a in lio.list_arrays() if a.target_iqn in LAB_TARGETS]
+    volumes = [v for a in arrays for v in lio.list_volumes(a.target_iqn)]
+    lab_sessions = [s for s in iscsi.sessions() if s.target_iqn in LAB_TARGETS]
+    disks = [d for s in lab_sessions for d in iscsi.session_disks(s).values()]
+
+    on_step("flushing the lab's multipath maps")
+    flushed = multipath.flush_maps_on(disks)
+    lab_wwids = {v.wwid for v in volumes} | {SOURCE_WWID}
+    for stale in multipath.maps():  # a map whose paths are already gone
+        if stale.wwid in lab_wwids:
+            multipath.flush_map(stale.name)
+            flushed.append(stale.name)
+    removed += [f"multipath map {name}" for name in flushed]
+    for session in lab_sessions:
+        on_step(f"logging out of {session.target_iqn} (iface {session.iface})")
+        iscsi.logout_safely(session)
+        removed.append(f"iSCSI session {session.sid} to {session.target_iqn} via {session.iface}")
+    for iqn in LAB_TARGETS:
+        iscsi.run_iscsiadm(["-m", "node", "-T", iqn, "-o", "delete"], ok=(0, iscsi.ISCSI_ERR_NO_OBJS_FOUND))
+    for array in arrays:
+        on_step(f"removing array {array.target_iqn}")
+        for volume in lio.remove_array(array.target_iqn):
+            removed.append(f"volume {volume.name}")
+        removed.append(f"array {array.target_iqn}")
+    backing_files = {v.backing for v in volumes if v.plugin == "fileio"} | {source_backing_file(backing_dir)}
+    for path in sorted(backing_files):
+        if os.path.dirname(os.path.abspath(path)) == os.path.abspath(backing_dir) and os.path.isfile(path):
+            os.unlink(path)
+            removed.append(f"backing file {path}")
+    return removed
+
+
+def lab_status() -> dict:
+    """What of the lab exists now: arrays with volumes and mappings, host sessions, multipath maps."""
+    arrays = []
+    wwids = set()
+    for array in lio.list_arrays():
+        if array.target_iqn not in LAB_TARGETS:
+            continue
+        volumes = []
+        for volume in lio.list_volumes(array.target_iqn):
+            wwids.add(volume.wwid)
+            volumes.append({
+                "name": volume.name, "size": volume.size, "serial": volume.serial, "wwid": volume.wwid,
+                "backing": volume.backing, "lun": volume.lun,
+                "mappings": [
+                    {"initiator": m.initiator_iqn, "lun": m.mapped_lun, "write_protect": m.write_protect}
+                    for m in lio.list_mappings(volume)
+                ],
+            })
+        arrays.append({
+            "target": array.target_iqn,
+            "portals": [f"{ip}:{port}" for ip, port in array.portals],
+            "volumes": volumes,
+        })
+    sessions = []
+    disks = set()
+    for session in iscsi.sessions():
+        if session.target_iqn not in LAB_TARGETS:
+            continue
+        session_disks = iscsi.session_disks(session)
+        disks |= set(session_disks.values())
+        sessions.append({
+            "sid": session.sid, "target": session.target_iqn, "portal": f"{session.portal_ip}:{session.port}",
+            "iface": session.iface, "initiator": session.initiator_iqn, "state": session.state,
+            "disks": {str(lun): name for lun, name in sorted(session_disks.items())},
+        })
+    all_paths = multipath.paths()
+    maps = []
+    for found in multipath.maps():
+        map_paths = [p for p in all_paths if p.map_name == found.name]
+        if found.wwid in wwids or any(p.dev in disks for p in map_paths):
+            maps.append({
+                "name": found.name, "wwid": found.wwid, "device": found.device,
+                "paths": [{"dev": p.dev, "dm_state": p.dm_state, "checker": p.checker_state} for p in map_paths],
+            })
+    return {"up": len(arrays) == len(LAB_TARGETS), "arrays": arrays, "sessions": sessions, "maps": maps}
