@@ -157,3 +157,17 @@ def flush_maps_on(devs: list[str]) -> list[str]:
     for name in names:
         flush_map(name)
     return names
+
+
+# --- added by the migrate branch (orchestrator needs) ---------------------------
+
+
+def is_suspended(name: str) -> bool:
+    """True while the map's IO is held (dmsetup suspend, or a reload in progress)."""
+    state = _run(["dmsetup", "info", "-c", "--noheadings", "-o", "suspended", name], f"cannot read state of map {name}")
+    return state.strip() == "Suspended"
+
+
+def flush_buffers(name: str) -> None:
+    """Write the host's dirty page cache of the map to its paths (before a fence or a switch)."""
+    _run(["blockdev", "--flushbufs", f"/dev/mapper/{name}"], f"cannot flush buffers of map {name}")
