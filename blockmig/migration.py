@@ -21,6 +21,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from blockmig.array import lio
@@ -201,10 +202,10 @@ def resolve_host_device(device: str) -> HostDevice:
         name = holders[0]
     if not name.startswith("dm-"):
         raise DeviceError(f"{device} is neither a multipath map nor a SCSI disk")
-    uuid_text = _read_sysfs(f"/sys/block/{name}/dm/uuid")
+    uuid_text = _read_text(f"/sys/block/{name}/dm/uuid")
     if not uuid_text.startswith("mpath-"):
         raise DeviceError(f"{device} is a device-mapper device but not a multipath map (uuid {uuid_text!r})")
-    map_name = _read_sysfs(f"/sys/block/{name}/dm/name")
+    map_name = _read_text(f"/sys/block/{name}/dm/name")
     disks = sorted(os.listdir(f"/sys/block/{name}/slaves"))
     return HostDevice(device, uuid_text[len("mpath-"):], map_name, disks)
 
@@ -258,14 +259,6 @@ def _check_backing_device(path: str, size: int) -> None:
         raise ArrayError(f"{path} holds {device_size} bytes: no room for the {size}-byte volume")
     if device_size != size:
         raise ArrayError(f"{path} holds {device_size} bytes; the destination must be exactly {size} bytes")
-
-
-def _read_sysfs(path: str) -> str:
-    try:
-        with open(path) as handle:
-            return handle.read().strip()
-    except OSError:
-        return ""
 
 
 def _session_of_disk(disk: str) -> iscsi.Session | None:
@@ -377,7 +370,7 @@ class Migration:
         """Keep multipathd off the migrator's disk: a map on it would hold it (no O_EXCL open)."""
         path = self._multipath_drop_in()
         text = f'# blockmig migration {self.journal.id}: the migrator\'s destination disk\nblacklist {{\n    wwid "{self.destination["temporary_wwid"]}"\n}}\n'
-        if _read_text(path) != text:
+        if _read_text(path) != text.strip():
             os.makedirs(MULTIPATH_CONF_DIR, exist_ok=True)
             with open(path + ".tmp", "w") as handle:
                 handle.write(text)
@@ -555,7 +548,7 @@ class Migration:
         disk = iscsi.wait_for_session_disk(session, volume.lun)
         if self.source["map"]:
             udev.wait_until(
-                lambda: disk in multipath.map_disks(self.source["map"]),
+                lambda: disk in _map_disks(self.source["map"]),
                 f"{disk} to join map {self.source['map']}",
             )
         return disk
@@ -573,7 +566,7 @@ class Migration:
         disk = iscsi.session_disks(session).get(self.source["lun"])
         if disk is None:
             return
-        if self.source["map"] and disk in multipath.map_disks(self.source["map"]):
+        if self.source["map"] and disk in _map_disks(self.source["map"]):
             multipath.del_path(disk)
         iscsi.delete_disks([disk])
 
@@ -655,7 +648,7 @@ class Migration:
             return
         disks = list(iscsi.session_disks(session).values())
         for disk in disks:
-            if self.source["map"] and disk in multipath.map_disks(self.source["map"]):
+            if self.source["map"] and disk in _map_disks(self.source["map"]):
                 multipath.del_path(disk)
         iscsi.logout_safely(session)
 
@@ -691,9 +684,12 @@ class _Progress:
         self.emit({**event, "phase": self.phase})
 
 
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as handle:
-            return handle.read()
-    except OSError:
-        return None
+def _map_disks(map_name: str) -> list[str]:
+    return [path.dev for path in multipath.paths_of_map(map_name)]
+
+
+def _read_text(path: str) -> str:
+    """A sysfs attribute or small file, '' when it is not there."""
+    with contextlib.suppress(OSError):
+        return Path(path).read_text().strip()
+    return ""

@@ -1,0 +1,174 @@
+"""`blockmig migrate` on the real stack: a host reads its map while its volume moves under it."""
+
+import json
+import os
+import subprocess
+
+import pytest
+from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
+    HostReader,
+    blockmig,
+    copied_bytes,
+    journal,
+    migration_lab,
+    report_of,
+    start_blockmig,
+    wait_for_journal,
+)
+
+from blockmig import lab
+from blockmig.errors import GuardRefusedWrite
+from blockmig.host import iscsi
+from blockmig.migration import MigrationRequest, migrate
+
+
+@pytest.mark.parametrize("fence", ["writeprotect", "suspend", "none"])
+def test_multipath_switch_under_a_reading_host(migration_lab, fence):
+    with HostReader(migration_lab.device, migration_lab.data) as reader:
+        result = blockmig(*migration_lab.migrate_args("--fence", fence, "--id", f"mp-{fence}"))
+    assert result.returncode == 0, result.stderr
+    reader.check()
+    report = report_of(result)
+    assert report["map"] == migration_lab.map_name and report["wwid"] == migration_lab.wwid
+    assert report["size"] == migration_lab.size and report["fence"] == fence
+    assert 0 < report["io_held_seconds"] < 30
+    migration_lab.assert_host_on_destination()
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    progress = [e for e in events if e["event"] == "chunk"]
+    assert progress and progress[-1]["bytes"] == migration_lab.size and progress[-1]["rate"] > 0
+    assert "eta" in progress[0]
+    status = json.loads(blockmig("status", f"mp-{fence}", "--json", check=True).stdout)
+    assert status["state"] == "done" and status["report"]["volume_digest"] == report["volume_digest"]
+
+
+def test_relogin_switch_under_a_reading_host(migration_lab):
+    with HostReader(migration_lab.device, migration_lab.data) as reader:
+        result = blockmig(*migration_lab.migrate_args("--switch", "relogin", "--id", "relogin"))
+    assert result.returncode == 0, result.stderr
+    reader.check()
+    assert report_of(result)["switch"] == "relogin"
+    migration_lab.assert_host_on_destination()
+
+
+def test_worm_write_protects_the_destination_afterwards(migration_lab):
+    result = blockmig(*migration_lab.migrate_args("--worm", "--id", "worm"))
+    assert result.returncode == 0, result.stderr
+    status = lab.lab_status()
+    destination = next(a for a in status["arrays"] if a["target"] == lab.DESTINATION_IQN)
+    mappings = destination["volumes"][0]["mappings"]
+    assert [(m["initiator"], m["write_protect"]) for m in mappings] == [(iscsi.read_initiator_name(), True)]
+    fd = os.open(migration_lab.device, os.O_WRONLY | os.O_DIRECT)
+    try:
+        import mmap
+
+        buffer = mmap.mmap(-1, 4096)
+        with pytest.raises(OSError):
+            os.pwritev(fd, [buffer], 0)
+    finally:
+        os.close(fd)
+
+
+def test_guard_refuses_a_write_at_the_wrong_address_during_a_migration(migration_lab):
+    """In-process: after the third chunk a stray write is sent to the guard; it is refused, the copy goes on."""
+    refusals = []
+
+    def stray_write(guard, ack):
+        if len(refusals) == 0 and ack.reserved_address >= 3 * 1024 * 1024:
+            wrong = ack.reserved_address + 1024 * 1024
+            try:
+                guard.write(wrong, b"\xff" * 4096)
+            except GuardRefusedWrite as exc:
+                refusals.append(exc)
+
+    request = MigrationRequest(
+        device=migration_lab.device,
+        to_target=lab.DESTINATION_IQN,
+        to_portal="{}:{}".format(*lab.DESTINATION_PORTAL),
+        backing_dir=migration_lab.backing_dir,
+        chunk_size=1024 * 1024,
+        migration_id="stray",
+    )
+    report = migrate(request, after_chunk=stray_write)
+    assert len(refusals) == 1
+    refused = refusals[0]
+    assert refused.designated == refused.reserved + 1024 * 1024
+    assert str(refused.designated) in str(refused) and str(refused.reserved) in str(refused)
+    assert report["volume_digest"]
+    migration_lab.assert_host_on_destination()
+
+
+def _arrays_and_host():
+    status = lab.lab_status()
+    return status["arrays"], status["sessions"], [(m["name"], len(m["paths"])) for m in status["maps"]]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown device", "unknown target", "wrong portal", "no room", "bad chunk size"],
+)
+def test_bad_input_is_one_line_and_changes_nothing(migration_lab, tmp_path, case):
+    args = migration_lab.migrate_args("--id", "bad")
+    if case == "unknown device":
+        args[1] = "/dev/mapper/nosuchmap"
+    elif case == "unknown target":
+        args[args.index("--to-target") + 1] = "iqn.2026-11.lab.blockmig:nowhere"
+    elif case == "wrong portal":
+        args[args.index("--to-portal") + 1] = "127.0.0.9:3260"
+    elif case == "no room":
+        small = tmp_path / "small"
+        small.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(small)], check=True)
+        args[args.index("--backing-dir") + 1] = str(small)
+    elif case == "bad chunk size":
+        args[args.index("--chunk-size") + 1] = "1000"
+    before = _arrays_and_host()
+    try:
+        result = blockmig(*args)
+    finally:
+        if case == "no room":
+            subprocess.run(["umount", str(tmp_path / "small")], check=True)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("blockmig: error: "), result.stderr
+    assert _arrays_and_host() == before
+    assert not os.path.exists(os.path.join(os.environ["BLOCKMIG_STATE_DIR"], "bad"))
+
+
+def test_refused_login_leaves_both_arrays_as_they_were(migration_lab):
+    """The destination refuses the migrator's login (its TPG disabled): one line, nothing left behind."""
+    import rtslib_fb
+
+    before = _arrays_and_host()
+    tpg = next(t for t in rtslib_fb.FabricModule("iscsi").targets if t.wwn == lab.DESTINATION_IQN).tpgs
+    tpg = next(iter(tpg))
+    tpg.enable = False
+    try:
+        result = blockmig(*migration_lab.migrate_args("--id", "refused"))
+    finally:
+        tpg.enable = True
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "iscsiadm" in lines[0], result.stderr
+    assert _arrays_and_host() == before
+    assert journal("refused")["state"] == "failed"
+    assert not [i for i in iscsi.list_ifaces() if i.startswith("blockmig-")]
+    # The failed migration can be rolled back (a no-op now), after which a new one may start.
+    assert blockmig("rollback", "refused").returncode == 0
+
+
+def test_second_migration_of_the_same_volume_is_refused(migration_lab):
+    first = start_blockmig(*migration_lab.migrate_args("--id", "first", "--max-rate", "2M"))
+    try:
+        wait_for_journal("first", lambda j: copied_bytes("first") > 0)
+        before = _arrays_and_host()
+        second = blockmig(*migration_lab.migrate_args("--id", "second"))
+        assert second.returncode != 0
+        assert "migration first of this volume is unfinished" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        resumed = blockmig("resume", "first")
+        assert resumed.returncode != 0 and "already running" in resumed.stderr, resumed.stderr
+        assert _arrays_and_host() == before
+    finally:
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    migration_lab.assert_host_on_destination()

@@ -1,0 +1,106 @@
+"""Interrupted migrations on the real stack: kill -9, a failing source path; then resume or rollback."""
+
+import signal
+import threading
+import time
+
+from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
+    HostReader,
+    blockmig,
+    copied_bytes,
+    journal,
+    migration_lab,
+    report_of,
+    start_blockmig,
+    wait_for_journal,
+)
+
+from blockmig import lab
+from blockmig.host import multipath
+
+SLOW = ("--max-rate", "2M")  # 16 MiB in about 8 s: time to strike during the copy
+
+
+def _kill(process) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def _in_copy(migration_id):
+    return lambda data: copied_bytes(migration_id) >= 3 * 1024 * 1024
+
+
+def test_kill_during_copy_then_resume(migration_lab):
+    with HostReader(migration_lab.device, migration_lab.data) as reader:
+        process = start_blockmig(*migration_lab.migrate_args("--id", "kc", *SLOW))
+        wait_for_journal("kc", _in_copy("kc"))
+        _kill(process)
+        assert journal("kc")["steps"]["copy"]["state"] == "started"
+        result = blockmig("resume", "kc", "--json")
+    assert result.returncode == 0, result.stderr
+    reader.check()
+    report = report_of(result)
+    assert report["id"] == "kc" and report["size"] == migration_lab.size
+    migration_lab.assert_host_on_destination()
+
+
+def test_kill_during_switch_then_resume(migration_lab):
+    with HostReader(migration_lab.device, migration_lab.data) as reader:
+        process = start_blockmig(*migration_lab.migrate_args("--id", "ks"))
+        wait_for_journal("ks", lambda data: "switch" in data["steps"], timeout=300)
+        time.sleep(0.3)  # somewhere inside the switch: logout, serial change, login, hold
+        _kill(process)
+        assert journal("ks")["steps"]["switch"]["state"] == "started"
+        result = blockmig("resume", "ks", "--json")
+        assert result.returncode == 0, result.stderr
+    reader.check()
+    assert not multipath.is_suspended(migration_lab.map_name)
+    migration_lab.assert_host_on_destination()
+
+
+def test_kill_while_host_io_is_held_then_resume(migration_lab):
+    """The worst moment: the map suspended by a process that no longer exists."""
+    process = start_blockmig(*migration_lab.migrate_args("--id", "kh"))
+    wait_for_journal("kh", lambda data: "suspended_at" in data["steps"].get("switch", {}).get("facts", {}), 300)
+    _kill(process)
+    result = blockmig("resume", "kh", "--json")
+    assert result.returncode == 0, result.stderr
+    assert not multipath.is_suspended(migration_lab.map_name)
+    migration_lab.assert_host_on_destination()
+
+
+def test_kill_during_copy_then_rollback(migration_lab):
+    process = start_blockmig(*migration_lab.migrate_args("--id", "kr", *SLOW))
+    wait_for_journal("kr", _in_copy("kr"))
+    _kill(process)
+    result = blockmig("rollback", "kr")
+    assert result.returncode == 0, result.stderr
+    assert journal("kr")["state"] == "rolled_back"
+    migration_lab.assert_host_on_source_only()
+    # resume refuses a rolled-back migration; a new one may start
+    assert blockmig("resume", "kr").returncode != 0
+    assert blockmig(*migration_lab.migrate_args("--id", "again"), check=True).returncode == 0
+
+
+def test_source_path_failure_during_copy(migration_lab):
+    """The source portal goes away for a few seconds mid-copy: the copy waits or stops, never writes wrong data."""
+    import rtslib_fb
+
+    def disable_source_portal_for_a_while():
+        wait_for_journal("pf", _in_copy("pf"))
+        tpg = next(iter(next(t for t in rtslib_fb.FabricModule("iscsi").targets if t.wwn == lab.SOURCE_IQN).tpgs))
+        tpg.enable = False
+        time.sleep(4)
+        tpg.enable = True
+
+    flapper = threading.Thread(target=disable_source_portal_for_a_while)
+    flapper.start()
+    result = blockmig(*migration_lab.migrate_args("--id", "pf", *SLOW))
+    flapper.join()
+    if result.returncode != 0:
+        # It stopped: the error says how to go on, and resume finishes the job.
+        assert "blockmig resume pf" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        result = blockmig("resume", "pf", "--json")
+    assert result.returncode == 0, result.stderr
+    migration_lab.assert_host_on_destination()
