@@ -2,6 +2,7 @@
 
 import glob
 import os
+import socket
 
 import pytest
 
@@ -59,10 +60,16 @@ def test_duplicate_names_and_luns_are_refused_without_damage(lab_env, backing_di
     assert lab.lab_status()["up"]
 
 
-def test_array_on_an_address_the_host_lacks_is_not_half_made():
-    iqn = "iqn.2026-11.lab.blockmig:unreachable"
-    with pytest.raises(ArrayError, match=f"cannot create array {iqn}"):
-        lio.create_array(iqn, "192.0.2.1")
+def test_array_whose_portal_cannot_listen_is_not_half_made():
+    iqn = "iqn.2026-11.lab.blockmig:busy"
+    with socket.socket() as squatter:  # another program already listens on the portal's address
+        squatter.bind(("127.0.0.3", 3262))
+        squatter.listen()
+        with pytest.raises(ArrayError, match=f"cannot create array {iqn}"):
+            lio.create_array(iqn, "127.0.0.3", 3262)
+    assert not os.path.exists(f"{CONFIGFS}/iscsi/{iqn}")
+    with pytest.raises(ArrayError, match="not an IP address"):
+        lio.create_array(iqn, "no-such-host")
     assert not os.path.exists(f"{CONFIGFS}/iscsi/{iqn}")
 
 

@@ -47,8 +47,10 @@ def export_destination_volume(backing_dir, initiator, serial=None, name="lab-des
 
 
 def test_host_logs_in_to_both_arrays_and_sees_both_wwids(lab_env, backing_dir):
+    assert set(iscsi.discover(*lab.SOURCE_PORTAL)) >= {lab.SOURCE_IQN}
     serial = uuid.uuid4().hex
     volume = export_destination_volume(backing_dir, HOST_IQN, serial)
+    assert lab.DESTINATION_IQN in iscsi.discover(*lab.DESTINATION_PORTAL)
     assert volume.wwid == lio.wwid_for_serial(serial) != lab.SOURCE_WWID
     session = iscsi.login(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)
     assert session.initiator_iqn == HOST_IQN and session.iface == "default"

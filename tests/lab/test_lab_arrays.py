@@ -42,7 +42,8 @@ def test_lab_up_makes_the_arrays_in_configfs(lab_env, backing_dir):
     # the source volume: a fileio storage object with the lab's serial, LUN 0, mapped to the host only
     [so_dir] = glob.glob(f"{CONFIGFS}/core/fileio_*/{lab.SOURCE_VOLUME}")
     assert lab.SOURCE_SERIAL in read(f"{so_dir}/wwn/vpd_unit_serial")
-    assert os.path.realpath(glob.glob(f"{source}/lun/lun_0/*")[0]) == so_dir
+    [link] = [p for p in glob.glob(f"{source}/lun/lun_0/*") if os.path.islink(p)]
+    assert os.path.realpath(link) == so_dir
     assert os.listdir(f"{source}/acls") == [HOST_IQN]
     assert os.path.isdir(f"{source}/acls/{HOST_IQN}/lun_0")
     assert os.path.getsize(lab.source_backing_file(backing_dir)) == 16 * 1024 * 1024
