@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 
 from blockmig.array import lio
-from blockmig.errors import LabError
+from blockmig.errors import BlockmigError, LabError
 from blockmig.host import iscsi, multipath
 
 SOURCE_IQN = "iqn.2026-11.lab.blockmig:source"
@@ -64,6 +64,12 @@ def lab_up(size: int = DEFAULT_SIZE, backing_dir: str = DEFAULT_BACKING_DIR,
         disk = iscsi.wait_for_session_disk(session, SOURCE_LUN, timeout)
         on_step(f"waiting for the multipath map on /dev/{disk}")
         multipath.wait_for_map(volume.wwid, 1, timeout)
+    except BlockmigError as exc:
+        try:
+            lab_down(backing_dir)
+        except BlockmigError as cleanup:
+            raise LabError(f"{exc}; removing the half-built lab failed too: {cleanup}") from exc
+        raise
     except BaseException:
         lab_down(backing_dir)
         raise

@@ -14,6 +14,7 @@ imports on machines without it.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import stat
@@ -189,6 +190,10 @@ def _mapped_luns_of(lun):
 
 def create_array(target_iqn: str, portal_ip: str, port: int = 3260) -> Array:
     """An iSCSI target with one TPG and one explicit portal; ACL-only access, no CHAP."""
+    try:
+        ipaddress.ip_address(portal_ip)
+    except ValueError:
+        raise ArrayError(f"portal address {portal_ip!r} is not an IP address") from None
     with _lio(f"cannot create array {target_iqn}") as rtslib:
         _root(rtslib)
         fabric = _iscsi_fabric(rtslib)

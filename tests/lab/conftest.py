@@ -1,0 +1,45 @@
+"""Fixtures for tests on the real lab stack (LIO, open-iscsi, dm-multipath), run as root in the lab VM.
+
+Nothing here skips: where the stack is missing, the fixtures raise and the tests fail.
+Every fixture that builds something tears it down again, also when the test failed.
+"""
+
+import pytest
+
+from blockmig import lab
+from blockmig.host import iscsi, multipath
+
+LAB_SIZE = 16 * 1024 * 1024
+MIGRATOR_IFACE = "blockmig-test-migrator"
+MIGRATOR_IQN = "iqn.2026-11.lab.blockmig:test-migrator"
+
+
+@pytest.fixture
+def backing_dir(tmp_path):
+    path = tmp_path / "backing"
+    path.mkdir()
+    return str(path)
+
+
+@pytest.fixture
+def lab_env(backing_dir):
+    """The lab, up: source array + volume used by the host through a multipath map, empty destination."""
+    lab.lab_down(backing_dir)  # leftovers of an aborted earlier run
+    status = lab.lab_up(LAB_SIZE, backing_dir)
+    try:
+        yield status
+    finally:
+        lab.lab_down(backing_dir)
+
+
+@pytest.fixture
+def migrator_iface(lab_env):
+    """An open-iscsi iface that logs in as the migrator, removed again with its sessions."""
+    iscsi.create_iface(MIGRATOR_IFACE, MIGRATOR_IQN)
+    try:
+        yield MIGRATOR_IFACE
+    finally:
+        for session in [s for s in iscsi.sessions() if s.iface == MIGRATOR_IFACE]:
+            multipath.flush_maps_on(list(iscsi.session_disks(session).values()))
+            iscsi.logout_safely(session)
+        iscsi.remove_iface(MIGRATOR_IFACE)
