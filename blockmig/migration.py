@@ -86,6 +86,12 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
         raise UsageError(
             f"{request.device} is not a multipath map: use --switch relogin for a host without multipath"
         )
+    if host_device.map_name and not multipath.queues_if_no_path(host_device.map_name):
+        # The switch holds IO on the map while it has no path (dm turns this off while suspended).
+        raise HostError(
+            f"map {host_device.map_name} does not queue IO while it has no path "
+            "(set no_path_retry queue, or a number, in multipath.conf)"
+        )
     source = _describe_source(host_device)
     portal_ip, port = parse_portal(request.to_portal)
     destination_array = lio.find_array(request.to_target)
@@ -321,14 +327,18 @@ class Migration:
         if map_name and multipath.is_suspended(map_name):
             if self.journal.data["fence"] == "suspend" and STEPS.index(step) < STEPS.index("switch"):
                 self._lift_fence()
-                self.journal.data["steps"].pop("copy", None)
-                self.journal.data["steps"].pop("verify", None)
-                self.journal.data["steps"].pop("fence", None)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.journal.copy_journal_path)
+                self._forget_copy()
             else:
                 multipath.resume_map(map_name)
             self.emit({"event": "io_resumed", "map": map_name, "after_failure_in": step})
+
+    def _forget_copy(self) -> None:
+        """The source may have changed since the fence was lifted: fence and copy again from byte 0."""
+        for name in ("fence", "copy", "verify"):
+            self.journal.data["steps"].pop(name, None)
+        self.journal.save()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.journal.copy_journal_path)
 
     # -- plan --------------------------------------------------------------------
     def _step_plan(self) -> dict:
@@ -473,6 +483,14 @@ class Migration:
                     raise
                 self.emit({"event": "copy_retry", "attempt": attempt + 1, "error": str(exc)})
                 time.sleep(COPY_RETRY_WAIT)
+        map_name = self.source["map"]
+        if self.journal.data["fence"] == "suspend" and not multipath.is_suspended(map_name):
+            # multipathd resumes a map whenever it reloads it (a path event): the fence broke.
+            self._forget_copy()
+            raise MigrationError(
+                f"host IO on {map_name} was released during the copy (multipathd reloaded the map), "
+                "so the source may have changed; the copy starts again on resume"
+            )
         write_json_atomically(self.journal.manifest_path, manifest.to_dict())
         return {
             "source_disk": source,
@@ -493,54 +511,73 @@ class Migration:
     def _step_switch(self) -> dict:
         """Give the destination the source's identity and move the host's path onto it.
 
-        multipath: the destination joins the map (write-protected) next to the
-        fenced source; host IO is held (dmsetup suspend) while the destination
-        is opened for writes and the source path is removed; then IO resumes.
-        relogin: host IO is held (if there is a map), the host logs out of the
-        source and in to the destination.
+        Host IO is held from before the source path goes until the destination
+        path is in the map, and at no moment are both paths in the map (a read
+        through the source after a write through the destination would return
+        old bytes). The hold is `dmsetup suspend` plus queue_if_no_path: the
+        lab showed that multipathd resumes a suspended map whenever it reloads
+        it (path added or deleted), so what really holds IO across the swap is
+        the map having no path; we keep the map open meanwhile, because
+        multipathd removes a map whose last path goes if nobody has it open.
+
+        multipath: the source path is taken out of the map (multipathd del
+        path, SCSI delete), the host logs in to the destination, multipathd
+        adds that disk to the same map (same name, same WWID), IO flows; the
+        source session is logged out after IO has resumed.
+        relogin: the whole source session is logged out inside the hold, then
+        the host logs in to the destination (also for hosts without multipath,
+        whose disk name then changes).
         """
         facts = self.journal.facts("switch")
-        volume = self._destination_volume()
         map_name = self.source["map"]
+        volume = self._destination_volume()
         if not facts.get("source_removed"):
-            # Writes must not reach the source from here on, whatever the fence was.
+            # From here on nothing may land on the source, whatever the fence was.
             lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], True)
             self._logout_migrator()
             volume = lio.change_volume_serial(volume, self.source["serial"])
-            self._map_destination_to_host(volume, write_protect=self.journal.data["switch"] == "multipath")
-        if self.journal.data["switch"] == "multipath" and not facts.get("source_removed"):
-            self._login_host_to_destination(volume)
-        if map_name and not facts.get("source_removed"):
-            if "suspended_at" not in facts:
+            self._map_destination_to_host(volume)
+        with self._host_io_held(map_name):
+            if not self.journal.facts("switch").get("source_removed"):
+                self._remove_host_source_path(logout=self.journal.data["switch"] == "relogin")
+                self.journal.record("switch", source_removed=True)
+            disk = self._login_host_to_destination(volume)
+        io_held = None
+        if map_name:
+            io_held = round(time.time() - self.journal.facts("switch")["suspended_at"], 3)
+            self.journal.record("switch", io_held_seconds=io_held)
+            self.emit({"event": "io_resumed", "map": map_name, "io_held_seconds": io_held})
+        self._logout_host_from_source()
+        return {"io_held_seconds": io_held, "host_disk": disk}
+
+    @contextlib.contextmanager
+    def _host_io_held(self, map_name: str | None):
+        """Suspend the map (draining IO in flight) and keep it open until the block is done."""
+        if not map_name:
+            yield
+            return
+        opener = os.open(f"/dev/mapper/{map_name}", os.O_RDONLY)
+        try:
+            if "suspended_at" not in self.journal.facts("switch"):
                 self.journal.record("switch", suspended_at=time.time())
             if not multipath.is_suspended(map_name):
                 multipath.suspend_map(map_name)
             self.emit({"event": "io_held", "map": map_name})
-            facts = self.journal.facts("switch")
-        if not facts.get("source_removed"):
-            lio.set_mapping_write_protect(volume, self.source["host_initiator"], False)
-            self._remove_host_source_path()
-            self.journal.record("switch", source_removed=True)
-        if self.journal.data["switch"] == "relogin":
-            self._login_host_to_destination(volume)
-        io_held = None
-        if map_name:
-            if multipath.is_suspended(map_name):
-                multipath.resume_map(map_name)
-            facts = self.journal.facts("switch")
-            io_held = facts.get("io_held_seconds") or round(time.time() - facts["suspended_at"], 3)
-            self.journal.record("switch", io_held_seconds=io_held)
-            self.emit({"event": "io_resumed", "map": map_name, "io_held_seconds": io_held})
-        self._logout_host_from_source()
-        return {"io_held_seconds": io_held, "host_disk": self._host_destination_disk()}
+            yield
+        finally:
+            try:
+                if multipath.is_suspended(map_name):
+                    multipath.resume_map(map_name)
+            finally:
+                os.close(opener)
 
-    def _map_destination_to_host(self, volume: lio.Volume, write_protect: bool) -> None:
+    def _map_destination_to_host(self, volume: lio.Volume) -> None:
         host = self.source["host_initiator"]
         mappings = {m.initiator_iqn: m for m in lio.list_mappings(volume)}
         if self.migrator["initiator"] in mappings:
             lio.unexport_volume(volume, self.migrator["initiator"])
         if host not in mappings:
-            lio.export_volume(volume, host, write_protect=write_protect)
+            lio.export_volume(volume, host)
 
     def _login_host_to_destination(self, volume: lio.Volume) -> str:
         ip, port = parse_portal(self.destination["portal"])
@@ -558,17 +595,19 @@ class Migration:
         session = iscsi.find_session(self.destination["target"], ip, port, self.source["host_iface"])
         return iscsi.session_disks(session).get(self.destination["lun"]) if session else None
 
-    def _remove_host_source_path(self) -> None:
+    def _remove_host_source_path(self, logout: bool) -> None:
+        """Take the source disk out of the host's map and the SCSI layer; with `logout`, end the session too."""
         ip, port = parse_portal(self.source["portal"])
         session = iscsi.find_session(self.source["target"], ip, port, self.source["host_iface"])
         if session is None:
             return
         disk = iscsi.session_disks(session).get(self.source["lun"])
-        if disk is None:
-            return
-        if self.source["map"] and disk in _map_disks(self.source["map"]):
-            multipath.del_path(disk)
-        iscsi.delete_disks([disk])
+        if disk is not None:
+            if self.source["map"] and disk in _map_disks(self.source["map"]):
+                multipath.del_path(disk)
+            iscsi.delete_disks([disk])
+        if logout:
+            iscsi.logout_safely(session)
 
     def _logout_host_from_source(self) -> None:
         ip, port = parse_portal(self.source["portal"])

@@ -171,3 +171,9 @@ def is_suspended(name: str) -> bool:
 def flush_buffers(name: str) -> None:
     """Write the host's dirty page cache of the map to its paths (before a fence or a switch)."""
     _run(["blockdev", "--flushbufs", f"/dev/mapper/{name}"], f"cannot flush buffers of map {name}")
+
+
+def queues_if_no_path(name: str) -> bool:
+    """Whether the map holds IO (instead of failing it) while it has no usable path."""
+    table = _run(["dmsetup", "table", name], f"cannot read table of map {name}")
+    return "queue_if_no_path" in table
