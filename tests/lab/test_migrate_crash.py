@@ -50,7 +50,9 @@ def test_kill_during_switch_then_resume(migration_lab):
         wait_for_journal("ks", lambda data: "switch" in data["steps"], timeout=300)
         time.sleep(0.3)  # somewhere inside the switch: logout, serial change, login, hold
         _kill(process)
-        assert journal("ks")["steps"]["switch"]["state"] == "started"
+        switch = journal("ks")["steps"]["switch"]
+        print(f"killed in the switch with facts {sorted(switch.get('facts', {}))}")
+        assert switch["state"] == "started"
         result = blockmig("resume", "ks", "--json")
         assert result.returncode == 0, result.stderr
     reader.check()
@@ -86,17 +88,23 @@ def test_source_path_failure_during_copy(migration_lab):
     """The source portal goes away for a few seconds mid-copy: the copy waits or stops, never writes wrong data."""
     import rtslib_fb
 
+    copied_when_cut = []
+
     def disable_source_portal_for_a_while():
         wait_for_journal("pf", _in_copy("pf"))
         tpg = next(iter(next(t for t in rtslib_fb.FabricModule("iscsi").targets if t.wwn == lab.SOURCE_IQN).tpgs))
         tpg.enable = False
-        time.sleep(4)
+        copied_when_cut.append(copied_bytes("pf"))
+        time.sleep(8)  # longer than the lab's replacement_timeout (5 s): reads fail, not just wait
         tpg.enable = True
 
     flapper = threading.Thread(target=disable_source_portal_for_a_while)
     flapper.start()
     result = blockmig(*migration_lab.migrate_args("--id", "pf", *SLOW))
     flapper.join()
+    assert copied_when_cut and copied_when_cut[0] < migration_lab.size, "the path did not fail during the copy"
+    events = [line for line in result.stdout.splitlines() if '"copy_retry"' in line]
+    print(f"path cut at byte {copied_when_cut[0]}; exit {result.returncode}; {len(events)} copy retries")
     if result.returncode != 0:
         # It stopped: the error says how to go on, and resume finishes the job.
         assert "blockmig resume pf" in result.stderr, result.stderr
