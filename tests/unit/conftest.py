@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,17 @@ def json_events(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
+def attach_loop_device(image: str, *options: str) -> str:
+    """`losetup --find` races with other users of this machine; a lost race is EBUSY, so retry."""
+    for attempt in range(10):
+        result = subprocess.run(["losetup", "--direct-io=on", *options, "--find", "--show", image],
+                                capture_output=True, text=True)
+        if result.returncode == 0:
+            return result.stdout.strip()
+        time.sleep(0.1 * (attempt + 1))
+    raise RuntimeError(f"losetup {image}: {result.stderr.strip()}")
+
+
 class LoopDevices:
     """Attaches loop devices over image files with direct IO; detaches every one at teardown."""
 
@@ -85,10 +97,7 @@ class LoopDevices:
                 handle.truncate(size)
         else:
             write_random_file(image, size, seed)
-        device = subprocess.run(
-            ["losetup", "--direct-io=on", "--sector-size", str(sector_size), "--find", "--show", str(image)],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()
+        device = attach_loop_device(str(image), "--sector-size", str(sector_size))
         self._attached.append(device)
         return device
 
