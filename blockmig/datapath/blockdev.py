@@ -116,16 +116,6 @@ def open_destination(path: str, allow_regular_file: bool = False) -> Volume:
     return Volume(fd, _describe(path, fd, st))
 
 
-def describe_volume(path: str, allow_regular_file: bool = False) -> VolumeInfo:
-    """Identity and geometry without keeping the device open (for checks and journals)."""
-    st = stat_volume(path, allow_regular_file)
-    fd = _open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return _describe(path, fd, st)
-    finally:
-        os.close(fd)
-
-
 def check_copy_pair(source: VolumeInfo, destination: VolumeInfo, chunk_size: int) -> None:
     """The refusals that need both sides; run before anything is written."""
     if source.device == destination.device:
