@@ -130,6 +130,12 @@ def check_copy_pair(source: VolumeInfo, destination: VolumeInfo, chunk_size: int
     block = max(source.logical_block_size, destination.logical_block_size)
     if chunk_size <= 0 or chunk_size % block:
         raise UsageError(f"chunk size {chunk_size} is not a positive multiple of the logical block size {block}")
+    if destination.is_block_device and source.size % destination.logical_block_size:
+        # O_DIRECT could not write the short last chunk.
+        raise UsageError(
+            f"source size {source.size} is not a multiple of {destination.path}'s logical block size "
+            f"{destination.logical_block_size}"
+        )
 
 
 def check_destination_unused(path: str, rdev: int, sysfs: str = "/sys", mountinfo: str = "/proc/self/mountinfo") -> None:

@@ -93,6 +93,14 @@ def test_chunk_size_not_a_multiple_of_the_logical_block_size(loops, tmp_path):
                    destination, str(tmp_path / "j.json"))
 
 
+def test_source_size_not_a_multiple_of_the_destination_block_size(loops, tmp_path):
+    source = loops.attach("src", 4 * MiB + 512, seed=1)
+    destination = loops.attach("dst", 8 * MiB, seed=2, sector_size=4096)
+    assert_refused([source, destination],
+                   f"source size {4 * MiB + 512} is not a multiple of {destination}'s logical block size 4096",
+                   destination, str(tmp_path / "j.json"))
+
+
 def test_journal_of_another_destination(loops, tmp_path):
     source = loops.attach("src", 4 * MiB, seed=1)
     first = loops.attach("first", 4 * MiB)
