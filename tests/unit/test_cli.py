@@ -15,7 +15,7 @@ import pytest
 
 from blockmig.cli import parse_size
 
-from conftest import REPO, MiB, json_events, run_blockmig, write_random_file
+from datapath_helpers import REPO, MiB, json_events, run_blockmig, write_random_file
 
 
 @pytest.mark.parametrize("text, expected", [("4M", 4 * MiB), ("512k", 512 * 1024), ("1G", 1 << 30),

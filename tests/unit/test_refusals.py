@@ -10,7 +10,7 @@ import pytest
 from blockmig.datapath.blockdev import check_destination_unused
 from blockmig.errors import UsageError
 
-from conftest import MiB, run_blockmig, volume_sha256, write_random_file
+from datapath_helpers import MiB, run_blockmig, volume_sha256, write_random_file
 
 NOBODY = 65534
 

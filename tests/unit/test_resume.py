@@ -16,7 +16,7 @@ from blockmig.datapath import copy_volume, load_manifest, verify_volume
 from blockmig.datapath.journal import CopyJournal
 from blockmig.errors import UsageError
 
-from conftest import REPO, MiB, read_volume, write_random_file
+from datapath_helpers import REPO, MiB, read_volume, write_random_file
 
 KILLS = 12
 
