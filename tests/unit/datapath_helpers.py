@@ -99,6 +99,10 @@ class LoopDevices:
         self._attached.append(device)
         return device
 
+    def adopt(self, device: str) -> None:
+        """Detach `device` at teardown too."""
+        self._attached.append(device)
+
     def detach_all(self) -> None:
         for device in reversed(self._attached):
             subprocess.run(["losetup", "--detach", device], capture_output=True)
