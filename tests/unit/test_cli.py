@@ -14,6 +14,7 @@ import termios
 import pytest
 
 from blockmig.cli import parse_size
+from blockmig.datapath import default_journal_path, load_manifest
 
 from datapath_helpers import REPO, MiB, json_events, run_blockmig, write_random_file
 
@@ -77,3 +78,18 @@ def test_missing_manifest_is_one_line_error(tmp_path):
     assert result.stderr.splitlines() == [
         f"blockmig: error: cannot read manifest {tmp_path}/nope.json: No such file or directory"
     ]
+
+
+def test_default_journal_lives_under_var_lib_blockmig(tmp_path):
+    write_random_file(tmp_path / "src", MiB, seed=33)
+    (tmp_path / "dst").write_bytes(bytes(MiB))
+    journal = default_journal_path(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert os.path.dirname(journal) == "/var/lib/blockmig"
+    assert journal != default_journal_path(str(tmp_path / "dst"), str(tmp_path / "src"))
+    try:
+        result = run_blockmig("copy", str(tmp_path / "src"), str(tmp_path / "dst"), "--allow-files")
+        assert result.returncode == 0, result.stderr
+        assert load_manifest(journal).volume_digest in result.stdout
+    finally:
+        if os.path.exists(journal):
+            os.unlink(journal)
