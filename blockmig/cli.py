@@ -16,8 +16,15 @@ from blockmig.errors import BlockmigError
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr too, like every other blockmig error."""
+
+    def error(self, message: str):
+        self.exit(2, f"blockmig: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="blockmig",
         description="Move a block volume between iSCSI arrays with a guarded copy, then switch the host.",
     )

@@ -93,3 +93,11 @@ def test_default_journal_lives_under_var_lib_blockmig(tmp_path):
     finally:
         if os.path.exists(journal):
             os.unlink(journal)
+
+
+def test_bad_arguments_are_one_line_errors():
+    result = run_blockmig("copy", "/dev/null", "/dev/null", "--chunk-size", "4Q")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "blockmig: error: argument --chunk-size: not a size: '4Q' (use e.g. 4M, 512K, 1G) (see blockmig copy --help)"
+    ]
