@@ -160,7 +160,9 @@ def _whole_disk(device: str) -> str:
     return device
 
 
-def check_destination_unused(path: str, rdev: int, sysfs: str = "/sys", mountinfo: str = "/proc/self/mountinfo") -> None:
+def check_destination_unused(
+    path: str, rdev: int, sysfs: str = "/sys", mountinfo: str = "/proc/self/mountinfo"
+) -> None:
     """Name the reason a destination is busy; O_EXCL alone would only say EBUSY.
 
     `sysfs` and `mountinfo` are parameters so a unit test can show the holders
