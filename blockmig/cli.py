@@ -11,13 +11,21 @@ import re
 import sys
 
 from blockmig import __version__
+from blockmig.datapath.copy import DEFAULT_JOURNAL_INTERVAL
 from blockmig.errors import BlockmigError
 
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr too, like every other blockmig error."""
+
+    def error(self, message: str):
+        self.exit(2, f"blockmig: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="blockmig",
         description="Move a block volume between iSCSI arrays with a guarded copy, then switch the host.",
     )
@@ -49,8 +57,8 @@ def _add_copy(sub) -> None:
     parser.add_argument("--journal", help="copy journal (default /var/lib/blockmig/copy-<hash of paths>.json)")
     parser.add_argument("--resume", action="store_true", help="continue from the journal (start fresh if none)")
     parser.add_argument("--max-rate", type=parse_size, help="throttle to this many bytes per second, e.g. 100M")
-    parser.add_argument("--journal-interval", type=float, default=0.0, metavar="SECONDS",
-                        help="seconds between journal writes (default 0: after every acknowledged chunk)")
+    parser.add_argument("--journal-interval", type=float, default=DEFAULT_JOURNAL_INTERVAL, metavar="SECONDS",
+                        help="seconds between journal writes (default 1; 0: after every acknowledged chunk)")
     parser.add_argument("--manifest", help="also write the manifest (chunk digests) to this file")
     parser.add_argument("--allow-files", action="store_true", help="accept regular files (tests, dry runs)")
     parser.add_argument("--json", action="store_true", help="one JSON event per line on stdout instead of a bar")

@@ -116,22 +116,11 @@ def open_destination(path: str, allow_regular_file: bool = False) -> Volume:
     return Volume(fd, _describe(path, fd, st))
 
 
-def describe_volume(path: str, allow_regular_file: bool = False) -> VolumeInfo:
-    """Identity and geometry without keeping the device open (for checks and journals)."""
-    st = stat_volume(path, allow_regular_file)
-    fd = _open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return _describe(path, fd, st)
-    finally:
-        os.close(fd)
-
-
 def check_copy_pair(source: VolumeInfo, destination: VolumeInfo, chunk_size: int) -> None:
     """The refusals that need both sides; run before anything is written."""
-    if source.device == destination.device:
-        raise UsageError(
-            f"source {source.path} and destination {destination.path} are the same device ({source.device})"
-        )
+    overlap = _shared_storage(source, destination)
+    if overlap:
+        raise UsageError(f"source {source.path} and destination {destination.path} are the same device ({overlap})")
     if destination.size < source.size:
         raise UsageError(
             f"destination {destination.path} ({destination.size} bytes) is smaller than "
@@ -140,9 +129,40 @@ def check_copy_pair(source: VolumeInfo, destination: VolumeInfo, chunk_size: int
     block = max(source.logical_block_size, destination.logical_block_size)
     if chunk_size <= 0 or chunk_size % block:
         raise UsageError(f"chunk size {chunk_size} is not a positive multiple of the logical block size {block}")
+    if destination.is_block_device and source.size % destination.logical_block_size:
+        # O_DIRECT could not write the short last chunk.
+        raise UsageError(
+            f"source size {source.size} is not a multiple of {destination.path}'s logical block size "
+            f"{destination.logical_block_size}"
+        )
 
 
-def check_destination_unused(path: str, rdev: int, sysfs: str = "/sys", mountinfo: str = "/proc/self/mountinfo") -> None:
+def _shared_storage(source: VolumeInfo, destination: VolumeInfo) -> str:
+    """Why the two would share bytes: same device number, same serial (two paths to
+    one LUN, two loop devices over one file), or one a partition of the other."""
+    if source.device == destination.device:
+        return source.device
+    if source.serial and source.serial == destination.serial:
+        return source.serial
+    if source.is_block_device and destination.is_block_device:
+        if _whole_disk(destination.device) == source.device:
+            return f"{destination.device} is a partition of {source.device}"
+        if _whole_disk(source.device) == destination.device:
+            return f"{source.device} is a partition of {destination.device}"
+    return ""
+
+
+def _whole_disk(device: str) -> str:
+    """major:minor of the disk a partition belongs to; the device itself if it is no partition."""
+    sysfs = f"/sys/dev/block/{device}"
+    if os.path.exists(f"{sysfs}/partition"):
+        return _read_text(f"{sysfs}/../dev").strip() or device
+    return device
+
+
+def check_destination_unused(
+    path: str, rdev: int, sysfs: str = "/sys", mountinfo: str = "/proc/self/mountinfo"
+) -> None:
     """Name the reason a destination is busy; O_EXCL alone would only say EBUSY.
 
     `sysfs` and `mountinfo` are parameters so a unit test can show the holders

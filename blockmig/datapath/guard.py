@@ -49,7 +49,10 @@ class DestinationGuard:
         return self._volume.info
 
     def write(self, address: int, data) -> WriteAck:
-        """Write `data` at `address` if and only if `address` is the reserved write address."""
+        """Write `data` at `address` if and only if `address` is the reserved write address.
+
+        On a block device `data` must be an aligned buffer (O_DIRECT), as the engine's are.
+        """
         if address != self._reserved:
             raise GuardRefusedWrite(address, self._reserved)
         length = len(data)

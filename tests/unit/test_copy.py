@@ -12,7 +12,7 @@ from blockmig.datapath.digest import Manifest
 from blockmig.datapath.journal import CopyJournal
 from blockmig.errors import GuardRefusedWrite, JournalError, VerifyError
 
-from conftest import MiB, json_events, read_volume, run_blockmig, write_random_file
+from datapath_helpers import MiB, json_events, read_volume, run_blockmig, write_random_file
 
 
 def test_copy_between_files_with_odd_size_gives_identical_bytes_and_digests(tmp_path):

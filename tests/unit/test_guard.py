@@ -12,7 +12,7 @@ from blockmig.datapath.blockdev import allocate_aligned_buffer
 from blockmig.datapath.guard import DestinationGuard
 from blockmig.errors import DeviceError, GuardRefusedWrite
 
-from conftest import read_volume
+from datapath_helpers import LoopDevices, read_volume
 
 BLOCK = 512
 VOLUME = 64 * BLOCK
@@ -59,8 +59,6 @@ def test_guard_executes_only_writes_at_the_reserved_address_on_a_file(tmp_path, 
 
 @pytest.fixture(scope="module")
 def guarded_loop(tmp_path_factory):
-    from conftest import LoopDevices
-
     devices = LoopDevices(tmp_path_factory.mktemp("guard"))
     try:
         yield devices.attach("guarded", VOLUME, seed=11)

@@ -10,7 +10,7 @@ import pytest
 from blockmig.datapath.blockdev import check_destination_unused
 from blockmig.errors import UsageError
 
-from conftest import MiB, run_blockmig, volume_sha256, write_random_file
+from datapath_helpers import MiB, attach_loop_device, run_blockmig, volume_sha256, write_random_file
 
 NOBODY = 65534
 
@@ -40,6 +40,15 @@ def test_same_device_under_two_paths(loops, tmp_path):
     major_minor = f"{os.major(os.stat(source).st_rdev)}:{os.minor(os.stat(source).st_rdev)}"
     assert_refused([source, alias],
                    f"source {source} and destination {alias} are the same device ({major_minor})",
+                   source, str(tmp_path / "j.json"))
+
+
+def test_two_loop_devices_over_one_image(loops, tmp_path):
+    source = loops.attach("src", 4 * MiB, seed=1)
+    second = attach_loop_device(str(tmp_path / "src.img"))
+    loops.adopt(second)
+    assert_refused([source, second],
+                   f"source {source} and destination {second} are the same device (loop:{tmp_path}/src.img)",
                    source, str(tmp_path / "j.json"))
 
 
@@ -75,7 +84,7 @@ def test_destination_open_exclusively_elsewhere(loops, tmp_path):
 def test_destination_held_by_another_device(tmp_path):
     """No device-mapper on this machine, so a sysfs tree stands in for a dm map holding the device.
 
-    The same check against a real dm map over a loop device is tests/lab/test_datapath_holders.py.
+    The same check against a real dm map over a loop device is tests/lab/test_datapath_refusals.py.
     """
     device = tmp_path / "sys/dev/block/7:9"
     (device / "holders" / "dm-3").mkdir(parents=True)
@@ -90,6 +99,14 @@ def test_chunk_size_not_a_multiple_of_the_logical_block_size(loops, tmp_path):
     destination = loops.attach("dst", 4 * MiB, seed=2, sector_size=4096)
     assert_refused([source, destination, "--chunk-size", "6K"],
                    "chunk size 6144 is not a positive multiple of the logical block size 4096",
+                   destination, str(tmp_path / "j.json"))
+
+
+def test_source_size_not_a_multiple_of_the_destination_block_size(loops, tmp_path):
+    source = loops.attach("src", 4 * MiB + 512, seed=1)
+    destination = loops.attach("dst", 8 * MiB, seed=2, sector_size=4096)
+    assert_refused([source, destination],
+                   f"source size {4 * MiB + 512} is not a multiple of {destination}'s logical block size 4096",
                    destination, str(tmp_path / "j.json"))
 
 
