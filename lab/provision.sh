@@ -95,6 +95,9 @@ iscsi_tcp
 EOF
 
 if $vagrant; then
+    # Lab tests ask where they run (the lab VM sets uml or qemu); sudo reads this via pam_env.
+    sed -i '/^BLOCKMIG_LAB_RUNNER=/d' /etc/environment
+    echo BLOCKMIG_LAB_RUNNER=vagrant >>/etc/environment
     systemctl restart systemd-modules-load.service
     systemctl enable --now iscsid.socket iscsid.service multipathd.socket multipathd.service
     systemctl restart iscsid.service multipathd.service
