@@ -397,10 +397,10 @@ def export_volume(volume: Volume, initiator_iqn: str, write_protect: bool = Fals
                 acl = rtslib.NodeACL(tpg, initiator_iqn, mode="create")
                 undo.callback(acl.delete)
             for existing in acl.mapped_luns:
-                if existing.mapped_lun == mapped_lun:
-                    raise ArrayError(f"{initiator_iqn} already has LUN {mapped_lun} on {volume.target_iqn}")
                 if existing.tpg_lun.lun == tpg_lun.lun:
                     raise ArrayError(f"{volume.name} is already exported to {initiator_iqn}")
+                if existing.mapped_lun == mapped_lun:
+                    raise ArrayError(f"{initiator_iqn} already has LUN {mapped_lun} on {volume.target_iqn}")
             rtslib.MappedLUN(acl, mapped_lun, tpg_lun, write_protect)
             undo.pop_all()
         return Mapping(initiator_iqn, mapped_lun, bool(write_protect))

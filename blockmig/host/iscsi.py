@@ -145,6 +145,9 @@ def login(target_iqn: str, portal_ip: str, port: int = 3260, iface: str | None =
     existing = find_session(target_iqn, portal_ip, port, iface)
     if existing:
         return existing
+    # A target the portal does not offer would cost minutes of login retries; ask first.
+    if target_iqn not in discover(portal_ip, port, iface):
+        raise HostError(f"portal {_portal(portal_ip, port)} offers no target {target_iqn}")
     node = _node_args(target_iqn, portal_ip, port, iface)
     created = run_iscsiadm(node, ok=(0, ISCSI_ERR_NO_OBJS_FOUND)).returncode == ISCSI_ERR_NO_OBJS_FOUND
     if created:

@@ -75,7 +75,7 @@ def test_array_whose_portal_cannot_listen_is_not_half_made():
 
 def test_login_to_a_missing_target_is_one_host_error(lab_env):
     missing = "iqn.2026-11.lab.blockmig:nowhere"
-    with pytest.raises(HostError, match="iscsiadm"):
+    with pytest.raises(HostError, match=f"portal 127.0.0.1:3260 offers no target {missing}"):
         iscsi.login(missing, *lab.SOURCE_PORTAL)
     assert iscsi.find_session(missing, *lab.SOURCE_PORTAL) is None
     assert iscsi.run_iscsiadm(["-m", "node", "-T", missing], ok=(0, 21)).returncode == 21
