@@ -7,7 +7,6 @@ and failure through BlockmigError; this module renders both.
 
 import argparse
 import json
-import re
 import sys
 
 from blockmig import __version__
@@ -42,11 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_size(text: str) -> int:
-    """'64M', '1G', '4096' -> bytes (binary units; a trailing 'iB' or 'B' is accepted)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not match or int(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 64M, 1G or a byte count")
-    return int(match.group(1)) * SIZE_SUFFIXES[match.group(2).upper()]
+    """'4M' -> 4194304; binary suffixes K, M, G, T (an optional trailing 'iB' or 'B' is accepted)."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = value[-1:] if value[-1:] in SIZE_SUFFIXES else ""
+    try:
+        number = float(value[: len(value) - len(suffix)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4M, 512K, 1G)") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return int(number * SIZE_SUFFIXES[suffix])
 
 
 def _add_copy(sub) -> None:

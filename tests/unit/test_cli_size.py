@@ -10,7 +10,7 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "M", "12X", "-1M", "1.5G"])
+@pytest.mark.parametrize("text", ["", "M", "12X", "-1M"])
 def test_parse_size_refuses_garbage(text):
     with pytest.raises(argparse.ArgumentTypeError):
         parse_size(text)
