@@ -538,10 +538,13 @@ class Migration:
             volume = lio.change_volume_serial(volume, self.source["serial"])
             self._map_destination_to_host(volume)
         with self._host_io_held(map_name):
+            self._switch_phase("held")
             if not self.journal.facts("switch").get("source_removed"):
                 self._remove_host_source_path(logout=self.journal.data["switch"] == "relogin")
                 self.journal.record("switch", source_removed=True)
+            self._switch_phase("source path removed")
             disk = self._login_host_to_destination(volume)
+            self._switch_phase("destination path in the map")
         io_held = None
         if map_name:
             io_held = round(time.time() - self.journal.facts("switch")["suspended_at"], 3)
@@ -549,6 +552,11 @@ class Migration:
             self.emit({"event": "io_resumed", "map": map_name, "io_held_seconds": io_held})
         self._logout_host_from_source()
         return {"io_held_seconds": io_held, "host_disk": disk}
+
+    def _switch_phase(self, phase: str) -> None:
+        """Where the time of the IO hold goes (the events show it; the report keeps the total)."""
+        since = time.time() - self.journal.facts("switch").get("suspended_at", time.time())
+        self.emit({"event": "switch_phase", "phase": phase, "seconds_since_hold": round(since, 3)})
 
     @contextlib.contextmanager
     def _host_io_held(self, map_name: str | None):
@@ -583,6 +591,7 @@ class Migration:
         ip, port = parse_portal(self.destination["portal"])
         session = iscsi.login(self.destination["target"], ip, port, iface=self.source["host_iface"])
         disk = iscsi.wait_for_session_disk(session, volume.lun)
+        self._switch_phase("destination disk present")
         if self.source["map"]:
             udev.wait_until(
                 lambda: disk in _map_disks(self.source["map"]),
