@@ -55,6 +55,27 @@ def test_relogin_switch_under_a_reading_host(migration_lab):
     migration_lab.assert_host_on_destination()
 
 
+def test_destination_on_a_block_device(migration_lab, tmp_path):
+    image = tmp_path / "destination.img"
+    image.write_bytes(b"")
+    os.truncate(image, migration_lab.size)
+    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True)
+    device = loop.stdout.strip()
+    try:
+        args = migration_lab.migrate_args("--id", "blockdev")
+        where = args.index("--backing-dir")
+        args[where:where + 2] = ["--backing-device", device]
+        result = blockmig(*args)
+        assert result.returncode == 0, result.stderr
+        assert report_of(result)["destination"]["backing"] == device
+        assert image.read_bytes() == migration_lab.data
+        human = blockmig("status", "blockdev", check=True).stdout
+        assert human.startswith("blockdev: done") and device in human
+    finally:
+        lab.lab_down(migration_lab.backing_dir)  # releases the loop device before it is detached
+        subprocess.run(["losetup", "--detach", device], check=True)
+
+
 def test_worm_write_protects_the_destination_afterwards(migration_lab):
     result = blockmig(*migration_lab.migrate_args("--worm", "--id", "worm"))
     assert result.returncode == 0, result.stderr
