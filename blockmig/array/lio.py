@@ -25,7 +25,7 @@ from blockmig.errors import ArrayError
 TPG_TAG = 1
 LIO_WWID_PREFIX = "36001405"  # "3" (NAA designator) + NAA 6 + LIO's OUI 001405
 LIO_WWID_HEX_DIGITS = 25  # the kernel takes this many hex digits of the unit serial
-MAX_SERIAL_LENGTH = 254  # INQUIRY_VPD_SERIAL_LEN
+MAX_SERIAL_LENGTH = 252  # the kernel wants serial + "\n" shorter than INQUIRY_VPD_SERIAL_LEN (254)
 _SERIAL_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
 
 
