@@ -25,7 +25,7 @@ from blockmig.errors import ArrayError
 TPG_TAG = 1
 LIO_WWID_PREFIX = "36001405"  # "3" (NAA designator) + NAA 6 + LIO's OUI 001405
 LIO_WWID_HEX_DIGITS = 25  # the kernel takes this many hex digits of the unit serial
-MAX_SERIAL_LENGTH = 254  # INQUIRY_VPD_SERIAL_LEN
+MAX_SERIAL_LENGTH = 252  # the kernel wants serial + "\n" shorter than INQUIRY_VPD_SERIAL_LEN (254)
 _SERIAL_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
 
 
@@ -180,8 +180,8 @@ def _tpg_lun(rtslib, volume: Volume):
     raise ArrayError(f"target {volume.target_iqn} has no LUN {volume.lun}")
 
 
-def _mapped_luns_of(lun):
-    return list(lun.mapped_luns)
+def _mappings_of(tpg_lun) -> list[Mapping]:
+    return [Mapping(m.parent_nodeacl.node_wwn, m.mapped_lun, m.write_protect) for m in tpg_lun.mapped_luns]
 
 
 # ---------------------------------------------------------------------------
@@ -379,10 +379,7 @@ def remove_volume(volume: Volume | str, remove_backing: bool = False) -> None:
 
 def list_mappings(volume: Volume) -> list[Mapping]:
     with _lio(f"cannot list mappings of {volume.name}") as rtslib:
-        return [
-            Mapping(m.parent_nodeacl.node_wwn, m.mapped_lun, m.write_protect)
-            for m in _mapped_luns_of(_tpg_lun(rtslib, volume))
-        ]
+        return _mappings_of(_tpg_lun(rtslib, volume))
 
 
 def export_volume(volume: Volume, initiator_iqn: str, write_protect: bool = False, mapped_lun: int | None = None) -> Mapping:
@@ -407,7 +404,7 @@ def export_volume(volume: Volume, initiator_iqn: str, write_protect: bool = Fals
 
 
 def _find_mapped_lun(rtslib, volume: Volume, initiator_iqn: str):
-    for mapped in _mapped_luns_of(_tpg_lun(rtslib, volume)):
+    for mapped in _tpg_lun(rtslib, volume).mapped_luns:
         if mapped.parent_nodeacl.node_wwn == initiator_iqn:
             return mapped
     raise ArrayError(f"volume {volume.name} is not exported to {initiator_iqn}")
@@ -469,10 +466,7 @@ def change_volume_serial(volume: Volume, new_serial: str) -> Volume:
             return current
         tpg_lun = _tpg_lun(rtslib, current)
         tpg = tpg_lun.parent_tpg
-        mappings = [
-            Mapping(m.parent_nodeacl.node_wwn, m.mapped_lun, m.write_protect)
-            for m in _mapped_luns_of(tpg_lun)
-        ]
+        mappings = _mappings_of(tpg_lun)
         tpg_lun.delete()  # also deletes the MappedLUNs; the NodeACLs stay
         so.delete()
         try:

@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass
 
 from blockmig.errors import HostError
-from blockmig.host.udev import DEFAULT_TIMEOUT, wait_for_path, wait_until
+from blockmig.host.udev import DEFAULT_TIMEOUT, settle, wait_for_path, wait_until
 
 MAP_FORMAT = "%n %w %d"  # name, WWID, dm-N
 PATH_FORMAT = "%d %w %m %t %o %T"  # dev, WWID, map, dm state, dev state, checker state
@@ -137,9 +137,29 @@ def reconfigure() -> None:
     multipathd("reconfigure")
 
 
-def flush_map(name: str) -> None:
-    """Remove the map (multipath -f); refused while something holds it open."""
-    _run(["multipath", "-f", name], f"cannot flush multipath map {name}")
+def flush_map(name: str, timeout: float = 10) -> None:
+    """Remove the map (multipath -f); refused while something holds it open.
+
+    Right after a path change, udev's probes and multipathd's reload hold the
+    map for a moment ("map in use"), so that answer is retried until `timeout`.
+    """
+    refusals = []
+
+    def flushed() -> bool:
+        try:
+            _run(["multipath", "-f", name], f"cannot flush multipath map {name}")
+        except HostError as exc:
+            if "in use" not in str(exc):
+                raise
+            refusals.append(exc)
+            return False
+        return True
+
+    settle(timeout)
+    try:
+        wait_until(flushed, f"map {name} to be free to flush", timeout)
+    except HostError:
+        raise refusals[-1] if refusals else HostError(f"cannot flush multipath map {name}") from None
 
 
 def suspend_map(name: str) -> None:

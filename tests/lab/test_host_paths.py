@@ -2,11 +2,15 @@
 
 import os
 import subprocess
+import sys
 import uuid
+
+import pytest
 
 from blockio import read_direct, read_file, write_direct
 from blockmig import lab
 from blockmig.array import lio
+from blockmig.errors import ArrayError
 from blockmig.host import iscsi, multipath, udev
 
 HOST_IQN = "iqn.2026-11.lab.blockmig:host"
@@ -73,6 +77,56 @@ def test_a_destination_with_the_source_serial_joins_the_source_map(lab_env, back
     paths = multipath.wait_for_map_paths(name, {source_disk(lab_env), disk})
     assert len(paths) == 2
     assert len(lio.find_volumes_by_wwid(lab.SOURCE_WWID)) == 2
-    # dropping the destination's path again leaves the source's path serving the map
+    # dropping the destination's path leaves the source's path serving the map; it can come back
     multipath.del_path(disk)
     multipath.wait_for_map_paths(name, {source_disk(lab_env)})
+    multipath.add_path(disk)
+    multipath.wait_for_map_paths(name, {source_disk(lab_env), disk})
+
+
+def test_a_suspended_map_holds_host_io_until_resumed(lab_env):
+    found = multipath.map_for_wwid(lab.SOURCE_WWID)
+    reader = [sys.executable, "-c", f"import os; fd = os.open('{found.device}', os.O_RDONLY | os.O_DIRECT); "
+              "import mmap; b = mmap.mmap(-1, 4096); os.preadv(fd, [b], 8192); print('read')"]
+    multipath.suspend_map(found.name)
+    try:
+        held = subprocess.Popen(reader, stdout=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            held.wait(timeout=2)
+    finally:
+        multipath.resume_map(found.name)
+    assert held.wait(timeout=30) == 0 and held.stdout.read() == "read\n"
+
+
+def test_a_lun_mapped_after_login_appears_on_rescan(lab_env, backing_dir):
+    volume = lio.create_volume(lab.SOURCE_IQN, "lab-second", 16 * MIB, os.path.join(backing_dir, "second.img"), lun=1)
+    lio.export_volume(volume, HOST_IQN)
+    session = iscsi.find_session(lab.SOURCE_IQN, *lab.SOURCE_PORTAL)
+    iscsi.rescan_session(session)
+    disk = iscsi.wait_for_session_disk(session, 1)
+    assert udev.disk_wwid(disk) == volume.wwid
+    multipath.wait_for_map(volume.wwid)
+
+
+def test_a_block_device_backed_volume(lab_env, backing_dir):
+    image = os.path.join(backing_dir, "block.img")
+    with open(image, "wb") as f:
+        f.truncate(16 * MIB)
+    loop = subprocess.run(["losetup", "--find", "--show", image], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        with pytest.raises(ArrayError, match="holds 16777216 bytes, not the 8388608"):
+            lio.create_volume(lab.DESTINATION_IQN, "lab-block", 8 * MIB, loop)
+        volume = lio.create_volume(lab.DESTINATION_IQN, "lab-block", 16 * MIB, loop, lun=0)
+        assert (volume.plugin, volume.backing, volume.size) == ("block", loop, 16 * MIB)
+        lio.export_volume(volume, HOST_IQN)
+        session = iscsi.login(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)
+        disk = iscsi.wait_for_session_disk(session, 0)
+        data = os.urandom(MIB)
+        write_direct(f"/dev/{disk}", MIB, data)
+        assert read_file(loop, MIB, MIB) == data
+        multipath.flush_maps_on([disk])
+        iscsi.logout_safely(session)
+        lio.remove_volume(volume)
+        assert lio.list_volumes(lab.DESTINATION_IQN) == []
+    finally:
+        subprocess.run(["losetup", "-d", loop])

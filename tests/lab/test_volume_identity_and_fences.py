@@ -8,7 +8,7 @@ import pytest
 from blockio import read_direct, read_file, write_direct
 from blockmig import lab
 from blockmig.array import lio
-from blockmig.errors import HostError
+from blockmig.errors import ArrayError, HostError
 from blockmig.host import iscsi, multipath, udev
 from conftest import MIGRATOR_IQN
 
@@ -39,6 +39,17 @@ def test_change_volume_serial_keeps_data_lun_and_mappings(lab_env, backing_dir):
     assert udev.disk_wwid(disk) == changed.wwid
     assert read_direct(f"/dev/{disk}", 3 * MIB, 2 * MIB) == data
     assert lio.find_volume_by_wwid(changed.wwid).name == "lab-destination"
+
+
+def test_a_serial_the_kernel_refuses_leaves_the_volume_as_it_was(lab_env, backing_dir, monkeypatch):
+    source = lio.find_volume(lab.SOURCE_VOLUME)
+    data = read_file(source.backing, 0, MIB)
+    monkeypatch.setattr(lio, "MAX_SERIAL_LENGTH", 400)  # let the kernel itself refuse it
+    with pytest.raises(ArrayError, match="old serial kept"):
+        lio.change_volume_serial(source, "a" * 300)
+    assert lio.find_volume(lab.SOURCE_VOLUME) == source
+    assert lio.list_mappings(source) == [lio.Mapping(HOST_IQN, 0, False)]
+    assert read_file(source.backing, 0, MIB) == data
 
 
 def test_write_protected_mapping_refuses_host_writes_and_keeps_reads(lab_env, backing_dir):
