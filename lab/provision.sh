@@ -1,0 +1,110 @@
+#!/bin/sh
+# Configure a Debian 12 system as a blockmig lab host: LIO targets, open-iscsi, dm-multipath.
+#
+#   provision.sh                  inside the lab image chroot at build time (scripts/labvm build);
+#                                 the packages are already there and nothing runs as a service
+#   provision.sh --vagrant PKG... on a Vagrant box: install PKG... (lab/guest-packages.txt),
+#                                 configure, then enable and start iscsid and multipathd
+#
+# One source of truth: what CI tests in the lab VM is what a user's Vagrant lab host gets.
+set -eu
+
+vagrant=false
+if [ "${1:-}" = "--vagrant" ]; then
+    vagrant=true
+    shift
+fi
+
+if [ "$#" -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "$@"
+fi
+
+# A fixed initiator name, so tests and ACLs can name the host.
+mkdir -p /etc/iscsi
+echo "InitiatorName=iqn.2026-11.lab.blockmig:host" >/etc/iscsi/initiatorname.iscsi
+
+# Sessions only when asked for; notice a lost path in seconds, not the default two minutes.
+conf=/etc/iscsi/iscsid.conf
+set_iscsid() {  # set_iscsid KEY VALUE: drop the key's lines (commented or not), append the setting
+    key=$(printf '%s' "$1" | sed -e 's/\./\\./g' -e 's/\[/\\[/g' -e 's/\]/\\]/g')
+    sed -i -E "/^#? *$key *=/d" "$conf"
+    echo "$1 = $2" >>"$conf"
+}
+set_iscsid node.startup manual
+set_iscsid node.session.timeo.replacement_timeout 5
+set_iscsid "node.conn[0].timeo.noop_out_interval" 2
+set_iscsid "node.conn[0].timeo.noop_out_timeout" 2
+if ! $vagrant; then
+    # No systemd in the lab guest: iscsiadm may start iscsid itself if it is not running.
+    set_iscsid iscsid.startup /usr/sbin/iscsid
+fi
+
+# Every LIO LUN is a multipath map, also with a single path; nothing else is.
+cat >/etc/multipath.conf <<'EOF'
+# blockmig lab host (lab/provision.sh)
+defaults {
+    find_multipaths no
+    user_friendly_names yes
+    polling_interval 2
+}
+blacklist {
+    devnode "^(loop|dm-|vd|ubd|ram|sr|fd|nbd)[0-9]*"
+    device {
+        vendor ".*"
+        product ".*"
+    }
+}
+blacklist_exceptions {
+    device {
+        vendor "LIO-ORG"
+        product ".*"
+    }
+}
+EOF
+
+# rtslib-fb keeps its saved configuration here.
+mkdir -p /etc/target
+
+# D-Bus (targetcli) needs a machine id.
+if [ ! -s /etc/machine-id ]; then
+    dbus-uuidgen >/etc/machine-id
+fi
+
+# Modules of the lab stack; the guest's /init loads this same list.
+mkdir -p /etc/modules-load.d
+cat >/etc/modules-load.d/blockmig-lab.conf <<'EOF'
+configfs
+loop
+sd_mod
+sg
+dm_mod
+dm_multipath
+dm_round_robin
+dm_service_time
+scsi_dh_alua
+target_core_mod
+target_core_file
+target_core_iblock
+iscsi_target_mod
+scsi_transport_iscsi
+libiscsi
+libiscsi_tcp
+iscsi_tcp
+EOF
+
+if $vagrant; then
+    # Lab tests ask where they run (the lab VM sets uml or qemu); sudo reads this via pam_env.
+    sed -i '/^BLOCKMIG_LAB_RUNNER=/d' /etc/environment
+    echo BLOCKMIG_LAB_RUNNER=vagrant >>/etc/environment
+    systemctl restart systemd-modules-load.service
+    systemctl enable --now iscsid.socket iscsid.service multipathd.socket multipathd.service
+    systemctl restart iscsid.service multipathd.service
+else
+    echo blockmig-lab >/etc/hostname
+    : >/etc/fstab
+    # The image lives in RAM: drop what nobody reads there.
+    rm -rf /usr/share/doc/* /usr/share/man/* /usr/share/info/* /usr/share/locale/* \
+        /var/cache/apt/archives/*.deb /var/lib/apt/lists/*
+fi
