@@ -26,8 +26,8 @@ def run(*command: str) -> str:
 def test_copy_refuses_a_destination_held_by_a_dm_map(tmp_path):
     (tmp_path / "src.img").write_bytes(os.urandom(4 * MiB))
     (tmp_path / "dst.img").write_bytes(b"\x5a" * 4 * MiB)
-    source = run("losetup", "--direct-io=on", "--find", "--show", str(tmp_path / "src.img"))
-    destination = run("losetup", "--direct-io=on", "--find", "--show", str(tmp_path / "dst.img"))
+    source = run("losetup", "--find", "--show", str(tmp_path / "src.img"))
+    destination = run("losetup", "--find", "--show", str(tmp_path / "dst.img"))
     map_name = f"blockmig-holder-{os.getpid()}"
     try:
         run("dmsetup", "create", map_name, "--table", f"0 {4 * MiB // 512} linear {destination} 0")
@@ -55,6 +55,7 @@ def test_copy_refuses_a_destination_that_is_a_partition_of_the_source(tmp_path):
     with open(image, "r+b") as disk:  # an MBR with one Linux partition from sector 2048 to the end
         disk.seek(446)
         disk.write(struct.pack("<B3sB3sII", 0, b"\0\0\0", 0x83, b"\0\0\0", 2048, 8 * MiB // 512 - 2048))
+        disk.write(bytes(48))  # empty slots 2-4: the kernel rejects a table whose boot flags are not 0 or 0x80
         disk.seek(510)
         disk.write(b"\x55\xaa")
     before = hashlib.sha256(image.read_bytes()).hexdigest()
