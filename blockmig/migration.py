@@ -108,6 +108,8 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
         _check_backing_device(backing, source["size"])
         backing_created = False
     else:
+        if not request.backing_dir and source["backing"].startswith("/dev/"):
+            raise UsageError("the source is on a block device: give --backing-dir or --backing-device")
         backing_dir = os.path.abspath(request.backing_dir or os.path.dirname(source["backing"]))
         if not os.path.isdir(backing_dir):
             raise UsageError(f"backing directory {backing_dir} does not exist")

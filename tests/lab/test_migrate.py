@@ -198,3 +198,21 @@ def test_second_migration_of_the_same_volume_is_refused(migration_lab):
         stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
     migration_lab.assert_host_on_destination()
+
+
+def test_host_not_logged_in_to_the_source_is_one_line(migration_lab):
+    """The map is still there (held open, queueing) but the host has no session to the source."""
+    holder = os.open(migration_lab.device, os.O_RDONLY)
+    session = next(s for s in iscsi.sessions() if s.target_iqn == lab.SOURCE_IQN)
+    try:
+        iscsi.logout_safely(session)
+        before = _arrays_and_host()
+        result = blockmig(*migration_lab.migrate_args("--id", "nologin"))
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "not logged in" in lines[0], result.stderr
+        assert _arrays_and_host() == before
+    finally:
+        session = iscsi.login(lab.SOURCE_IQN, *lab.SOURCE_PORTAL)
+        iscsi.wait_for_session_disk(session, lab.SOURCE_LUN)
+        os.close(holder)
