@@ -5,8 +5,10 @@ import os
 import subprocess
 
 import pytest
+from blockio import read_direct, read_file
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
     HostReader,
+    destination_backing_file,
     blockmig,
     copied_bytes,
     journal,
@@ -18,7 +20,8 @@ from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
 
 from blockmig import lab
 from blockmig.errors import GuardRefusedWrite
-from blockmig.host import iscsi
+from blockmig.host import iscsi, multipath
+from blockmig.host.udev import wait_until
 from blockmig.migration import MigrationRequest, migrate
 
 
@@ -216,3 +219,36 @@ def test_host_not_logged_in_to_the_source_is_one_line(migration_lab):
         session = iscsi.login(lab.SOURCE_IQN, *lab.SOURCE_PORTAL)
         iscsi.wait_for_session_disk(session, lab.SOURCE_LUN)
         os.close(holder)
+
+
+def test_relogin_of_a_host_without_multipath(migration_lab):
+    """The host uses the bare SCSI disk (its WWID blacklisted for multipathd): relogin moves it."""
+    drop_in = "/etc/multipath/conf.d/test-no-multipath.conf"
+    os.makedirs(os.path.dirname(drop_in), exist_ok=True)
+    with open(drop_in, "w") as handle:
+        handle.write(f'blacklist {{\n    wwid "{migration_lab.wwid}"\n}}\n')
+    try:
+        multipath.reconfigure()  # multipathd drops the now blacklisted map by itself
+        wait_until(lambda: multipath.map_for_wwid(migration_lab.wwid) is None, "the map to go")
+        source_disk = next(
+            disk for s in iscsi.sessions() if s.target_iqn == lab.SOURCE_IQN for disk in iscsi.session_disks(s).values()
+        )
+        refused = blockmig(*[a if a != migration_lab.device else f"/dev/{source_disk}"
+                             for a in migration_lab.migrate_args("--id", "nomap-mp")])
+        assert refused.returncode == 2 and "use --switch relogin" in refused.stderr, refused.stderr
+        args = [a if a != migration_lab.device else f"/dev/{source_disk}" for a in migration_lab.migrate_args(
+            "--id", "nomap", "--switch", "relogin")]
+        result = blockmig(*args)
+        assert result.returncode == 0, result.stderr
+        report = report_of(result)
+        assert report["map"] is None and report["io_held_seconds"] is None
+        new_disk = report["host_disk"]
+        sessions = [s for s in iscsi.sessions() if s.target_iqn in (lab.SOURCE_IQN, lab.DESTINATION_IQN)]
+        assert [(s.target_iqn, list(iscsi.session_disks(s).values())) for s in sessions] == [
+            (lab.DESTINATION_IQN, [new_disk])
+        ]
+        assert read_direct(f"/dev/{new_disk}", 0, migration_lab.size) == migration_lab.data
+        assert read_file(destination_backing_file(migration_lab.backing_dir), 0, migration_lab.size) == migration_lab.data
+    finally:
+        os.unlink(drop_in)
+        multipath.reconfigure()
