@@ -21,6 +21,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -86,6 +87,8 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
         raise UsageError(
             f"{request.device} is not a multipath map: use --switch relogin for a host without multipath"
         )
+    if host_device.map_name is None and request.fence == "suspend":
+        raise UsageError(f"{request.device} is not a multipath map: --fence suspend needs one to hold IO on")
     if host_device.map_name and not multipath.queues_if_no_path(host_device.map_name):
         # The switch holds IO on the map while it has no path (dm turns this off while suspended).
         raise HostError(
@@ -101,7 +104,6 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
     if request.to_target == source["target"]:
         raise UsageError(f"{request.to_target} is the source's own target")
     migration_id = request.migration_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{source['wwid'][-6:]}"
-    _refuse_unfinished_migration_of(source["wwid"])
     volume_name = f"blockmig-{migration_id}"
     if request.backing_device:
         backing = os.path.realpath(request.backing_device)
@@ -120,6 +122,7 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
         backing_created = True
     temporary_serial = str(uuid.uuid4())
     with VolumeLock(source["wwid"], migration_id):
+        _refuse_unfinished_migration_of(source["wwid"])
         return MigrationJournal.create(
             migration_id,
             source=source,
@@ -135,7 +138,7 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
             },
             migrator={
                 "iface": f"blockmig-{migration_id}",
-                "initiator": f"{MIGRATOR_IQN_PREFIX}-{migration_id.lower()}",
+                "initiator": f"{MIGRATOR_IQN_PREFIX}-{re.sub(r'[^a-z0-9.-]', '-', migration_id.lower())}",
             },
             fence=request.fence,
             switch=request.switch,
@@ -299,11 +302,11 @@ class Migration:
             self.journal.mark_started(name)
             try:
                 facts = getattr(self, f"_step_{name}")() or {}
-            except (BlockmigError, KeyboardInterrupt) as exc:
+            except BaseException as exc:  # cleanup on anything; only our own errors are reworded
                 self._after_failure(name)
                 message = str(exc) or type(exc).__name__
                 self.journal.mark_failed(f"{name}: {message}")
-                if isinstance(exc, KeyboardInterrupt):
+                if not isinstance(exc, BlockmigError):
                     raise
                 raise MigrationError(
                     f"migration {self.journal.id} stopped in step {name}: {message} "
@@ -436,17 +439,14 @@ class Migration:
         if fence == "writeprotect":
             lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], True)
         elif fence == "suspend":
-            if not map_name:
-                raise UsageError("--fence suspend needs a multipath map to hold IO on")
             if not multipath.is_suspended(map_name):
                 multipath.suspend_map(map_name)
         return {"fence": fence}
 
     def _lift_fence(self) -> None:
-        fence = self.journal.data["fence"]
-        if fence == "writeprotect":
-            with contextlib.suppress(ArrayError):
-                lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], False)
+        """Host writes to the source again (also when the switch, not the fence, protected it)."""
+        with contextlib.suppress(ArrayError):
+            lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], False)
         map_name = self.source["map"]
         if map_name and multipath.is_suspended(map_name):
             multipath.resume_map(map_name)
@@ -566,7 +566,10 @@ class Migration:
         if not map_name:
             yield
             return
-        opener = os.open(f"/dev/mapper/{map_name}", os.O_RDONLY)
+        try:
+            opener = os.open(f"/dev/mapper/{map_name}", os.O_RDONLY)
+        except OSError as exc:
+            raise HostError(f"cannot open /dev/mapper/{map_name}: {exc.strerror}") from None
         try:
             if "suspended_at" not in self.journal.facts("switch"):
                 self.journal.record("switch", suspended_at=time.time())
@@ -601,30 +604,29 @@ class Migration:
             )
         return disk
 
-    def _host_destination_disk(self) -> str | None:
-        ip, port = parse_portal(self.destination["portal"])
-        session = iscsi.find_session(self.destination["target"], ip, port, self.source["host_iface"])
-        return iscsi.session_disks(session).get(self.destination["lun"]) if session else None
+    def _host_source_sessions(self) -> list[iscsi.Session]:
+        """Every session of the host to the source target (a map may have a path per portal)."""
+        return [
+            session for session in iscsi.sessions()
+            if session.target_iqn == self.source["target"] and session.initiator_iqn == self.source["host_initiator"]
+        ]
 
     def _remove_host_source_path(self, logout: bool) -> None:
-        """Take the source disk out of the host's map and the SCSI layer; with `logout`, end the session too."""
-        ip, port = parse_portal(self.source["portal"])
-        session = iscsi.find_session(self.source["target"], ip, port, self.source["host_iface"])
-        if session is None:
-            return
-        disk = iscsi.session_disks(session).get(self.source["lun"])
-        if disk is not None:
-            if self.source["map"] and disk in _map_disks(self.source["map"]):
-                multipath.del_path(disk)
-            iscsi.delete_disks([disk])
-        if logout:
-            iscsi.logout_safely(session)
+        """Take every source disk out of the host's map and the SCSI layer; with `logout`, end the sessions too."""
+        for session in self._host_source_sessions():
+            disk = iscsi.session_disks(session).get(self.source["lun"])
+            if disk is not None:
+                if self.source["map"] and disk in _map_disks(self.source["map"]):
+                    multipath.del_path(disk)
+                iscsi.delete_disks([disk])
+            if logout:
+                iscsi.logout_safely(session)
 
     def _logout_host_from_source(self) -> None:
-        ip, port = parse_portal(self.source["portal"])
-        session = iscsi.find_session(self.source["target"], ip, port, self.source["host_iface"])
-        if session is not None and not iscsi.session_disks(session):
-            iscsi.logout(self.source["target"], ip, port, self.source["host_iface"], missing_ok=True)
+        """After the switch: sessions to the source that have no disk left (other LUNs keep theirs)."""
+        for session in self._host_source_sessions():
+            if not iscsi.session_disks(session):
+                iscsi.logout(session.target_iqn, session.portal_ip, session.port, session.iface, missing_ok=True)
 
     # -- finish ------------------------------------------------------------------
     def _step_finish(self) -> dict:
@@ -641,8 +643,6 @@ class Migration:
     def _report(self) -> dict:
         copy, verify, switch = (self.journal.facts(name) for name in ("copy", "verify", "switch"))
         created = self.journal.data["created"]
-        from datetime import datetime, timezone
-
         total = (datetime.now(timezone.utc) - datetime.fromisoformat(created)).total_seconds()
         return {
             "id": self.journal.id,
