@@ -192,7 +192,7 @@ def test_second_migration_of_the_same_volume_is_refused(migration_lab):
         before = _arrays_and_host()
         second = blockmig(*migration_lab.migrate_args("--id", "second"))
         assert second.returncode != 0
-        assert "migration first of this volume is unfinished" in second.stderr, second.stderr
+        assert "already running (migration first" in second.stderr, second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
         resumed = blockmig("resume", "first")
         assert resumed.returncode != 0 and "already running" in resumed.stderr, resumed.stderr

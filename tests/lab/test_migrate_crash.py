@@ -75,6 +75,8 @@ def test_kill_during_copy_then_rollback(migration_lab):
     process = start_blockmig(*migration_lab.migrate_args("--id", "kr", *SLOW))
     wait_for_journal("kr", _in_copy("kr"))
     _kill(process)
+    other = blockmig(*migration_lab.migrate_args("--id", "other"))
+    assert other.returncode != 0 and "migration kr of this volume is unfinished" in other.stderr, other.stderr
     result = blockmig("rollback", "kr")
     assert result.returncode == 0, result.stderr
     assert journal("kr")["state"] == "rolled_back"
