@@ -123,7 +123,7 @@ def test_a_block_device_backed_volume(lab_env, backing_dir):
         disk = iscsi.wait_for_session_disk(session, 0)
         data = os.urandom(MIB)
         write_direct(f"/dev/{disk}", MIB, data)
-        assert read_file(loop, MIB, MIB) == data
+        assert read_direct(loop, MIB, MIB) == data  # LIO writes under the loop device's page cache
         multipath.flush_maps_on([disk])
         iscsi.logout_safely(session)
         lio.remove_volume(volume)
