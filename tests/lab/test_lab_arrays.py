@@ -71,22 +71,25 @@ def blockmig(*args):
     return subprocess.run([sys.executable, "-m", "blockmig", *args], capture_output=True, text=True)
 
 
-def test_cli_lab_up_status_down(backing_dir):
+def test_cli_lab_up_status_down():
+    """The CLI with its defaults (backing files in /var/lib/blockmig-lab, 64 MiB)."""
+    backing_dir = lab.DEFAULT_BACKING_DIR
     try:
-        up = blockmig("lab", "up", "--size", "16M", "--backing-dir", backing_dir)
+        up = blockmig("lab", "up")
         assert up.returncode == 0, up.stderr
         assert "lab is up" in up.stdout
+        assert os.path.getsize(lab.source_backing_file()) == lab.DEFAULT_SIZE
         status = blockmig("lab", "status", "--json")
         assert status.returncode == 0, status.stderr
         parsed = json.loads(status.stdout)
         assert parsed["up"] and parsed["maps"][0]["wwid"] == lab.SOURCE_WWID
         # a second `up` is refused with one line and changes nothing
-        again = blockmig("lab", "up", "--size", "16M", "--backing-dir", backing_dir)
+        again = blockmig("lab", "up", "--size", "16M")
         assert again.returncode == 1
         assert again.stderr.count("\n") == 1 and "already up" in again.stderr
         assert json.loads(blockmig("lab", "status", "--json").stdout) == parsed
     finally:
-        down = blockmig("lab", "down", "--backing-dir", backing_dir)
+        down = blockmig("lab", "down")
     assert down.returncode == 0, down.stderr
     assert f"removed array {lab.SOURCE_IQN}" in down.stdout
     assert_nothing_of_the_lab_left(backing_dir)
