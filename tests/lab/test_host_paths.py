@@ -82,6 +82,8 @@ def test_a_destination_with_the_source_serial_joins_the_source_map(lab_env, back
     multipath.wait_for_map_paths(name, {source_disk(lab_env)})
     multipath.add_path(disk)
     multipath.wait_for_map_paths(name, {source_disk(lab_env), disk})
+    multipath.reconfigure()
+    assert multipath.wait_for_map(lab.SOURCE_WWID, usable_paths=2).name == name
 
 
 def test_a_suspended_map_holds_host_io_until_resumed(lab_env):
