@@ -27,6 +27,7 @@ def test_host_sees_the_source_disk_with_lio_wwid(lab_env):
     with open(f"/sys/block/{disk}/device/wwid") as f:
         assert f.read().strip() == "naa." + lab.SOURCE_WWID[1:]
     assert udev.disk_wwid(disk) == lab.SOURCE_WWID  # udev's ID_SERIAL, what multipath uses
+    assert udev.disks_with_wwid(lab.SOURCE_WWID) == [disk]
     link = iscsi.by_path_link(*lab.SOURCE_PORTAL, lab.SOURCE_IQN, 0)
     assert udev.wait_for_path(link) == f"/dev/{disk}"
     found = multipath.map_for_wwid(lab.SOURCE_WWID)

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from blockmig import lab
-from blockmig.host import iscsi, multipath
+from blockmig.array import lio
+from blockmig.host import iscsi, multipath, udev
 
 CONFIGFS = "/sys/kernel/config/target"
 HOST_IQN = "iqn.2026-11.lab.blockmig:host"
@@ -23,6 +24,7 @@ def test_lab_up_makes_the_arrays_in_configfs(lab_env, backing_dir):
     destination = f"{CONFIGFS}/iscsi/{lab.DESTINATION_IQN}/tpgt_1"
     assert read(f"{source}/enable") == "1" and read(f"{destination}/enable") == "1"
     assert os.listdir(f"{source}/np") == ["127.0.0.1:3260"]
+    assert lio.find_array(lab.SOURCE_IQN).portals == (("127.0.0.1", 3260),)
     assert os.listdir(f"{destination}/np") == ["127.0.0.2:3260"]
     for tpg in (source, destination):
         assert read(f"{tpg}/attrib/authentication") == "0"
@@ -60,7 +62,10 @@ def assert_nothing_of_the_lab_left(backing_dir):
 def test_lab_down_leaves_nothing_behind(backing_dir):
     status = lab.lab_up(16 * 1024 * 1024, backing_dir)
     disk = status["sessions"][0]["disks"]["0"]
+    link = iscsi.by_path_link(*lab.SOURCE_PORTAL, lab.SOURCE_IQN, 0)
+    assert os.path.realpath(link) == f"/dev/{disk}"
     removed = lab.lab_down(backing_dir)
+    udev.wait_for_path_gone(link)
     assert f"array {lab.SOURCE_IQN}" in removed and f"array {lab.DESTINATION_IQN}" in removed
     assert not os.path.exists(f"/sys/block/{disk}")
     assert_nothing_of_the_lab_left(backing_dir)
