@@ -89,6 +89,8 @@ def check_free_space(directory: str, size: int) -> None:
         st = os.statvfs(directory)
     except OSError as exc:
         raise ArrayError(f"cannot check free space in {directory}: {exc.strerror}") from exc
+    if st.f_blocks == 0:
+        return  # ramfs (e.g. an initramfs root) keeps no capacity count: nothing to check against
     available = st.f_bavail * st.f_frsize
     if size > available:
         raise ArrayError(

@@ -22,7 +22,6 @@ INITIATOR_NAME_FILE = "/etc/iscsi/initiatorname.iscsi"
 # open-iscsi's include/iscsi_err.h, for the exit codes blockmig reacts to or reports.
 ISCSI_ERR_SESS_EXISTS = 15
 ISCSI_ERR_NO_OBJS_FOUND = 21
-ISCSI_ERR_LOGIN_AUTH_FAILED = 24
 _EXIT_MEANINGS = {
     1: "generic error",
     2: "session not found",

@@ -79,6 +79,8 @@ def test_login_to_a_missing_target_is_one_host_error(lab_env):
         iscsi.login(missing, *lab.SOURCE_PORTAL)
     assert iscsi.find_session(missing, *lab.SOURCE_PORTAL) is None
     assert iscsi.run_iscsiadm(["-m", "node", "-T", missing], ok=(0, 21)).returncode == 21
+    with pytest.raises(HostError, match="exit 21"):
+        iscsi.logout(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)  # the host has no session there
 
 
 def test_removing_a_missing_array_is_one_array_error():

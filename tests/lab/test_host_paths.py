@@ -27,6 +27,7 @@ def test_host_sees_the_source_disk_with_lio_wwid(lab_env):
     with open(f"/sys/block/{disk}/device/wwid") as f:
         assert f.read().strip() == "naa." + lab.SOURCE_WWID[1:]
     assert udev.disk_wwid(disk) == lab.SOURCE_WWID  # udev's ID_SERIAL, what multipath uses
+    assert udev.disks_with_wwid(lab.SOURCE_WWID) == [disk]
     link = iscsi.by_path_link(*lab.SOURCE_PORTAL, lab.SOURCE_IQN, 0)
     assert udev.wait_for_path(link) == f"/dev/{disk}"
     found = multipath.map_for_wwid(lab.SOURCE_WWID)
@@ -82,6 +83,8 @@ def test_a_destination_with_the_source_serial_joins_the_source_map(lab_env, back
     multipath.wait_for_map_paths(name, {source_disk(lab_env)})
     multipath.add_path(disk)
     multipath.wait_for_map_paths(name, {source_disk(lab_env), disk})
+    multipath.reconfigure()
+    assert multipath.wait_for_map(lab.SOURCE_WWID, usable_paths=2).name == name
 
 
 def test_a_suspended_map_holds_host_io_until_resumed(lab_env):
@@ -123,7 +126,7 @@ def test_a_block_device_backed_volume(lab_env, backing_dir):
         disk = iscsi.wait_for_session_disk(session, 0)
         data = os.urandom(MIB)
         write_direct(f"/dev/{disk}", MIB, data)
-        assert read_file(loop, MIB, MIB) == data
+        assert read_direct(loop, MIB, MIB) == data  # LIO writes under the loop device's page cache
         multipath.flush_maps_on([disk])
         iscsi.logout_safely(session)
         lio.remove_volume(volume)

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from blockmig import lab
-from blockmig.host import iscsi, multipath
+from blockmig.array import lio
+from blockmig.host import iscsi, multipath, udev
 
 CONFIGFS = "/sys/kernel/config/target"
 HOST_IQN = "iqn.2026-11.lab.blockmig:host"
@@ -23,6 +24,7 @@ def test_lab_up_makes_the_arrays_in_configfs(lab_env, backing_dir):
     destination = f"{CONFIGFS}/iscsi/{lab.DESTINATION_IQN}/tpgt_1"
     assert read(f"{source}/enable") == "1" and read(f"{destination}/enable") == "1"
     assert os.listdir(f"{source}/np") == ["127.0.0.1:3260"]
+    assert lio.find_array(lab.SOURCE_IQN).portals == (("127.0.0.1", 3260),)
     assert os.listdir(f"{destination}/np") == ["127.0.0.2:3260"]
     for tpg in (source, destination):
         assert read(f"{tpg}/attrib/authentication") == "0"
@@ -60,7 +62,10 @@ def assert_nothing_of_the_lab_left(backing_dir):
 def test_lab_down_leaves_nothing_behind(backing_dir):
     status = lab.lab_up(16 * 1024 * 1024, backing_dir)
     disk = status["sessions"][0]["disks"]["0"]
+    link = iscsi.by_path_link(*lab.SOURCE_PORTAL, lab.SOURCE_IQN, 0)
+    assert os.path.realpath(link) == f"/dev/{disk}"
     removed = lab.lab_down(backing_dir)
+    udev.wait_for_path_gone(link)
     assert f"array {lab.SOURCE_IQN}" in removed and f"array {lab.DESTINATION_IQN}" in removed
     assert not os.path.exists(f"/sys/block/{disk}")
     assert_nothing_of_the_lab_left(backing_dir)
@@ -71,22 +76,25 @@ def blockmig(*args):
     return subprocess.run([sys.executable, "-m", "blockmig", *args], capture_output=True, text=True)
 
 
-def test_cli_lab_up_status_down(backing_dir):
+def test_cli_lab_up_status_down():
+    """The CLI with its defaults (backing files in /var/lib/blockmig-lab, 64 MiB)."""
+    backing_dir = lab.DEFAULT_BACKING_DIR
     try:
-        up = blockmig("lab", "up", "--size", "16M", "--backing-dir", backing_dir)
+        up = blockmig("lab", "up")
         assert up.returncode == 0, up.stderr
         assert "lab is up" in up.stdout
+        assert os.path.getsize(lab.source_backing_file()) == lab.DEFAULT_SIZE
         status = blockmig("lab", "status", "--json")
         assert status.returncode == 0, status.stderr
         parsed = json.loads(status.stdout)
         assert parsed["up"] and parsed["maps"][0]["wwid"] == lab.SOURCE_WWID
         # a second `up` is refused with one line and changes nothing
-        again = blockmig("lab", "up", "--size", "16M", "--backing-dir", backing_dir)
+        again = blockmig("lab", "up", "--size", "16M")
         assert again.returncode == 1
         assert again.stderr.count("\n") == 1 and "already up" in again.stderr
         assert json.loads(blockmig("lab", "status", "--json").stdout) == parsed
     finally:
-        down = blockmig("lab", "down", "--backing-dir", backing_dir)
+        down = blockmig("lab", "down")
     assert down.returncode == 0, down.stderr
     assert f"removed array {lab.SOURCE_IQN}" in down.stdout
     assert_nothing_of_the_lab_left(backing_dir)

@@ -90,3 +90,24 @@ def test_migrator_iface_sees_only_what_its_acl_allows(migrator_iface, backing_di
     data = os.urandom(MIB)
     write_direct(f"/dev/{disk}", 0, data)
     assert read_file(volume.backing, 0, MIB) == data
+
+
+def test_unexport_and_remove_volume(lab_env, backing_dir):
+    acls = f"/sys/kernel/config/target/iscsi/{lab.DESTINATION_IQN}/tpgt_1/acls"
+    backing = os.path.join(backing_dir, "lab-destination.img")
+    volume = lio.create_volume(lab.DESTINATION_IQN, "lab-destination", 16 * MIB, backing, lun=0)
+    lio.export_volume(volume, MIGRATOR_IQN)
+    lio.export_volume(volume, HOST_IQN, write_protect=True)
+    assert sorted(os.listdir(acls)) == sorted([HOST_IQN, MIGRATOR_IQN])
+
+    lio.unexport_volume(volume, MIGRATOR_IQN)  # the switch takes the migrator's access away
+    assert lio.list_mappings(volume) == [lio.Mapping(HOST_IQN, 0, True)]
+    assert os.listdir(acls) == [HOST_IQN]  # an ACL that maps nothing goes too
+    with pytest.raises(ArrayError, match="not exported to"):
+        lio.unexport_volume(volume, MIGRATOR_IQN)
+
+    lio.remove_volume(volume, remove_backing=True)
+    assert lio.list_volumes(lab.DESTINATION_IQN) == [] and not os.path.exists(backing)
+    assert os.listdir(f"/sys/kernel/config/target/iscsi/{lab.DESTINATION_IQN}/tpgt_1/lun") == []
+    with pytest.raises(ArrayError, match="no volume"):
+        lio.remove_volume(volume)
