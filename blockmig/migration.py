@@ -22,7 +22,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable
 
 from blockmig.array import lio
@@ -33,6 +32,7 @@ from blockmig.datapath.verify import verify_volume
 from blockmig.errors import ArrayError, BlockmigError, DeviceError, HostError, MigrationError, UsageError
 from blockmig.host import iscsi, multipath, udev
 from blockmig.state import STEPS, MigrationJournal, VolumeLock
+from blockmig.sysfs import read_attribute
 
 FENCES = ("writeprotect", "suspend", "none")
 SWITCHES = ("multipath", "relogin")
@@ -213,10 +213,10 @@ def resolve_host_device(device: str) -> HostDevice:
         name = holders[0]
     if not name.startswith("dm-"):
         raise DeviceError(f"{device} is neither a multipath map nor a SCSI disk")
-    uuid_text = _read_text(f"/sys/block/{name}/dm/uuid")
+    uuid_text = read_attribute(f"/sys/block/{name}/dm/uuid")
     if not uuid_text.startswith("mpath-"):
         raise DeviceError(f"{device} is a device-mapper device but not a multipath map (uuid {uuid_text!r})")
-    map_name = _read_text(f"/sys/block/{name}/dm/name")
+    map_name = read_attribute(f"/sys/block/{name}/dm/name")
     disks = sorted(os.listdir(f"/sys/block/{name}/slaves"))
     return HostDevice(device, uuid_text[len("mpath-"):], map_name, disks)
 
@@ -385,7 +385,7 @@ class Migration:
         """Keep multipathd off the migrator's disk: a map on it would hold it (no O_EXCL open)."""
         path = self._multipath_drop_in()
         text = f'# blockmig migration {self.journal.id}: the migrator\'s destination disk\nblacklist {{\n    wwid "{self.destination["temporary_wwid"]}"\n}}\n'
-        if _read_text(path) != text.strip():
+        if read_attribute(path) != text.strip():
             os.makedirs(MULTIPATH_CONF_DIR, exist_ok=True)
             with open(path + ".tmp", "w") as handle:
                 handle.write(text)
@@ -736,10 +736,3 @@ class _Progress:
 
 def _map_disks(map_name: str) -> list[str]:
     return [path.dev for path in multipath.paths_of_map(map_name)]
-
-
-def _read_text(path: str) -> str:
-    """A sysfs attribute or small file, '' when it is not there."""
-    with contextlib.suppress(OSError):
-        return Path(path).read_text().strip()
-    return ""

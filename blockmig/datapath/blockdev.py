@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from blockmig.errors import DeviceError, UsageError
+from blockmig.sysfs import read_attribute
 
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
 BLKSSZGET = 0x1268  # _IO(0x12, 104): logical block size
@@ -156,7 +157,7 @@ def _whole_disk(device: str) -> str:
     """major:minor of the disk a partition belongs to; the device itself if it is no partition."""
     sysfs = f"/sys/dev/block/{device}"
     if os.path.exists(f"{sysfs}/partition"):
-        return _read_text(f"{sysfs}/../dev").strip() or device
+        return read_attribute(f"{sysfs}/../dev") or device
     return device
 
 
@@ -169,7 +170,7 @@ def check_destination_unused(
     refusal without device-mapper (absent on the build machine).
     """
     devices = {_major_minor(rdev)} | set(_partitions(rdev, sysfs))
-    for line in _read_text(mountinfo).splitlines():
+    for line in read_attribute(mountinfo).splitlines():
         fields = line.split()
         if len(fields) > 4 and fields[2] in devices:
             raise UsageError(f"destination {path} is mounted on {fields[4]}")
@@ -212,7 +213,7 @@ def _serial(device: str) -> str:
     """SCSI devices have a WWID; loop devices are known by their backing file."""
     sysfs = f"/sys/dev/block/{device}"
     for name, prefix in (("device/wwid", "wwid:"), ("device/serial", "serial:"), ("loop/backing_file", "loop:")):
-        value = _read_text(f"{sysfs}/{name}").strip()
+        value = read_attribute(f"{sysfs}/{name}")
         if value:
             return prefix + value
     return ""
@@ -222,7 +223,7 @@ def _partitions(rdev: int, sysfs: str) -> list[str]:
     device_dir = f"{sysfs}/dev/block/{_major_minor(rdev)}"
     found = []
     for entry in os.listdir(device_dir) if os.path.isdir(device_dir) else []:
-        dev = _read_text(f"{device_dir}/{entry}/dev").strip()
+        dev = read_attribute(f"{device_dir}/{entry}/dev")
         if dev and os.path.exists(f"{device_dir}/{entry}/partition"):
             found.append(dev)
     return found
@@ -230,11 +231,3 @@ def _partitions(rdev: int, sysfs: str) -> list[str]:
 
 def _major_minor(rdev: int) -> str:
     return f"{os.major(rdev)}:{os.minor(rdev)}"
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-    except OSError:
-        return ""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from blockmig.errors import HostError
 from blockmig.host.udev import DEFAULT_TIMEOUT, wait_for_path, wait_until
+from blockmig.sysfs import read_attribute
 
 DEFAULT_IFACE = "default"
 INITIATOR_NAME_FILE = "/etc/iscsi/initiatorname.iscsi"
@@ -193,12 +194,6 @@ def rescan_session(session: Session) -> None:
 # sessions and disks, from sysfs
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def sessions() -> list[Session]:
@@ -206,16 +201,16 @@ def sessions() -> list[Session]:
     for session_dir in sorted(glob.glob("/sys/class/iscsi_session/session*")):
         sid = int(os.path.basename(session_dir)[len("session"):])
         connection = glob.glob(f"/sys/class/iscsi_connection/connection{sid}:*")
-        address = _read(f"{connection[0]}/persistent_address") if connection else ""
-        port = _read(f"{connection[0]}/persistent_port") if connection else ""
+        address = read_attribute(f"{connection[0]}/persistent_address") if connection else ""
+        port = read_attribute(f"{connection[0]}/persistent_port") if connection else ""
         found.append(Session(
             sid=sid,
-            target_iqn=_read(f"{session_dir}/targetname"),
+            target_iqn=read_attribute(f"{session_dir}/targetname"),
             portal_ip=address,
             port=int(port) if port.isdigit() else 0,
-            iface=_read(f"{session_dir}/ifacename") or DEFAULT_IFACE,
-            initiator_iqn=_read(f"{session_dir}/initiatorname"),
-            state=_read(f"{session_dir}/state"),
+            iface=read_attribute(f"{session_dir}/ifacename") or DEFAULT_IFACE,
+            initiator_iqn=read_attribute(f"{session_dir}/initiatorname"),
+            state=read_attribute(f"{session_dir}/state"),
         ))
     return found
 
