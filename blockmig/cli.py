@@ -248,8 +248,7 @@ class _MigrationRenderer:
             self._bars(event)
             return
         if event["event"] in ("done", "verify_done"):
-            self._bars.__exit__(None, None, None)
-            self._bars = _ProgressRenderer(False)
+            self._bars.close()
         elif event["event"] == "step":
             print(f"blockmig: {event['step']}: {event['state']}", file=sys.stderr, flush=True)
         elif event["event"] == "io_resumed" and event.get("io_held_seconds") is not None:
@@ -262,7 +261,7 @@ class _MigrationRenderer:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._bars.__exit__(*exc_info)
+        self._bars.close()
 
 
 class _ProgressRenderer:
@@ -290,9 +289,14 @@ class _ProgressRenderer:
     def __enter__(self) -> "_ProgressRenderer":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def close(self) -> None:
+        """End the current bar; the next start event opens a new one."""
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def _add_lab(sub) -> None:
