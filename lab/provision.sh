@@ -92,6 +92,9 @@ scsi_transport_iscsi
 libiscsi
 libiscsi_tcp
 iscsi_tcp
+ext4
+xfs
+dm_era
 EOF
 
 if $vagrant; then
