@@ -128,6 +128,9 @@ def _add_migrate(sub) -> None:
                              "(default), hold host IO on the map, or none (only if the host is quiesced)")
     parser.add_argument("--switch", choices=("multipath", "relogin"), default="multipath",
                         help="move the host by a multipath path switch (default) or iSCSI logout/login")
+    parser.add_argument("--switch-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="if the destination path is not in the map this long after the hold began, put the "
+                             "source path back and stop (default 10)")
     parser.add_argument("--worm", action="store_true", help="write-protect the destination for the host afterwards")
     parser.add_argument("--chunk-size", type=parse_size, default=4 << 20, help="chunk length (default 4M)")
     parser.add_argument("--max-rate", type=parse_size, help="throttle the copy to this many bytes per second")
@@ -143,7 +146,7 @@ def _cmd_migrate(args) -> int:
         device=args.device, to_target=args.to_target, to_portal=args.to_portal,
         backing_dir=args.backing_dir, backing_device=args.backing_device, fence=args.fence,
         switch=args.switch, worm=args.worm, chunk_size=args.chunk_size, max_rate=args.max_rate,
-        migration_id=args.migration_id,
+        migration_id=args.migration_id, switch_timeout=args.switch_timeout,
     )
     journal = plan_migration(request)
     with _MigrationRenderer(args.json) as render:
@@ -253,7 +256,7 @@ class _MigrationRenderer:
             print(f"blockmig: {event['step']}: {event['state']}", file=sys.stderr, flush=True)
         elif event["event"] == "io_resumed" and event.get("io_held_seconds") is not None:
             print(f"blockmig: host IO held {event['io_held_seconds'] * 1000:.0f} ms", file=sys.stderr, flush=True)
-        elif event["event"] in ("copy_retry", "rollback", "planned"):
+        elif event["event"] in ("copy_retry", "rollback", "planned", "switch_revert"):
             details = ", ".join(f"{k} {v}" for k, v in event.items() if k != "event")
             print(f"blockmig: {event['event'].replace('_', ' ')}: {details}", file=sys.stderr, flush=True)
 

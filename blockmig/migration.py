@@ -4,13 +4,15 @@ A migration is a sequence of steps (state.STEPS); each is recorded in the
 journal when it starts and when it is done, and each is written so that running
 it again after a crash (kill -9) finds what the previous attempt did and
 finishes it. `resume` simply runs the remaining steps; `rollback` undoes what
-was made as long as the host has not left the source.
+was made as long as the destination has not joined the host's map.
 
 Who does what:
-  array/lio.py        storage objects, LUNs, ACLs, write protection, serials
-  host/iscsi.py       iscsiadm logins (host iface and the migrator's own iface)
-  host/multipath.py   the host's map: paths, suspend/resume (IO hold)
+  array/lio.py        storage objects, LUNs, ACLs, write protection, serials, geometry
+  host/iscsi.py       iscsiadm logins, targeted LUN scans (host iface, the migrator's iface)
+  host/multipath.py   the host's map: paths, suspend/resume, queueing
+  host/usage.py       who has the host's volume mounted or open for writing
   datapath/           the guarded copy and the verify against the manifest
+  switch.py           the switch step: the hold, the path swap, its revert
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from blockmig.datapath.copy import DEFAULT_CHUNK_SIZE, copy_volume
 from blockmig.datapath.digest import load_manifest
 from blockmig.datapath.journal import write_json_atomically
 from blockmig.datapath.verify import verify_volume
-from blockmig.errors import ArrayError, BlockmigError, DeviceError, HostError, MigrationError, UsageError
-from blockmig.host import iscsi, multipath, udev
+from blockmig.errors import ArrayError, BlockmigError, DeviceError, HostError, MigrationError, UsageError, VerifyError
+from blockmig.host import iscsi, multipath, udev, usage
 from blockmig.state import STEPS, MigrationJournal, VolumeLock
+from blockmig.switch import DEFAULT_SWITCH_TIMEOUT, HostSwitch, parse_portal
 from blockmig.sysfs import read_attribute
 
 FENCES = ("writeprotect", "suspend", "none")
@@ -57,6 +60,7 @@ class MigrationRequest:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_rate: float | None = None
     migration_id: str | None = None
+    switch_timeout: float = DEFAULT_SWITCH_TIMEOUT
 
 
 @dataclass
@@ -95,6 +99,7 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
             f"map {host_device.map_name} does not queue IO while it has no path "
             "(set no_path_retry queue, or a number, in multipath.conf)"
         )
+    _refuse_a_fence_that_breaks_writers(host_device, request.fence)
     source = _describe_source(host_device)
     portal_ip, port = parse_portal(request.to_portal)
     destination_array = lio.find_array(request.to_target)
@@ -103,11 +108,17 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
         raise ArrayError(f"target {request.to_target} has no portal {portal_ip}:{port} (it has: {offered})")
     if request.to_target == source["target"]:
         raise UsageError(f"{request.to_target} is the source's own target")
+    if request.chunk_size % int(source["geometry"].get("block_size", 512)):
+        raise UsageError(
+            f"chunk size {request.chunk_size} is not a multiple of the volume's block size "
+            f"{source['geometry']['block_size']}"
+        )
     migration_id = request.migration_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{source['wwid'][-6:]}"
     volume_name = f"blockmig-{migration_id}"
     if request.backing_device:
         backing = os.path.realpath(request.backing_device)
         _check_backing_device(backing, source["size"])
+        lio.check_backing_device_geometry(backing, int(source["geometry"].get("block_size", 512)))
         backing_created = False
     else:
         if not request.backing_dir and source["backing"].startswith("/dev/"):
@@ -142,6 +153,7 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
             },
             fence=request.fence,
             switch=request.switch,
+            switch_timeout=request.switch_timeout,
             worm=request.worm,
             chunk_size=request.chunk_size,
             max_rate=request.max_rate,
@@ -163,7 +175,7 @@ resume_migration = run_migration
 
 
 def rollback_migration(migration_id: str, on_event: EventHandler | None = None) -> dict:
-    """Put the host back on the source and remove what blockmig made; refused after the switch."""
+    """Put the host back on the source and remove what blockmig made; refused once the destination is in use."""
     journal = MigrationJournal.load(migration_id)
     if journal.data["state"] == "rolled_back":
         return journal.summary()
@@ -181,13 +193,6 @@ def migration_status(migration_id: str | None = None) -> list[dict]:
 # planning helpers
 
 
-def parse_portal(portal: str) -> tuple[str, int]:
-    ip, _, port = portal.rpartition(":") if ":" in portal else (portal, "", "3260")
-    if not ip or not port.isdigit():
-        raise UsageError(f"portal {portal!r} is not IP:PORT")
-    return ip, int(port)
-
-
 def _check_request(request: MigrationRequest) -> None:
     if request.fence not in FENCES:
         raise UsageError(f"--fence must be one of {', '.join(FENCES)}")
@@ -197,8 +202,28 @@ def _check_request(request: MigrationRequest) -> None:
         raise UsageError("give --backing-dir or --backing-device, not both")
     if request.chunk_size <= 0 or request.chunk_size % 4096:
         raise UsageError(f"chunk size {request.chunk_size} must be a positive multiple of 4096")
+    if not 1 <= request.switch_timeout <= 600:
+        raise UsageError(f"switch timeout {request.switch_timeout:g} s must be between 1 and 600 s")
     if request.migration_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", request.migration_id):
         raise UsageError(f"migration id {request.migration_id!r}: use letters, digits, '.', '_', '-' (max 41)")
+
+
+def _refuse_a_fence_that_breaks_writers(host_device: HostDevice, fence: str) -> None:
+    """A volume being written cannot be write-protected (every write fails) nor copied unfenced."""
+    if fence == "suspend":
+        return
+    users = usage.volume_users(host_device.device)
+    if not users.writing:
+        return
+    if fence == "writeprotect":
+        raise UsageError(
+            f"{host_device.device} is in use for writing ({users.describe()}): --fence writeprotect would fail "
+            "every write for the whole copy; use --fence suspend (host IO waits during the copy) or stop the writers"
+        )
+    raise UsageError(
+        f"{host_device.device} is in use for writing ({users.describe()}): --fence none would copy a volume "
+        "that changes; use --fence suspend (host IO waits during the copy) or stop the writers"
+    )
 
 
 def resolve_host_device(device: str) -> HostDevice:
@@ -222,7 +247,7 @@ def resolve_host_device(device: str) -> HostDevice:
 
 
 def _describe_source(host_device: HostDevice) -> dict:
-    """The source LUN behind the host device: array volume + the host's session to it."""
+    """The source LUN behind the host device: array volume, the host's mapping and session, geometry."""
     volume = lio.find_volume_by_wwid(host_device.wwid)
     if volume.target_iqn is None:
         raise ArrayError(f"volume {volume.name} (WWID {host_device.wwid}) is not exported by any target")
@@ -236,6 +261,15 @@ def _describe_source(host_device: HostDevice) -> dict:
         raise HostError(
             f"the host is not logged in to {volume.target_iqn} for {host_device.device}: no iSCSI path to the source"
         )
+    mapping = lio.find_mapping(volume, session.initiator_iqn)
+    if mapping is None:
+        raise ArrayError(f"volume {volume.name} is not mapped to the host's initiator {session.initiator_iqn}")
+    others = [m.initiator_iqn for m in lio.list_mappings(volume) if m.initiator_iqn != session.initiator_iqn]
+    if others:
+        raise UsageError(
+            f"volume {volume.name} is also mapped to {', '.join(others)}: another initiator could write the source "
+            "during the copy and would be left on it after the switch; unmap it first"
+        )
     return {
         "device": host_device.device,
         "map": host_device.map_name,
@@ -246,6 +280,8 @@ def _describe_source(host_device: HostDevice) -> dict:
         "backing": volume.backing,
         "target": volume.target_iqn,
         "lun": volume.lun,
+        "host_lun": mapping.mapped_lun,
+        "geometry": lio.volume_geometry(volume),
         "portal": f"{session.portal_ip}:{session.port}",
         "host_initiator": session.initiator_iqn,
         "host_iface": session.iface,
@@ -303,8 +339,10 @@ class Migration:
             try:
                 facts = getattr(self, f"_step_{name}")() or {}
             except BaseException as exc:  # cleanup on anything; only our own errors are reworded
-                self._after_failure(name)
+                cleanup_error = self._after_failure(name)
                 message = str(exc) or type(exc).__name__
+                if cleanup_error:
+                    message += f"; cleaning up failed too: {cleanup_error}"
                 self.journal.mark_failed(f"{name}: {message}")
                 if not isinstance(exc, BlockmigError):
                     raise
@@ -316,16 +354,20 @@ class Migration:
             self.emit({"event": "step", "step": name, "state": "done", **facts})
         return self.journal.data["report"]
 
-    def _after_failure(self, step: str) -> None:
+    def _after_failure(self, step: str) -> str | None:
         """Leave no host IO held past our exit; a suspend fence is lifted, so the copy restarts on resume.
 
         A destination that could not be made or reached is removed again, so a
-        refused login or a full array leaves both arrays as they were.
+        refused login or a full array leaves both arrays as they were. Returns
+        what went wrong while cleaning up (reported with the error, not swallowed).
         """
-        with contextlib.suppress(BlockmigError):
+        try:
             if step == "create_destination":
                 self._remove_destination()
             self._release_held_io(step)
+        except BlockmigError as exc:
+            return str(exc)
+        return None
 
     def _release_held_io(self, step: str) -> None:
         map_name = self.source["map"]
@@ -339,7 +381,7 @@ class Migration:
 
     def _forget_copy(self) -> None:
         """The source may have changed since the fence was lifted: fence and copy again from byte 0."""
-        for name in ("fence", "copy", "verify"):
+        for name in ("fence", "copy", "verify", "switch"):
             self.journal.data["steps"].pop(name, None)
         self.journal.save()
         with contextlib.suppress(FileNotFoundError):
@@ -357,12 +399,9 @@ class Migration:
 
     # -- create destination -------------------------------------------------------
     def _step_create_destination(self) -> dict:
-        """Make the destination volume with a serial of its own, exported to the migrator only."""
+        """Make the destination volume (the source's size and geometry, a serial of its own), the migrator's only."""
         volume = self._destination_volume(create=True)
-        if not any(m.initiator_iqn == self.migrator["initiator"] for m in lio.list_mappings(volume)):
-            lio.export_volume(volume, self.migrator["initiator"])
-        self._blacklist_temporary_wwid()
-        disk = self._login_migrator(volume)
+        disk = self._migrator_disk()
         return {"volume": volume.name, "lun": volume.lun, "serial": volume.serial, "migrator_disk": disk}
 
     def _destination_volume(self, create: bool = False) -> lio.Volume:
@@ -376,6 +415,7 @@ class Migration:
             self.source["size"],
             self.destination["backing"],
             serial=self.destination["temporary_serial"],
+            geometry=self.source.get("geometry"),
         )
         self.destination["lun"] = volume.lun
         self.journal.record("create_destination", backing_made=self.destination["backing_created"])
@@ -401,32 +441,33 @@ class Migration:
     def _multipath_drop_in(self) -> str:
         return os.path.join(MULTIPATH_CONF_DIR, f"blockmig-{self.journal.id}.conf")
 
-    def _login_migrator(self, volume: lio.Volume) -> str:
+    def _migrator_disk(self) -> str:
+        """The migrator's disk of the destination (its own mapped LUN, WWID checked); logs in if needed."""
+        volume = self._destination_volume()
+        mapping = lio.find_mapping(volume, self.migrator["initiator"])
+        if mapping is None:
+            if volume.serial != self.destination["temporary_serial"]:
+                volume = lio.change_volume_serial(volume, self.destination["temporary_serial"])
+            mapping = lio.export_volume(volume, self.migrator["initiator"])
+        self._blacklist_temporary_wwid()
         ip, port = parse_portal(self.destination["portal"])
         iscsi.create_iface(self.migrator["iface"], self.migrator["initiator"])
         session = iscsi.login(self.destination["target"], ip, port, iface=self.migrator["iface"])
-        disk = iscsi.wait_for_session_disk(session, volume.lun)
+        if mapping.mapped_lun not in iscsi.session_disks(session):
+            iscsi.scan_session_lun(session, mapping.mapped_lun)
+        disk = iscsi.find_session_disk(session, mapping.mapped_lun, self.destination["temporary_wwid"])
         udev.settle()
-        wwid = udev.disk_wwid(disk)
-        if wwid != self.destination["temporary_wwid"]:
-            raise HostError(f"migrator disk {disk} has WWID {wwid}, expected {self.destination['temporary_wwid']}")
         return disk
 
-    def _migrator_disk(self) -> str:
-        ip, port = parse_portal(self.destination["portal"])
-        session = iscsi.find_session(self.destination["target"], ip, port, self.migrator["iface"])
-        if session is None:
-            self._login_migrator(self._destination_volume())
-            session = iscsi.find_session(self.destination["target"], ip, port, self.migrator["iface"])
-        return iscsi.wait_for_session_disk(session, self._destination_volume().lun)
-
-    def _logout_migrator(self) -> None:
-        ip, port = parse_portal(self.destination["portal"])
-        session = iscsi.find_session(self.destination["target"], ip, port, self.migrator["iface"])
-        if session is not None:
-            iscsi.logout_safely(session)
-        if self.migrator["iface"] in iscsi.list_ifaces():
-            iscsi.remove_iface(self.migrator["iface"])
+    def _check_destination_is_the_migrators_alone(self) -> None:
+        """Exclusive receiving: before a byte is copied, only the migrator may see the destination."""
+        others = [m.initiator_iqn for m in lio.list_mappings(self._destination_volume())
+                  if m.initiator_iqn != self.migrator["initiator"]]
+        if others:
+            raise MigrationError(
+                f"destination {self.destination['volume']} is also mapped to {', '.join(others)}: "
+                "only the migrator may write it during the copy"
+            )
 
     # -- fence -------------------------------------------------------------------
     def _step_fence(self) -> dict:
@@ -434,12 +475,13 @@ class Migration:
         map_name = self.source["map"]
         if fence == "none":
             return {"fence": "none"}
-        if map_name:
-            multipath.flush_buffers(map_name)  # the host's dirty pages land before the fence
         if fence == "writeprotect":
+            if map_name:
+                multipath.flush_buffers(map_name)  # the host's dirty pages land before the fence
             lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], True)
         elif fence == "suspend":
             if not multipath.is_suspended(map_name):
+                # Flushes and freezes a filesystem on the map while the source still takes writes.
                 multipath.suspend_map(map_name)
         return {"fence": fence}
 
@@ -456,14 +498,15 @@ class Migration:
 
     # -- copy and verify ---------------------------------------------------------
     def _source_disk(self) -> str:
-        """The host's own path to the source LUN (a member of its map); the copy reads it."""
+        """The host's own path to the source LUN (a member of its map, found by the host's LUN, WWID checked)."""
         ip, port = parse_portal(self.source["portal"])
         session = iscsi.find_session(self.source["target"], ip, port, self.source["host_iface"])
         if session is None:
             raise HostError(f"the host has no session to the source {self.source['target']} at {self.source['portal']}")
-        return iscsi.wait_for_session_disk(session, self.source["lun"])
+        return iscsi.find_session_disk(session, self.source["host_lun"], self.source["wwid"])
 
     def _step_copy(self) -> dict:
+        self._check_destination_is_the_migrators_alone()
         destination = f"/dev/{self._migrator_disk()}"
         progress = _Progress(self.emit, "copy")
         for attempt in range(COPY_RETRIES + 1):
@@ -485,14 +528,7 @@ class Migration:
                     raise
                 self.emit({"event": "copy_retry", "attempt": attempt + 1, "error": str(exc)})
                 time.sleep(COPY_RETRY_WAIT)
-        map_name = self.source["map"]
-        if self.journal.data["fence"] == "suspend" and not multipath.is_suspended(map_name):
-            # multipathd resumes a map whenever it reloads it (a path event): the fence broke.
-            self._forget_copy()
-            raise MigrationError(
-                f"host IO on {map_name} was released during the copy (multipathd reloaded the map), "
-                "so the source may have changed; the copy starts again on resume"
-            )
+        self._check_suspend_fence_held()
         write_json_atomically(self.journal.manifest_path, manifest.to_dict())
         return {
             "source_disk": source,
@@ -502,131 +538,57 @@ class Migration:
             "seconds": progress.seconds,
         }
 
+    def _check_suspend_fence_held(self) -> None:
+        map_name = self.source["map"]
+        if self.journal.data["fence"] == "suspend" and not multipath.is_suspended(map_name):
+            # multipathd resumes a map whenever it reloads it (a path event): the fence broke.
+            self._forget_copy()
+            raise MigrationError(
+                f"host IO on {map_name} was released during the copy (multipathd reloaded the map), "
+                "so the source may have changed; the copy starts again on resume"
+            )
+
     def _step_verify(self) -> dict:
+        """The destination against the manifest; then the source again, so a broken fence is caught, not trusted."""
         manifest = load_manifest(self.journal.manifest_path)
-        destination = f"/dev/{self._migrator_disk()}"
+        migrator_disk = self._migrator_disk()
+        self._check_geometry(migrator_disk)
         progress = _Progress(self.emit, "verify")
-        digest = verify_volume(destination, manifest, on_event=progress)
-        return {"volume_digest": digest, "seconds": progress.seconds}
+        digest = verify_volume(f"/dev/{migrator_disk}", manifest, on_event=progress)
+        source_progress = _Progress(self.emit, "verify-source")
+        try:
+            verify_volume(f"/dev/{self._source_disk()}", manifest, on_event=source_progress)
+        except VerifyError as exc:
+            self._forget_copy()
+            raise MigrationError(
+                f"the source changed after it was copied ({exc}); the fence did not hold, the copy starts again on resume"
+            ) from None
+        self._check_suspend_fence_held()
+        return {"volume_digest": digest, "seconds": progress.seconds, "source_seconds": source_progress.seconds}
+
+    def _check_geometry(self, migrator_disk: str) -> None:
+        """What the host will see after the switch must be what it sees now: size and logical block size."""
+        host_device = self.source["map"] and f"/dev/mapper/{self.source['map']}" or self.source["device"]
+        wanted = (multipath.logical_block_size(host_device), _device_size(host_device))
+        found = (multipath.logical_block_size(f"/dev/{migrator_disk}"), _device_size(f"/dev/{migrator_disk}"))
+        if wanted != found:
+            raise MigrationError(
+                f"destination disk {migrator_disk} has {found[1]} bytes in {found[0]}-byte blocks, "
+                f"the host's volume {wanted[1]} bytes in {wanted[0]}-byte blocks: refusing to switch"
+            )
 
     # -- switch ------------------------------------------------------------------
     def _step_switch(self) -> dict:
-        """Give the destination the source's identity and move the host's path onto it.
-
-        Host IO is held from before the source path goes until the destination
-        path is in the map, and at no moment are both paths in the map (a read
-        through the source after a write through the destination would return
-        old bytes). The hold is `dmsetup suspend` plus queue_if_no_path: the
-        lab showed that multipathd resumes a suspended map whenever it reloads
-        it (path added or deleted), so what really holds IO across the swap is
-        the map having no path; we keep the map open meanwhile, because
-        multipathd removes a map whose last path goes if nobody has it open.
-
-        multipath: the source path is taken out of the map (multipathd del
-        path, SCSI delete), the host logs in to the destination, multipathd
-        adds that disk to the same map (same name, same WWID), IO flows; the
-        source session is logged out after IO has resumed.
-        relogin: the whole source session is logged out inside the hold, then
-        the host logs in to the destination (also for hosts without multipath,
-        whose disk name then changes).
-        """
-        facts = self.journal.facts("switch")
-        map_name = self.source["map"]
-        volume = self._destination_volume()
-        if not facts.get("source_removed"):
-            # From here on nothing may land on the source, whatever the fence was.
-            lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], True)
-            self._logout_migrator()
-            volume = lio.change_volume_serial(volume, self.source["serial"])
-            self._map_destination_to_host(volume)
-        with self._host_io_held(map_name):
-            self._switch_phase("held")
-            if not self.journal.facts("switch").get("source_removed"):
-                self._remove_host_source_path(logout=self.journal.data["switch"] == "relogin")
-                self.journal.record("switch", source_removed=True)
-            self._switch_phase("source path removed")
-            disk = self._login_host_to_destination(volume)
-            self._switch_phase("destination path in the map")
-        io_held = None
-        if map_name:
-            io_held = round(time.time() - self.journal.facts("switch")["suspended_at"], 3)
-            self.journal.record("switch", io_held_seconds=io_held)
-            self.emit({"event": "io_resumed", "map": map_name, "io_held_seconds": io_held})
-        self._logout_host_from_source()
-        return {"io_held_seconds": io_held, "host_disk": disk}
-
-    def _switch_phase(self, phase: str) -> None:
-        """Where the time of the IO hold goes (the events show it; the report keeps the total)."""
-        since = time.time() - self.journal.facts("switch").get("suspended_at", time.time())
-        self.emit({"event": "switch_phase", "phase": phase, "seconds_since_hold": round(since, 3)})
-
-    @contextlib.contextmanager
-    def _host_io_held(self, map_name: str | None):
-        """Suspend the map (draining IO in flight) and keep it open until the block is done."""
-        if not map_name:
-            yield
-            return
+        switch = HostSwitch(self.journal, self.emit)
         try:
-            opener = os.open(f"/dev/mapper/{map_name}", os.O_RDONLY)
-        except OSError as exc:
-            raise HostError(f"cannot open /dev/mapper/{map_name}: {exc.strerror}") from None
-        try:
-            if "suspended_at" not in self.journal.facts("switch"):
-                self.journal.record("switch", suspended_at=time.time())
-            if not multipath.is_suspended(map_name):
-                multipath.suspend_map(map_name)
-            self.emit({"event": "io_held", "map": map_name})
-            yield
-        finally:
-            try:
-                if multipath.is_suspended(map_name):
-                    multipath.resume_map(map_name)
-            finally:
-                os.close(opener)
-
-    def _map_destination_to_host(self, volume: lio.Volume) -> None:
-        host = self.source["host_initiator"]
-        mappings = {m.initiator_iqn: m for m in lio.list_mappings(volume)}
-        if self.migrator["initiator"] in mappings:
-            lio.unexport_volume(volume, self.migrator["initiator"])
-        if host not in mappings:
-            lio.export_volume(volume, host)
-
-    def _login_host_to_destination(self, volume: lio.Volume) -> str:
-        ip, port = parse_portal(self.destination["portal"])
-        session = iscsi.login(self.destination["target"], ip, port, iface=self.source["host_iface"])
-        disk = iscsi.wait_for_session_disk(session, volume.lun)
-        self._switch_phase("destination disk present")
-        if self.source["map"]:
-            udev.wait_until(
-                lambda: disk in _map_disks(self.source["map"]),
-                f"{disk} to join map {self.source['map']}",
-            )
-        return disk
-
-    def _host_source_sessions(self) -> list[iscsi.Session]:
-        """Every session of the host to the source target (a map may have a path per portal)."""
-        return [
-            session for session in iscsi.sessions()
-            if session.target_iqn == self.source["target"] and session.initiator_iqn == self.source["host_initiator"]
-        ]
-
-    def _remove_host_source_path(self, logout: bool) -> None:
-        """Take every source disk out of the host's map and the SCSI layer; with `logout`, end the sessions too."""
-        for session in self._host_source_sessions():
-            disk = iscsi.session_disks(session).get(self.source["lun"])
-            if disk is not None:
-                if self.source["map"] and disk in _map_disks(self.source["map"]):
-                    multipath.del_path(disk)
-                iscsi.delete_disks([disk])
-            if logout:
-                iscsi.logout_safely(session)
-
-    def _logout_host_from_source(self) -> None:
-        """After the switch: sessions to the source that have no disk left (other LUNs keep theirs)."""
-        for session in self._host_source_sessions():
-            if not iscsi.session_disks(session):
-                iscsi.logout(session.target_iqn, session.portal_ip, session.port, session.iface, missing_ok=True)
+            return switch.run()
+        except MigrationError:
+            if switch.facts.get("reverted"):
+                # The host is back on the source and may write it: fence and copy again on resume.
+                reverts = self.journal.data.get("switch_reverts", 0) + 1
+                self.journal.data["switch_reverts"] = reverts
+                self._forget_copy()
+            raise
 
     # -- finish ------------------------------------------------------------------
     def _step_finish(self) -> dict:
@@ -649,14 +611,17 @@ class Migration:
             "map": self.source["map"],
             "wwid": self.source["wwid"],
             "size": self.source["size"],
+            "block_size": int(self.source.get("geometry", {}).get("block_size", 512)),
             "chunk_size": self.journal.data["chunk_size"],
             "chunks": copy.get("chunks"),
-            "source": {key: self.source[key] for key in ("target", "portal", "volume", "backing")},
-            "destination": {key: self.destination[key] for key in ("target", "portal", "volume", "backing")},
+            "source": {key: self.source[key] for key in ("target", "portal", "volume", "backing", "host_lun")},
+            "destination": {**{key: self.destination[key] for key in ("target", "portal", "volume", "backing")},
+                            "host_lun": switch.get("destination_host_lun")},
             "volume_digest": verify.get("volume_digest"),
             "copy_seconds": copy.get("seconds"),
             "verify_seconds": verify.get("seconds"),
             "io_held_seconds": switch.get("io_held_seconds"),
+            "switch_reverts": self.journal.data.get("switch_reverts", 0),
             "host_disk": switch.get("host_disk"),
             "fence": self.journal.data["fence"],
             "switch": self.journal.data["switch"],
@@ -666,15 +631,20 @@ class Migration:
 
     # -- rollback ----------------------------------------------------------------
     def rollback(self) -> dict:
-        facts = self.journal.facts("switch")
-        if facts.get("source_removed") or self.journal.data["state"] == "done":
+        switch = HostSwitch(self.journal, self.emit)
+        if switch.facts.get("destination_joined") or self.journal.data["state"] == "done":
             raise MigrationError(
                 f"migration {self.journal.id} has already moved the host to the destination; "
                 f"finish it with blockmig resume {self.journal.id}"
             )
         self.emit({"event": "rollback", "id": self.journal.id})
         self.journal.set_state("rolling_back")
-        self._detach_host_from_destination()
+        if switch.facts.get("source_removed") or switch.facts.get("source_fencing"):
+            with switch.host_io_held():  # killed inside the hold: the source path comes back first
+                switch.revert_in_hold()
+        if self.journal.is_done("create_destination") or switch.facts.get("prepared"):
+            with contextlib.suppress(MigrationError):
+                switch.release_host_destination_session()
         self._lift_fence()
         self._remove_destination()
         self.journal.set_state("rolled_back")
@@ -682,7 +652,7 @@ class Migration:
 
     def _remove_destination(self) -> None:
         """The migrator's session and iface, the destination volume and its backing file, the blacklist."""
-        self._logout_migrator()
+        HostSwitch(self.journal, self.emit).logout_migrator()
         ours = bool(self.journal.facts("create_destination").get("backing_made"))
         with contextlib.suppress(ArrayError):
             lio.remove_volume(lio.find_volume(self.destination["volume"]), remove_backing=ours)
@@ -690,18 +660,11 @@ class Migration:
             os.unlink(self.destination["backing"])
         self._remove_blacklist()
 
-    def _detach_host_from_destination(self) -> None:
-        """If the switch had added the destination to the host's map, take that path out again."""
-        ip, port = parse_portal(self.destination["portal"])
-        session = iscsi.find_session(self.destination["target"], ip, port, self.source["host_iface"])
-        if session is None:
-            return
-        disks = list(iscsi.session_disks(session).values())
-        for disk in disks:
-            if self.source["map"] and disk in _map_disks(self.source["map"]):
-                multipath.del_path(disk)
-        iscsi.logout_safely(session)
 
+
+def _device_size(path: str) -> int:
+    with open(path, "rb") as device:
+        return device.seek(0, os.SEEK_END)
 
 # ---------------------------------------------------------------------------
 
@@ -733,6 +696,3 @@ class _Progress:
             self.seconds = round(time.monotonic() - self.began, 3)
         self.emit({**event, "phase": self.phase})
 
-
-def _map_disks(map_name: str) -> list[str]:
-    return [path.dev for path in multipath.paths_of_map(map_name)]

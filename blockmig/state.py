@@ -169,6 +169,7 @@ class MigrationJournal:
             "destination": self.data.get("destination", {}),
             "fence": self.data.get("fence"),
             "switch": self.data.get("switch"),
+            "switch_reverts": self.data.get("switch_reverts", 0),
             "worm": self.data.get("worm"),
             "created": self.data.get("created"),
             "updated": self.data.get("updated"),

@@ -15,10 +15,11 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from blockio import read_direct, read_file, write_direct
 
-from blockmig import lab
+from blockmig import faults, lab
 from blockmig.host import iscsi, multipath
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,11 +87,27 @@ def blockmig(*args: str, timeout: float = 300, check: bool = False) -> subproces
     return result
 
 
-def start_blockmig(*args: str) -> subprocess.Popen:
+def start_blockmig(*args: str, stop_at: str | None = None) -> subprocess.Popen:
+    """blockmig in the background; with `stop_at` it stops itself (SIGSTOP) at that named point (blockmig.faults)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if stop_at:
+        env[faults.STOP_AT_ENV] = stop_at
     return subprocess.Popen(
-        [sys.executable, "-m", "blockmig", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        [sys.executable, "-m", "blockmig", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
+
+
+def wait_until_stopped(process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the process has stopped itself at its named point; fails if it exits instead."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"blockmig exited {process.returncode} before its stop point: "
+                                 f"{process.stderr.read().strip()}")
+        if psutil.Process(process.pid).status() == psutil.STATUS_STOPPED:
+            return
+        time.sleep(0.02)
+    raise AssertionError("blockmig never reached its stop point")
 
 
 def migrate_args(map_device: str, backing_dir: str, *extra: str) -> list[str]:
@@ -150,29 +167,43 @@ def host_disks_by_target(map_name: str) -> dict[str, str]:
     return {path.dev: owners.get(path.dev, "?") for path in multipath.paths_of_map(map_name)}
 
 
-def assert_host_on_destination(map_name: str, wwid: str, data: bytes, backing_dir: str, source_backing: str) -> None:
-    """Same map name and WWID; its only path is on the destination; bytes equal; new writes land there."""
+def assert_host_on_destination(map_name: str, wwid: str, data: bytes, backing_dir: str, source_backing: str,
+                                writer_region: tuple[int, int] | None = None, block_size: int | None = None,
+                                other_source_volumes: bool = False, destination_backing: str | None = None) -> None:
+    """Same map name, WWID and block size; its only path is on the destination; bytes equal; new writes land there.
+
+    `writer_region`: bytes a host writer changed during the migration (its own check covers them);
+    `other_source_volumes`: the host keeps sessions to the source for volumes that did not move.
+    """
     found = multipath.map_for_wwid(wwid)
     assert found is not None and found.name == map_name, f"map for {wwid} is now {found}"
     paths = multipath.wait_for_map_paths(map_name, set(host_disks_by_target(map_name)))
     targets = host_disks_by_target(map_name)
     assert list(targets.values()) == [lab.DESTINATION_IQN], f"map paths: {targets}"
     assert all(path.usable for path in paths)
-    destination_backing = destination_backing_file(backing_dir)
-    assert subprocess.run(["cmp", source_backing, destination_backing]).returncode == 0
-    assert read_file(destination_backing, 0, len(data)) == data
+    if block_size is not None:
+        assert multipath.logical_block_size(found.device) == block_size
+    destination_backing = destination_backing or destination_backing_file(backing_dir)
+    start, end = writer_region or (len(data), len(data))
+    if writer_region is None:
+        assert subprocess.run(["cmp", source_backing, destination_backing]).returncode == 0
+    for first, last in ((0, start), (end, len(data))):
+        assert read_file(destination_backing, first, last - first) == data[first:last], "bytes outside the writer differ"
     # A new write through the map lands on the destination, not on the source.
     marker = os.urandom(4096)
     write_direct(found.device, 8192, marker)
     assert read_file(destination_backing, 8192, 4096) == marker
     assert read_file(source_backing, 8192, 4096) == data[8192:8192 + 4096]
-    assert not any(s.target_iqn == lab.SOURCE_IQN for s in iscsi.sessions()), "host still logged in to the source"
+    if not other_source_volumes:
+        assert not any(s.target_iqn == lab.SOURCE_IQN for s in iscsi.sessions()), "host still logged in to the source"
 
 
 def destination_backing_file(backing_dir: str) -> str:
     found = glob.glob(os.path.join(backing_dir, "blockmig-*.img"))
     assert len(found) == 1, f"destination backing files: {found}"
     return found[0]
+
+
 
 
 def release_held_io_and_migrator() -> None:
@@ -197,39 +228,61 @@ def release_held_io_and_migrator() -> None:
 class MigrationLab:
     """The lab with random data on the source, seen by the host as /dev/mapper/<map>."""
 
-    def __init__(self, backing_dir: str):
+    def __init__(self, backing_dir: str, source_backing: str | None = None, wwid: str = lab.SOURCE_WWID):
         self.backing_dir = backing_dir
-        self.source_backing = lab.source_backing_file(backing_dir)
-        self.wwid = lab.SOURCE_WWID
-        found = multipath.map_for_wwid(self.wwid)
-        assert found is not None, "lab_up made no multipath map"
+        self.source_backing = source_backing or lab.source_backing_file(backing_dir)
+        self.wwid = wwid
+        found = multipath.wait_for_map(self.wwid)
         self.map_name = found.name
         self.device = found.device
-        self.size = os.path.getsize(self.source_backing)
-        self.data = fill_volume(self.device, self.size, seed=hash(backing_dir) & 0xFFFF)
+        with open(self.device, "rb") as handle:
+            self.size = handle.seek(0, os.SEEK_END)
+        self.block_size = multipath.logical_block_size(self.device)
+        self.host_initiator = iscsi.read_initiator_name()
+        self.data = fill_volume(self.device, self.size, seed=hash(self.source_backing) & 0xFFFF)
 
     def migrate_args(self, *extra: str) -> list[str]:
         return migrate_args(self.device, self.backing_dir, *extra)
 
-    def assert_host_on_destination(self) -> None:
-        assert_host_on_destination(self.map_name, self.wwid, self.data, self.backing_dir, self.source_backing)
+    def read_through_map(self, offset: int, length: int) -> bytes:
+        return read_direct(self.device, offset, length)
 
-    def assert_host_on_source_only(self) -> None:
-        """After a rollback: map on the source only, nothing of the destination left, writes work."""
+    def assert_host_on_destination(self, writer_region: tuple[int, int] | None = None, report: dict | None = None,
+                                   other_source_volumes: bool = False) -> None:
+        destination_backing = report["destination"]["backing"] if report else None
+        assert_host_on_destination(self.map_name, self.wwid, self.data, self.backing_dir, self.source_backing,
+                                   writer_region, self.block_size, other_source_volumes, destination_backing)
+
+    def assert_host_on_source(self, writer_region: tuple[int, int] | None = None) -> None:
+        """The map has only the source path, unfenced and running; writes land on the source."""
         targets = host_disks_by_target(self.map_name)
         assert list(targets.values()) == [lab.SOURCE_IQN], f"map paths: {targets}"
+        found = multipath.map_for_wwid(self.wwid)
+        assert found is not None and found.name == self.map_name
+        assert multipath.logical_block_size(self.device) == self.block_size
+        status = lab.lab_status()
+        source = next(a for a in status["arrays"] if a["target"] == lab.SOURCE_IQN)
+        assert not any(m["write_protect"] for v in source["volumes"] for m in v["mappings"]), "fence left on"
+        destination = next(a for a in status["arrays"] if a["target"] == lab.DESTINATION_IQN)
+        seen_by_host = [m for v in destination["volumes"] for m in v["mappings"] if m["initiator"] == self.host_initiator]
+        assert seen_by_host == [], f"the host still has the destination mapped: {seen_by_host}"
+        assert not multipath.is_suspended(self.map_name)
+        start = writer_region[0] if writer_region else self.size
+        assert read_file(self.source_backing, 16384, start - 16384) == self.data[16384:start]
+        marker = os.urandom(4096)
+        write_direct(self.device, 4096, marker)
+        assert read_file(self.source_backing, 4096, 4096) == marker
+        self.data = self.data[:4096] + marker + self.data[8192:]
+
+    def assert_host_on_source_only(self, writer_region: tuple[int, int] | None = None) -> None:
+        """After a rollback: map on the source only, nothing of the destination left, writes work."""
+        self.assert_host_on_source(writer_region)
         assert glob.glob(os.path.join(self.backing_dir, "blockmig-*")) == []
         status = lab.lab_status()
         destination = next(a for a in status["arrays"] if a["target"] == lab.DESTINATION_IQN)
         assert destination["volumes"] == [], f"destination still has {destination['volumes']}"
         assert not [s for s in status["sessions"] if s["target"] == lab.DESTINATION_IQN]
         assert not [i for i in iscsi.list_ifaces() if i.startswith("blockmig-")]
-        source = next(a for a in status["arrays"] if a["target"] == lab.SOURCE_IQN)
-        assert not any(m["write_protect"] for v in source["volumes"] for m in v["mappings"]), "fence left on"
-        assert not multipath.is_suspended(self.map_name)
-        marker = os.urandom(4096)
-        write_direct(self.device, 4096, marker)
-        assert read_file(self.source_backing, 4096, 4096) == marker
 
 
 @pytest.fixture
@@ -240,3 +293,15 @@ def migration_lab(lab_env, backing_dir, tmp_path, monkeypatch):
         yield MigrationLab(backing_dir)
     finally:
         release_held_io_and_migrator()
+
+
+def add_host_volume(backing_dir: str, name: str, size: int = 16 * MiB, *, lun: int, mapped_lun: int | None = None,
+                    block_size: int = 512, backstore: str = "fileio") -> MigrationLab:
+    """Another volume of the source array that the host uses through a map of its own (found by a targeted scan)."""
+    volume = lab.add_source_volume(name, size, backing_dir, lun=lun, mapped_lun=mapped_lun, block_size=block_size,
+                                   backstore=backstore)
+    host_lun = lun if mapped_lun is None else mapped_lun
+    session = next(s for s in iscsi.sessions() if s.target_iqn == lab.SOURCE_IQN and s.iface == "default")
+    iscsi.scan_session_lun(session, host_lun)
+    iscsi.find_session_disk(session, host_lun, volume.wwid, 30)
+    return MigrationLab(backing_dir, volume.backing, volume.wwid)

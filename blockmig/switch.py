@@ -1,0 +1,312 @@
+"""The switch: move the host from the source LUN to the destination LUN, never leaving it without one.
+
+Everything that can be done while the host still works on the source is done
+first (`prepare`): the migrator leaves, the destination takes the source's
+serial (same WWID), the host gets an ACL and a session on the destination
+portal, with no LUN mapped yet, so the login's scan adds no disk. The hold then
+only does what must happen with host IO stopped:
+
+  suspend the map        flush and freeze while the source still takes writes
+  fence the source       write-protect the host's mapping (nothing lands there now)
+  source path out        multipathd del path + SCSI delete of THIS volume's disk
+  destination path in    map the LUN to the host, targeted scan of one H:C:T:L,
+                         WWID checked, multipathd add path
+  resume
+
+At no moment are both paths in the map (a read through the source after a
+write through the destination would return old bytes). multipathd resumes a
+suspended map whenever it reloads it, so across the swap what holds IO is the
+map having no path while it queues (`queue_if_no_path`); the map is kept open
+meanwhile, because multipathd removes a path-less map that nobody holds.
+
+Each irreversible step is journaled before it is taken. If the destination
+path is not in the map within `switch_timeout`, the source path is put back
+(`revert`) and IO resumes on the source; after kill -9 anywhere in here,
+`resume` finishes the switch and `rollback` reverts it, from the journal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Callable
+
+from blockmig.array import lio
+from blockmig.errors import ArrayError, BlockmigError, HostError, MigrationError
+from blockmig.faults import checkpoint
+from blockmig.host import iscsi, multipath, udev
+from blockmig.state import MigrationJournal
+
+DEFAULT_SWITCH_TIMEOUT = 10.0
+
+EventHandler = Callable[[dict], None]
+
+
+def parse_portal(portal: str) -> tuple[str, int]:
+    ip, _, port = portal.rpartition(":") if ":" in portal else (portal, "", "3260")
+    if not ip or not port.isdigit():
+        raise MigrationError(f"portal {portal!r} is not IP:PORT")
+    return ip, int(port)
+
+
+def map_disks(map_name: str) -> list[str]:
+    return [path.dev for path in multipath.paths_of_map(map_name)]
+
+
+class HostSwitch:
+    """The switch step of one migration; every method can run again after a crash."""
+
+    def __init__(self, journal: MigrationJournal, emit: EventHandler):
+        self.journal = journal
+        self.emit = emit
+        self.source = journal.data["source"]
+        self.destination = journal.data["destination"]
+        self.migrator = journal.data["migrator"]
+        self.map_name = self.source["map"]
+        self.timeout = float(journal.data.get("switch_timeout") or DEFAULT_SWITCH_TIMEOUT)
+
+    # -- journal ---------------------------------------------------------------
+    @property
+    def facts(self) -> dict:
+        return self.journal.facts("switch")
+
+    def _record(self, **facts) -> None:
+        self.journal.record("switch", **facts)
+
+    def _phase(self, phase: str) -> None:
+        """Where the hold's time goes (events), and a point where tests can stop us."""
+        since = time.time() - self.facts.get("suspended_at", time.time())
+        self.emit({"event": "switch_phase", "phase": phase, "seconds_since_hold": round(since, 3)})
+        checkpoint(f"switch:{phase}")
+
+    # -- the whole switch ---------------------------------------------------------
+    def run(self) -> dict:
+        if not self.facts.get("prepared"):
+            self.prepare()
+        if not self.facts.get("destination_joined"):
+            with self.host_io_held():
+                try:
+                    self.take_source_out()
+                    disk = self.bring_destination_in()
+                except BlockmigError as exc:
+                    if self.facts.get("destination_joined"):
+                        raise
+                    self.revert_in_hold()
+                    self.after_revert()
+                    raise MigrationError(
+                        f"switch reverted, the host is on the source again: {exc}"
+                    ) from exc
+            self._record_io_held()
+        else:
+            disk = self.facts.get("host_disk")
+        self.after_switch()
+        return {"io_held_seconds": self.facts.get("io_held_seconds"), "host_disk": disk}
+
+    def _record_io_held(self) -> None:
+        if not self.map_name:
+            return
+        held = round(time.time() - self.facts["suspended_at"], 3)
+        self._record(io_held_seconds=held)
+        self.emit({"event": "io_resumed", "map": self.map_name, "io_held_seconds": held})
+
+    # -- before the hold ----------------------------------------------------------
+    def prepare(self) -> None:
+        """Everything the host does not notice: migrator out, identity, host session to the destination."""
+        self.logout_migrator()
+        volume = self.destination_volume()
+        for mapping in lio.list_mappings(volume):
+            if mapping.initiator_iqn == self.migrator["initiator"]:
+                lio.unexport_volume(volume, mapping.initiator_iqn)
+        # Mapped to nobody now, so nobody sees the source's WWID on it yet.
+        volume = lio.change_volume_serial(volume, self.source["serial"])
+        lio.ensure_node_acl(self.destination["target"], self.source["host_initiator"])
+        self._record(host_acl_ready=True)
+        ip, port = parse_portal(self.destination["portal"])
+        existing = iscsi.find_session(self.destination["target"], ip, port, self.source["host_iface"])
+        if existing is None:
+            iscsi.login(self.destination["target"], ip, port, iface=self.source["host_iface"])
+        self._record(prepared=True, host_session_existed=existing is not None)
+        self._phase("prepared")
+
+    def destination_volume(self) -> lio.Volume:
+        try:
+            return lio.find_volume(self.destination["volume"])
+        except ArrayError:
+            raise MigrationError(f"destination volume {self.destination['volume']} is gone") from None
+
+    def logout_migrator(self) -> None:
+        ip, port = parse_portal(self.destination["portal"])
+        session = iscsi.find_session(self.destination["target"], ip, port, self.migrator["iface"])
+        if session is not None:
+            iscsi.logout_safely(session)
+        if self.migrator["iface"] in iscsi.list_ifaces():
+            iscsi.remove_iface(self.migrator["iface"])
+
+    # -- the hold ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def host_io_held(self):
+        """Suspend the map (flush, freeze, drain) with queueing forced on; resume at the end, whatever happens."""
+        if not self.map_name:
+            yield
+            return
+        try:
+            opener = os.open(f"/dev/mapper/{self.map_name}", os.O_RDONLY)
+        except OSError as exc:
+            raise HostError(f"cannot open /dev/mapper/{self.map_name}: {exc.strerror}") from None
+        try:
+            if "suspended_at" not in self.facts:
+                self._record(suspended_at=time.time())
+            multipath.hold_queueing(self.map_name)
+            if not multipath.is_suspended(self.map_name):
+                # The source still takes writes here: a filesystem's freeze can write its journal.
+                multipath.suspend_map(self.map_name)
+            self.emit({"event": "io_held", "map": self.map_name})
+            self._phase("held")
+            yield
+        finally:
+            try:
+                if multipath.is_suspended(self.map_name):
+                    multipath.resume_map(self.map_name)
+            finally:
+                os.close(opener)
+
+    def _host_source_sessions(self) -> list[iscsi.Session]:
+        """Every session of the host to the source target (a map may have a path per portal)."""
+        return [
+            s for s in iscsi.sessions()
+            if s.target_iqn == self.source["target"] and s.initiator_iqn == self.source["host_initiator"]
+        ]
+
+    def _source_volume(self) -> lio.Volume:
+        return lio.find_volume(self.source["volume"])
+
+    def take_source_out(self) -> None:
+        """Fence the source and remove this volume's disk (found by the host's LUN, checked by WWID)."""
+        if self.facts.get("source_removed"):
+            return
+        self._record(source_fencing=True)  # intent: revert must lift the protection
+        lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], True)
+        self._phase("source fenced")
+        for session in self._host_source_sessions():
+            disk = iscsi.session_disks(session).get(self.source["host_lun"])
+            if disk is not None:
+                wwid = udev.disk_wwid(disk)
+                if wwid != self.source["wwid"]:
+                    raise HostError(
+                        f"disk {disk} (LUN {self.source['host_lun']} of session {session.sid}) has WWID {wwid}, "
+                        f"not {self.source['wwid']}: refusing to remove it"
+                    )
+                if self.map_name and disk in map_disks(self.map_name):
+                    multipath.del_path(disk)
+                iscsi.delete_disks([disk])
+            if self.journal.data["switch"] == "relogin":
+                self._logout_source_session(session)
+        self._record(source_removed=True)
+        self._phase("source path removed")
+
+    def _logout_source_session(self, session: iscsi.Session) -> None:
+        """relogin: the session goes too, unless it carries other volumes; journaled first, so revert logs back in."""
+        if iscsi.session_disks(session):
+            return
+        address = [session.target_iqn, session.portal_ip, session.port, session.iface]
+        logged_out = self.facts.get("source_logged_out", [])
+        if address not in logged_out:
+            self._record(source_logged_out=[*logged_out, address])
+        iscsi.logout_if_unused(session)
+
+    def bring_destination_in(self) -> str:
+        """Map the destination to the host, scan that one LUN, check it, put it in the map."""
+        volume = self.destination_volume()
+        host = self.source["host_initiator"]
+        mapping = lio.find_mapping(volume, host)
+        if mapping is None:
+            lun = lio.free_mapped_lun(self.destination["target"], host, preferred=self.source["host_lun"])
+            self._record(destination_host_lun=lun)  # intent: revert must unmap it
+            mapping = lio.export_volume(volume, host, mapped_lun=lun)
+        self._record(destination_host_lun=mapping.mapped_lun)
+        self._phase("destination mapped")
+        ip, port = parse_portal(self.destination["portal"])
+        session = iscsi.find_session(self.destination["target"], ip, port, self.source["host_iface"])
+        if session is None:
+            session = iscsi.login(self.destination["target"], ip, port, iface=self.source["host_iface"])
+        deadline = time.monotonic() + self.timeout
+        if mapping.mapped_lun not in iscsi.session_disks(session):
+            iscsi.scan_session_lun(session, mapping.mapped_lun)
+        disk = iscsi.find_session_disk(session, mapping.mapped_lun, self.source["wwid"], self._left(deadline))
+        self._phase("destination disk present")
+        if self.map_name:
+            multipath.add_path_now(self.map_name, disk, self._left(deadline))
+        self._record(destination_joined=True, host_disk=disk)
+        self._phase("destination path in the map")
+        return disk
+
+    def _left(self, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HostError(f"the destination path did not join within the switch timeout ({self.timeout:g} s)")
+        return left
+
+    # -- back to the source ---------------------------------------------------------
+    def revert_in_hold(self) -> None:
+        """Put the source path back while IO is still held: unmap the destination, unfence, re-add."""
+        self.emit({"event": "switch_revert", "map": self.map_name})
+        self._detach_host_from_destination_lun()
+        with contextlib.suppress(ArrayError):
+            lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], False)
+        for target, ip, port, iface in self.facts.get("source_logged_out", []):
+            iscsi.login(target, ip, port, iface=iface)
+        for session in self._host_source_sessions():
+            if self.source["host_lun"] not in iscsi.session_disks(session):
+                iscsi.scan_session_lun(session, self.source["host_lun"])
+            disk = iscsi.find_session_disk(session, self.source["host_lun"], self.source["wwid"])
+            if self.map_name:
+                multipath.add_path_now(self.map_name, disk, max(self.timeout, udev.DEFAULT_TIMEOUT))
+        self._record(source_removed=False, source_fencing=False, source_logged_out=[], reverted=True)
+        self._phase("reverted")
+
+    def _detach_host_from_destination_lun(self) -> None:
+        """The destination's disk leaves the map and the SCSI layer; its mapping for the host goes."""
+        with contextlib.suppress(ArrayError, MigrationError):
+            volume = self.destination_volume()
+            mapping = lio.find_mapping(volume, self.source["host_initiator"])
+            if mapping is not None:
+                ip, port = parse_portal(self.destination["portal"])
+                session = iscsi.find_session(self.destination["target"], ip, port, self.source["host_iface"])
+                disk = iscsi.session_disks(session).get(mapping.mapped_lun) if session else None
+                if disk is not None:
+                    if self.map_name and disk in map_disks(self.map_name):
+                        multipath.del_path(disk)
+                    iscsi.delete_disks([disk])
+                lio.unexport_volume(volume, self.source["host_initiator"], keep_acl=True)
+        self._record(destination_joined=False, destination_host_lun=None)
+
+    def after_revert(self) -> None:
+        """Outside the hold: the destination gets its own serial back, the host's session to it goes.
+
+        The migrator's export comes back with the next copy (the host wrote the
+        source again, so the copy starts over).
+        """
+        volume = self.destination_volume()
+        lio.change_volume_serial(volume, self.destination["temporary_serial"])
+        self.release_host_destination_session()
+
+    def release_host_destination_session(self) -> None:
+        """The host's session to the destination goes if it carries nothing (it was made for this switch)."""
+        ip, port = parse_portal(self.destination["portal"])
+        session = iscsi.find_session(self.destination["target"], ip, port, self.source["host_iface"])
+        if session is not None and not self.facts.get("host_session_existed"):
+            iscsi.logout_if_unused(session)
+        if self.facts.get("host_acl_ready"):
+            lio.remove_node_acl_if_empty(self.destination["target"], self.source["host_initiator"])
+        self._record(prepared=False, host_acl_ready=False)
+
+    # -- after the hold ---------------------------------------------------------------
+    def after_switch(self) -> None:
+        """The source is out of the host's view for good: unmapped, and sessions with nothing left go."""
+        source = self._source_volume()
+        for session in self._host_source_sessions():
+            iscsi.logout_if_unused(session)
+        if lio.find_mapping(source, self.source["host_initiator"]) is not None:
+            lio.unexport_volume(source, self.source["host_initiator"])
+        self._record(source_unmapped=True)
