@@ -102,7 +102,7 @@ class Volume:
         return wwid_for_serial(self.serial)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Mapping:
     initiator_iqn: str
     mapped_lun: int
@@ -427,15 +427,15 @@ def create_volume(
         raise ArrayError(f"invalid volume name {name!r}: no slashes or spaces")
     if serial is not None:
         check_serial(serial)
-    block_size = int(geometry.get("block_size", 512))
-    _check_block_size(block_size, size)
     block = _is_block_device(backing)
     if block:
         device_size = _block_device_size(backing)
         if device_size != size:
             raise ArrayError(f"block device {backing} holds {device_size} bytes, not the {size} asked for")
-        check_backing_device_geometry(backing, block_size)
+        # without a wanted block size LIO takes the device's own
+        check_backing_device_geometry(backing, int(geometry.get("block_size", _device_logical_block_size(backing))))
     else:
+        _check_block_size(int(geometry.get("block_size", 512)), size)
         if os.path.lexists(backing):
             raise ArrayError(f"backing file {backing} already exists; refusing to reuse it")
         directory = os.path.dirname(os.path.abspath(backing))
