@@ -32,6 +32,8 @@ SHAPED = {"emulate_tpu": "1", "emulate_tpws": "1", "is_nonrot": "1", "unmap_zero
 
 
 def host_view(disk):
+    # the /dev node can be there a moment before /sys/block/sdX (seen once): wait for it
+    udev.wait_for_path(f"/sys/block/{disk}/queue")
     return {name: read_attribute(f"/sys/block/{disk}/{name}") for name in HOST_VIEW}
 
 
