@@ -144,9 +144,10 @@ def test_an_acl_without_luns_gives_the_host_no_disk_and_a_later_lun_needs_a_scan
     session = iscsi.login(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)
     udev.settle()
     # LIO answers for LUN 0 with its virtual LUN 0 ("not connected": peripheral qualifier 1,
-    # type 0x1f) and REPORT LUNS lists only that; Linux adds no SCSI device for it, not even
-    # on an explicit scan.
+    # type 0x1f) and REPORT LUNS lists only that; Linux adds no SCSI device for it (and drops
+    # the empty SCSI target), not even on an explicit scan.
     assert scsi_devices(session) == [] and iscsi.session_disks(session) == {}
+    assert not glob.glob(f"/sys/class/iscsi_session/session{session.sid}/device/target*")
     iscsi.rescan_session(session)
     udev.settle()
     assert scsi_devices(session) == []
