@@ -191,6 +191,11 @@ def test_a_geometry_the_kernel_refuses_leaves_nothing_behind(lab_env, backing_di
         with pytest.raises(ArrayError, match="4096-byte logical blocks"):
             lio.create_volume(lab.DESTINATION_IQN, "lab-refused", 16 * MIB, loop, geometry={"block_size": "512"})
         assert not glob.glob(f"{CONFIGFS}/core/*/lab-refused")
+        # a fileio volume's default optimal_sectors (16384) is above an iblock's hw_max_sectors
+        fileio = {**lio.volume_geometry(lab.SOURCE_VOLUME), "block_size": "4096"}
+        with pytest.raises(ArrayError, match="optimal_sectors=16384 on block volume"):
+            lio.create_volume(lab.DESTINATION_IQN, "lab-refused", 16 * MIB, loop, geometry=fileio)
+        assert not glob.glob(f"{CONFIGFS}/core/*/lab-refused")
         lio.check_backing_device_geometry(loop, 4096)
     finally:
         subprocess.run(["losetup", "--detach", loop], check=True)
