@@ -214,6 +214,11 @@ def test_block_backstore_on_loop_devices_of_512_and_4096_byte_blocks(lab_env, ba
         data = os.urandom(MIB)
         write_direct(f"/dev/{disk}", 2 * MIB, data)
         assert read_file(os.path.join(backing_dir, f"lab-block-{block_size}.img"), 2 * MIB, MIB) == data
+    # a block volume keeps its geometry and mapping through a serial change too
+    changed = lio.change_volume_serial(volume, lab.lab_serial("renamed"))
+    assert (changed.plugin, changed.backing, changed.lun) == ("block", volume.backing, 2)
+    assert lio.volume_geometry(changed) == geometry
+    assert lio.list_mappings(changed) == [lio.Mapping(HOST_IQN, 2, False)]
 
 
 def test_add_source_volume_and_lab_down_leave_nothing(backing_dir):
