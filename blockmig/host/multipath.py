@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 
 from blockmig.errors import HostError
-from blockmig.host.udev import DEFAULT_TIMEOUT, settle, wait_for_path, wait_until
+from blockmig.host.udev import DEFAULT_TIMEOUT, settle, wait_for_path, wait_for_udev, wait_until
 from blockmig.sysfs import read_attribute
 
 MAP_FORMAT = "%n %w %d"  # name, WWID, dm-N
@@ -57,7 +57,9 @@ def _run(args: list[str], what: str) -> str:
     output = (result.stdout + result.stderr).strip()
     # multipathd's client exits 0 even when the daemon answers "fail".
     if result.returncode != 0 or output.splitlines()[-1:] == ["fail"]:
-        message = output.splitlines()[-1] if output else f"exit {result.returncode}"
+        # dmsetup ends with a bare "Command failed."; the reason is on the line before.
+        lines = [line.strip() for line in output.splitlines() if line.strip() not in ("", "Command failed.")]
+        message = lines[-1] if lines else f"exit {result.returncode}"
         raise HostError(f"{what}: {' '.join(args)}: {message}")
     return result.stdout
 
@@ -132,26 +134,21 @@ def add_path(dev: str) -> None:
     multipathd("add", "path", dev)
 
 
-def add_path_now(map_name: str, dev: str, timeout: float = DEFAULT_TIMEOUT) -> PathInfo:
-    """Put a new disk into `map_name` as soon as multipathd accepts it; wait until it is a usable path there.
+def add_path_now(map_name: str, dev: str, timeout: float = DEFAULT_TIMEOUT, grace: float = 0.5) -> PathInfo:
+    """Put a new disk into `map_name` as soon as udev has processed it; wait until it is a usable path there.
 
     multipathd answers "fail" to `add path` until udev has processed the
     disk (its blacklist exceptions match udev properties), and the add is
-    idempotent once its own uevent handler has the disk; so the add is
-    retried until accepted instead of waiting for the uevent. Measured in
-    the UML lab (tests/lab/test_host_hold.py prints figures): the disk's
-    node appears 10-30 ms after the scan, udev needs about 0.8 s, and the
-    path is usable in the map 0.9-1.2 s after the node either way: udev's
-    processing, not multipathd's uevent handling, is the wait.
+    idempotent once its own uevent handler has the disk; so this waits for
+    udev's event (not polling), gives multipathd's uevent handling `grace`
+    seconds and then adds the path itself. Measured in the UML lab (figures printed by
+    tests/lab/test_host_hold.py): the node appears 10-190 ms after the scan,
+    udev's rules need 0.3-2 s more (load-dependent; the wait that matters),
+    and multipathd's uevent handling has the path usable 0.2-0.3 s after
+    udev (median 0.21 s), an immediate explicit add 0.24-0.66 s (median
+    0.36-0.42 s: the client round trip contends with the uevent handler).
     A disk that lands in another map (another WWID) is a HostError.
     """
-
-    def accepted() -> bool:
-        try:
-            add_path(dev)
-        except HostError:
-            return False
-        return True
 
     def usable() -> PathInfo | None:
         found = next((p for p in paths() if p.dev == dev), None)
@@ -159,8 +156,30 @@ def add_path_now(map_name: str, dev: str, timeout: float = DEFAULT_TIMEOUT) -> P
             raise HostError(f"{dev} joined map {found.map_name}, not {map_name}: another WWID")
         return found if found and found.map_name == map_name and found.usable else None
 
-    wait_until(accepted, f"multipathd to accept {dev} as a path", timeout)
+    wait_for_udev(dev, timeout)
+    try:  # multipathd's own uevent handling, which the lab measured faster than a client round trip
+        wait_until(lambda: is_path_in_table(map_name, dev), f"multipathd to add {dev}", min(grace, timeout))
+    except HostError:  # a missed or slow uevent: add it ourselves (idempotent)
+        wait_until(_accepts_path(dev), f"multipathd to accept {dev} as a path", timeout)
+    wait_until(lambda: is_path_in_table(map_name, dev), f"{dev} to be in the table of map {map_name}", timeout)
     return wait_until(usable, f"{dev} to be a usable path of map {map_name}", timeout)
+
+
+def _accepts_path(dev: str):
+    def accepted() -> bool:
+        try:
+            add_path(dev)
+        except HostError:
+            return False
+        return True
+
+    return accepted
+
+
+def is_path_in_table(map_name: str, dev: str) -> bool:
+    """Whether the kernel's table of the map uses disk `dev` (sysfs holders: no multipathd round trip)."""
+    dm = os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}"))
+    return os.path.exists(f"/sys/block/{dev}/holders/{dm}")
 
 
 def del_path(dev: str) -> None:

@@ -52,6 +52,11 @@ class VolumeUsers:
         return any(m.read_write for m in self.mounts)
 
     @property
+    def rw_mountpoints(self) -> tuple[str, ...]:
+        """What a switch freezes (multipath.freeze_filesystem) while the path still accepts writes."""
+        return tuple(m.mountpoint for m in self.mounts if m.read_write)
+
+    @property
     def writers(self) -> tuple[Opener, ...]:
         return tuple(o for o in self.openers if o.writing)
 

@@ -4,18 +4,13 @@ import os
 import subprocess
 
 import pytest
+from host_support import HOST_IQN, MIB, source_session
 
 from blockmig import lab
 from blockmig.array import lio
 from blockmig.errors import HostError
 from blockmig.host import iscsi, multipath, udev
 
-HOST_IQN = "iqn.2026-11.lab.blockmig:host"
-MIB = 1024 * 1024
-
-
-def source_session():
-    return iscsi.find_session(lab.SOURCE_IQN, *lab.SOURCE_PORTAL)
 
 
 def export_to_host(backing_dir, name, tpg_lun, mapped_lun, target=lab.SOURCE_IQN, size=16 * MIB):
