@@ -10,12 +10,17 @@ blockmig.host, the same on the lab VM, a Vagrant box or a real lab host.
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import hashlib
 import os
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterable
 
 from blockmig.array import lio
 from blockmig.errors import BlockmigError, LabError
 from blockmig.host import iscsi, multipath
+from blockmig.sysfs import read_attribute
 
 SOURCE_IQN = "iqn.2026-11.lab.blockmig:source"
 DESTINATION_IQN = "iqn.2026-11.lab.blockmig:destination"
@@ -41,7 +46,8 @@ def source_backing_file(backing_dir: str = DEFAULT_BACKING_DIR) -> str:
 
 
 def lab_up(size: int = DEFAULT_SIZE, backing_dir: str = DEFAULT_BACKING_DIR,
-           on_step: Callable[[str], None] = _quiet, timeout: float = 60) -> dict:
+           on_step: Callable[[str], None] = _quiet, timeout: float = 60,
+           block_size: int = 512, backstore: str = "fileio") -> dict:
     """Build the lab; on any failure tear down what was built and re-raise."""
     if size <= 0 or size % 512:
         raise LabError(f"lab volume size {size} must be a positive multiple of 512 bytes")
@@ -55,10 +61,10 @@ def lab_up(size: int = DEFAULT_SIZE, backing_dir: str = DEFAULT_BACKING_DIR,
             on_step(f"creating array {iqn} on {ip}:{port}")
             lio.create_array(iqn, ip, port)
         on_step(f"creating volume {SOURCE_VOLUME} ({size} bytes, WWID {SOURCE_WWID})")
-        volume = lio.create_volume(
-            SOURCE_IQN, SOURCE_VOLUME, size, source_backing_file(backing_dir), serial=SOURCE_SERIAL, lun=SOURCE_LUN
+        volume = add_source_volume(
+            SOURCE_VOLUME, size, backing_dir, lun=SOURCE_LUN, block_size=block_size, backstore=backstore,
+            serial=SOURCE_SERIAL, initiators=(initiator,),
         )
-        lio.export_volume(volume, initiator)
         on_step(f"logging in to {SOURCE_IQN} as {initiator}")
         session = iscsi.login(SOURCE_IQN, *SOURCE_PORTAL, timeout=timeout)
         disk = iscsi.wait_for_session_disk(session, SOURCE_LUN, timeout)
@@ -74,6 +80,82 @@ def lab_up(size: int = DEFAULT_SIZE, backing_dir: str = DEFAULT_BACKING_DIR,
         lab_down(backing_dir)
         raise
     return lab_status()
+
+
+def lab_serial(name: str) -> str:
+    """A hex-only serial of the volume name: distinct names give distinct WWIDs (25 hex digits)."""
+    return "b10c" + hashlib.sha256(name.encode()).hexdigest()[:28]
+
+
+def add_source_volume(name: str, size: int, backing_dir: str = DEFAULT_BACKING_DIR, *, lun: int,
+                      mapped_lun: int | None = None, block_size: int = 512, backstore: str = "fileio",
+                      serial: str | None = None, initiators: Iterable[str] | None = None,
+                      geometry: dict | None = None, target_iqn: str = SOURCE_IQN) -> lio.Volume:
+    """A volume of the shape real hosts have, exported to `initiators` (default: this host).
+
+    The backing is `backing_dir/NAME.img`: the file itself (fileio) or a loop
+    device over it with `block_size`-byte sectors (block); lab_down removes
+    both. The host is not rescanned: a new LUN on a session shows up only
+    after iscsi.rescan_session().
+    """
+    if backstore not in ("fileio", "block"):
+        raise LabError(f"unknown backstore {backstore!r}: fileio or block")
+    initiators = (iscsi.read_initiator_name(),) if initiators is None else tuple(initiators)
+    backing = os.path.join(backing_dir, name + ".img")
+    geometry = {**(geometry or {}), "block_size": str(block_size)}
+    with contextlib.ExitStack() as undo:
+        device = backing
+        if backstore == "block":
+            if os.path.lexists(backing):
+                raise LabError(f"backing file {backing} already exists; refusing to reuse it")
+            with open(backing, "xb") as f:
+                undo.callback(_unlink_quietly, backing)
+                f.truncate(size)
+            device = _attach_loop(backing, block_size)
+            undo.callback(_detach_loops_of, {backing})
+        volume = lio.create_volume(target_iqn, name, size, device, serial=serial or lab_serial(name),
+                                   lun=lun, geometry=geometry)
+        undo.callback(lio.remove_volume, volume, remove_backing=True)
+        for initiator in initiators:
+            lio.export_volume(volume, initiator, mapped_lun=mapped_lun)
+        undo.pop_all()
+    return volume
+
+
+def _attach_loop(path: str, sector_size: int) -> str:
+    result = subprocess.run(
+        ["losetup", "--find", "--show", f"--sector-size={sector_size}", path], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise LabError(f"losetup {path} failed: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def _loops_backed_by(paths: set[str]) -> list[str]:
+    """Loop devices (/dev/loopN) whose backing file is one of `paths`."""
+    wanted = {os.path.abspath(p) for p in paths}
+    return [
+        "/dev/" + os.path.basename(os.path.dirname(os.path.dirname(f)))
+        for f in glob.glob("/sys/block/loop*/loop/backing_file")
+        if read_attribute(f) in wanted
+    ]
+
+
+def _detach_loops_of(paths: set[str]) -> list[str]:
+    detached = []
+    for loop in _loops_backed_by(paths):
+        result = subprocess.run(["losetup", "--detach", loop], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise LabError(f"losetup --detach {loop} failed: {result.stderr.strip()}")
+        detached.append(loop)
+    return detached
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def lab_down(backing_dir: str = DEFAULT_BACKING_DIR, on_step: Callable[[str], None] = _quiet) -> list[str]:
@@ -103,7 +185,10 @@ def lab_down(backing_dir: str = DEFAULT_BACKING_DIR, on_step: Callable[[str], No
         for volume in lio.remove_array(array.target_iqn):
             removed.append(f"volume {volume.name}")
         removed.append(f"array {array.target_iqn}")
-    backing_files = {v.backing for v in volumes if v.plugin == "fileio"} | {source_backing_file(backing_dir)}
+    images = set(glob.glob(os.path.join(glob.escape(backing_dir), "*.img")))
+    for loop in _detach_loops_of(images):
+        removed.append(f"loop device {loop}")
+    backing_files = {v.backing for v in volumes if v.plugin == "fileio"} | {source_backing_file(backing_dir)} | images
     for path in sorted(backing_files):
         if os.path.dirname(os.path.abspath(path)) == os.path.abspath(backing_dir) and os.path.isfile(path):
             os.unlink(path)

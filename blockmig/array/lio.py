@@ -21,11 +21,63 @@ import stat
 from dataclasses import dataclass
 
 from blockmig.errors import ArrayError
+from blockmig.sysfs import read_attribute
 
 TPG_TAG = 1
 LIO_WWID_PREFIX = "36001405"  # "3" (NAA designator) + NAA 6 + LIO's OUI 001405
 LIO_WWID_HEX_DIGITS = 25  # the kernel takes this many hex digits of the unit serial
 MAX_SERIAL_LENGTH = 252  # the kernel wants serial + "\n" shorter than INQUIRY_VPD_SERIAL_LEN (254)
+MAX_MAPPED_LUN = 65535  # LIO's TRANSPORT_MAX_LUNS_PER_TPG - 1
+BLOCK_SIZES = (512, 1024, 2048, 4096)  # what attrib/block_size accepts
+
+# What a host (and the filesystem on it) can see of a storage object: READ
+# CAPACITY, INQUIRY, the Block Limits / Logical Block Provisioning VPD pages
+# and the caching / control mode pages. A destination must show the same, or
+# the host's map changes geometry under a mounted filesystem. Applied in this
+# order: block_size first (the kernel recomputes hw_max_sectors from it),
+# emulate_model_alias before product_id (it rewrites the product string).
+# Measured on Debian bookworm (6.1): all of these are writable before export;
+# after export the kernel refuses block_size, optimal_sectors,
+# unmap_zeroes_data, emulate_model_alias, emulate_tas, emulate_ua_intlck_ctrl,
+# pi_prot_type and the wwn/ strings. iblock refuses emulate_write_cache (the
+# device's own cache decides). 6.1 has no max_sectors attribute.
+GEOMETRY_ATTRIBUTES = (
+    "block_size",
+    "emulate_model_alias",
+    "emulate_tpu",
+    "emulate_tpws",
+    "emulate_write_cache",
+    "is_nonrot",
+    "optimal_sectors",
+    "max_unmap_lba_count",
+    "max_unmap_block_desc_count",
+    "unmap_granularity",
+    "unmap_granularity_alignment",
+    "max_write_same_len",
+    "unmap_zeroes_data",
+    "emulate_caw",
+    "emulate_3pc",
+    "emulate_fua_write",
+    "emulate_fua_read",
+    "emulate_dpo",
+    "emulate_tas",
+    "emulate_ua_intlck_ctrl",
+    "emulate_rest_reord",
+    "pi_prot_type",
+    "alua_support",
+    "pgr_support",
+    "hw_block_size",
+    "hw_max_sectors",
+    "vendor_id",
+    "product_id",
+    "revision",
+    "company_id",
+)
+# Reported, never set: the kernel derives them from the backing store.
+READ_ONLY_GEOMETRY = frozenset({"hw_block_size", "hw_max_sectors"})
+# INQUIRY strings live under the object's wwn/ group, the rest under attrib/.
+# company_id is the OUI in the NAA designator, hence part of the WWID.
+WWN_GEOMETRY = frozenset({"vendor_id", "product_id", "revision", "company_id"})
 _SERIAL_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
 
 
@@ -50,7 +102,7 @@ class Volume:
         return wwid_for_serial(self.serial)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Mapping:
     initiator_iqn: str
     mapped_lun: int
@@ -269,6 +321,86 @@ def _block_device_size(path: str) -> int:
         return dev.seek(0, os.SEEK_END)
 
 
+def _device_logical_block_size(path: str) -> int:
+    """The block device's logical block size, from sysfs (a partition reads its disk's queue)."""
+    rdev = os.stat(path).st_rdev
+    sysfs = os.path.realpath(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    for queue in (f"{sysfs}/queue", f"{os.path.dirname(sysfs)}/queue"):
+        value = read_attribute(f"{queue}/logical_block_size")
+        if value.isdigit():
+            return int(value)
+    raise ArrayError(f"cannot read the logical block size of {path} from sysfs")
+
+
+def _check_block_size(block_size: int, size: int) -> None:
+    if block_size not in BLOCK_SIZES:
+        raise ArrayError(f"block size {block_size} is not one LIO offers ({', '.join(map(str, BLOCK_SIZES))})")
+    if size % block_size:
+        raise ArrayError(f"volume size {size} is not a multiple of its {block_size}-byte blocks")
+
+
+def check_backing_device_geometry(path: str, block_size: int) -> None:
+    """Refuse a block device a volume of `block_size`-byte blocks cannot live on; creates nothing.
+
+    LIO's iblock accepts a block_size below the device's logical block size,
+    but then sends the device IO it cannot do; so blockmig refuses it here.
+    """
+    if not _is_block_device(path):
+        raise ArrayError(f"{path} is not a block device")
+    device_block_size = _device_logical_block_size(path)
+    _check_block_size(block_size, _block_device_size(path))
+    if device_block_size > block_size:
+        raise ArrayError(
+            f"block device {path} has {device_block_size}-byte logical blocks; "
+            f"it cannot back a volume of {block_size}-byte blocks"
+        )
+
+
+def _geometry_path(so, name: str) -> str:
+    return f"{so.path}/{'wwn' if name in WWN_GEOMETRY else 'attrib'}/{name}"
+
+
+def _read_geometry(so) -> dict[str, str]:
+    geometry = {}
+    for name in GEOMETRY_ATTRIBUTES:
+        path = _geometry_path(so, name)
+        if os.path.exists(path):
+            geometry[name] = read_attribute(path)
+    return geometry
+
+
+def _apply_geometry(so, geometry: dict) -> None:
+    """Write each settable value that differs from the object's own (iblock refuses even an
+    unchanged emulate_write_cache); call before the object is exported."""
+    unknown = sorted(set(geometry) - set(GEOMETRY_ATTRIBUTES))
+    if unknown:
+        raise ArrayError(f"unknown geometry attribute(s): {', '.join(unknown)}")
+    for name in GEOMETRY_ATTRIBUTES:
+        if name not in geometry or name in READ_ONLY_GEOMETRY:
+            continue
+        wanted, path = str(geometry[name]), _geometry_path(so, name)
+        if not os.path.exists(path):
+            raise ArrayError(f"this array's {so.plugin} volumes have no attribute {name}")
+        if read_attribute(path) == wanted:
+            continue
+        try:
+            with open(path, "w") as f:
+                f.write(wanted)
+        except OSError as exc:
+            raise ArrayError(
+                f"the array refuses {name}={wanted} on {so.plugin} volume {so.name}: {exc.strerror}"
+            ) from exc
+        if read_attribute(path) != wanted:
+            raise ArrayError(f"{name} of volume {so.name} reads {read_attribute(path)!r}, not {wanted!r}, after setting it")
+
+
+def volume_geometry(volume: Volume | str) -> dict[str, str]:
+    """What a host sees of the volume (GEOMETRY_ATTRIBUTES the kernel has), as configfs strings."""
+    name = volume.name if isinstance(volume, Volume) else volume
+    with _lio(f"cannot read the geometry of {name}") as rtslib:
+        return _read_geometry(_find_storage_object(rtslib, name))
+
+
 def create_volume(
     array: Array | str,
     name: str,
@@ -276,15 +408,19 @@ def create_volume(
     backing: str,
     serial: str | None = None,
     lun: int | None = None,
+    geometry: dict | None = None,
 ) -> Volume:
     """A storage object on `backing` exported as a LUN of the array (no initiator mapped yet).
 
     `backing` is a block device (its size must equal `size`) or a file path
     that must not exist yet (it is created sparse after a free-space check).
     `serial` is the VPD unit serial (WWID = 36001405 + its hex digits); a
-    random one is generated when omitted.
+    random one is generated when omitted. `geometry` (volume_geometry() of
+    the source) is applied before the LUN exists, since the kernel freezes
+    most of it at export; a value it refuses fails the whole call.
     """
     target_iqn = array.target_iqn if isinstance(array, Array) else array
+    geometry = dict(geometry or {})
     if size <= 0 or size % 512:
         raise ArrayError(f"volume size {size} must be a positive multiple of 512 bytes")
     if not name or any(c in name for c in "/ \t\n"):
@@ -296,7 +432,10 @@ def create_volume(
         device_size = _block_device_size(backing)
         if device_size != size:
             raise ArrayError(f"block device {backing} holds {device_size} bytes, not the {size} asked for")
+        # without a wanted block size LIO takes the device's own
+        check_backing_device_geometry(backing, int(geometry.get("block_size", _device_logical_block_size(backing))))
     else:
+        _check_block_size(int(geometry.get("block_size", 512)), size)
         if os.path.lexists(backing):
             raise ArrayError(f"backing file {backing} already exists; refusing to reuse it")
         directory = os.path.dirname(os.path.abspath(backing))
@@ -312,20 +451,28 @@ def create_volume(
         if lun is not None and any(existing.lun == lun for existing in tpg.luns):
             raise ArrayError(f"target {target_iqn} already has a LUN {lun}")
         with contextlib.ExitStack() as undo:
-            if block:
-                so = rtslib.BlockStorageObject(name, dev=backing, wwn=serial)
-            else:
+            if not block:
                 with open(backing, "xb") as f:
                     undo.callback(os.unlink, backing)
                     f.truncate(size)
-                # write_back=False: LIO writes through (O_DSYNC) so an acknowledged
-                # write is on the backing store.
-                so = rtslib.FileIOStorageObject(name, dev=backing, size=size, wwn=serial, write_back=False)
-            undo.callback(so.delete)
+            so = _new_storage_object(rtslib, name, "block" if block else "fileio", backing, size, serial, geometry, undo)
             rtslib.LUN(tpg, lun, storage_object=so)
             volume = _volume_from(so)
             undo.pop_all()
         return volume
+
+
+def _new_storage_object(rtslib, name, plugin, backing, size, serial, geometry, undo: contextlib.ExitStack):
+    """The storage object with its geometry applied, not yet exported; `undo` deletes it."""
+    if plugin == "block":
+        so = rtslib.BlockStorageObject(name, dev=backing, wwn=serial)
+    else:
+        # write_back=False: LIO writes through (O_DSYNC) so an acknowledged
+        # write is on the backing store, whatever emulate_write_cache tells the host.
+        so = rtslib.FileIOStorageObject(name, dev=backing, size=size, wwn=serial, write_back=False)
+    undo.callback(so.delete)
+    _apply_geometry(so, geometry)
+    return so
 
 
 def list_volumes(target_iqn: str | None = None) -> list[Volume]:
@@ -384,14 +531,79 @@ def list_mappings(volume: Volume) -> list[Mapping]:
         return _mappings_of(_tpg_lun(rtslib, volume))
 
 
+def find_mapping(volume: Volume, initiator_iqn: str) -> Mapping | None:
+    """The initiator's mapping of the volume (its host-side LUN number), or None."""
+    return next((m for m in list_mappings(volume) if m.initiator_iqn == initiator_iqn), None)
+
+
+def other_initiators(volume: Volume, except_iqns: tuple[str, ...] | list[str] | set[str]) -> list[Mapping]:
+    """Mappings of the volume to initiators not in `except_iqns`: hosts a migration would cut off."""
+    return [m for m in list_mappings(volume) if m.initiator_iqn not in set(except_iqns)]
+
+
+def choose_mapped_lun(used: set[int] | frozenset[int], preferred: int | None) -> int:
+    """`preferred` when the initiator does not use it yet, else the lowest free mapped LUN."""
+    if preferred is not None and preferred not in used and 0 <= preferred <= MAX_MAPPED_LUN:
+        return preferred
+    free = next((n for n in range(MAX_MAPPED_LUN + 1) if n not in used), None)
+    if free is None:
+        raise ArrayError(f"no free mapped LUN number left (all {MAX_MAPPED_LUN + 1} in use)")
+    return free
+
+
+def _find_acl(tpg, initiator_iqn: str):
+    return next((a for a in tpg.node_acls if a.node_wwn == initiator_iqn), None)
+
+
+def _used_mapped_luns(acl) -> set[int]:
+    return {m.mapped_lun for m in acl.mapped_luns} if acl is not None else set()
+
+
+def free_mapped_lun(target_iqn: str, initiator_iqn: str, preferred: int | None = None) -> int:
+    """The host-side LUN number export_volume would give the initiator on this target."""
+    with _lio(f"cannot list the LUNs {initiator_iqn} sees on {target_iqn}") as rtslib:
+        return choose_mapped_lun(_used_mapped_luns(_find_acl(_tpg(rtslib, target_iqn), initiator_iqn)), preferred)
+
+
+def ensure_node_acl(target_iqn: str, initiator_iqn: str) -> bool:
+    """Let the initiator log in even with no LUN mapped yet; True when the ACL was made here.
+
+    Measured (tests/lab/test_array_geometry.py): the host then gets no disk, and
+    a LUN mapped later shows up only after a scan of that session.
+    """
+    with _lio(f"cannot give {initiator_iqn} access to {target_iqn}") as rtslib:
+        tpg = _tpg(rtslib, target_iqn)
+        if _find_acl(tpg, initiator_iqn) is not None:
+            return False
+        rtslib.NodeACL(tpg, initiator_iqn, mode="create")
+        return True
+
+
+def remove_node_acl_if_empty(target_iqn: str, initiator_iqn: str) -> bool:
+    """Delete the initiator's ACL (ending its sessions) if it maps no LUN; True when deleted."""
+    with _lio(f"cannot remove the ACL of {initiator_iqn} on {target_iqn}") as rtslib:
+        return _delete_acl_if_empty(_find_acl(_tpg(rtslib, target_iqn), initiator_iqn))
+
+
+def _delete_acl_if_empty(acl) -> bool:
+    if acl is None or list(acl.mapped_luns):
+        return False
+    acl.delete()
+    return True
+
+
 def export_volume(volume: Volume, initiator_iqn: str, write_protect: bool = False, mapped_lun: int | None = None) -> Mapping:
-    """Let one initiator see the volume (NodeACL + MappedLUN); the mapped LUN defaults to the TPG LUN."""
-    mapped_lun = volume.lun if mapped_lun is None else mapped_lun
+    """Let one initiator see the volume (NodeACL + MappedLUN).
+
+    Without `mapped_lun` the host-side number is the TPG LUN when the
+    initiator has that number free, else its lowest free one; an explicit
+    `mapped_lun` already in use is refused.
+    """
     with _lio(f"cannot export {volume.name} to {initiator_iqn}") as rtslib:
         tpg_lun = _tpg_lun(rtslib, volume)
         tpg = tpg_lun.parent_tpg
         with contextlib.ExitStack() as undo:
-            acl = next((a for a in tpg.node_acls if a.node_wwn == initiator_iqn), None)
+            acl = _find_acl(tpg, initiator_iqn)
             if acl is None:
                 acl = rtslib.NodeACL(tpg, initiator_iqn, mode="create")
                 undo.callback(acl.delete)
@@ -400,6 +612,8 @@ def export_volume(volume: Volume, initiator_iqn: str, write_protect: bool = Fals
                     raise ArrayError(f"{volume.name} is already exported to {initiator_iqn}")
                 if existing.mapped_lun == mapped_lun:
                     raise ArrayError(f"{initiator_iqn} already has LUN {mapped_lun} on {volume.target_iqn}")
+            if mapped_lun is None:
+                mapped_lun = choose_mapped_lun(_used_mapped_luns(acl), tpg_lun.lun)
             rtslib.MappedLUN(acl, mapped_lun, tpg_lun, write_protect)
             undo.pop_all()
         return Mapping(initiator_iqn, mapped_lun, bool(write_protect))
@@ -418,8 +632,7 @@ def unexport_volume(volume: Volume, initiator_iqn: str) -> None:
         mapped = _find_mapped_lun(rtslib, volume, initiator_iqn)
         acl = mapped.parent_nodeacl
         mapped.delete()
-        if not list(acl.mapped_luns):
-            acl.delete()
+        _delete_acl_if_empty(acl)
 
 
 def set_mapping_write_protect(volume: Volume, initiator_iqn: str, write_protect: bool) -> None:
@@ -435,22 +648,19 @@ def set_mapping_write_protect(volume: Volume, initiator_iqn: str, write_protect:
 # identity
 
 
-def _rebuild_storage_object(rtslib, volume: Volume, tpg, mappings: list[Mapping], serial: str):
-    if volume.plugin == "block":
-        so = rtslib.BlockStorageObject(volume.name, dev=volume.backing, wwn=serial)
-    else:
-        so = rtslib.FileIOStorageObject(
-            volume.name, dev=volume.backing, size=volume.size, wwn=serial, write_back=False
-        )
-    lun = rtslib.LUN(tpg, volume.lun, storage_object=so)
-    for mapping in mappings:
-        acl = rtslib.NodeACL(tpg, mapping.initiator_iqn)
-        rtslib.MappedLUN(acl, mapping.mapped_lun, lun, mapping.write_protect)
+def _rebuild_storage_object(rtslib, volume: Volume, tpg, mappings: list[Mapping], serial: str, geometry: dict):
+    with contextlib.ExitStack() as undo:
+        so = _new_storage_object(rtslib, volume.name, volume.plugin, volume.backing, volume.size, serial, geometry, undo)
+        lun = rtslib.LUN(tpg, volume.lun, storage_object=so)
+        for mapping in mappings:
+            acl = rtslib.NodeACL(tpg, mapping.initiator_iqn)
+            rtslib.MappedLUN(acl, mapping.mapped_lun, lun, mapping.write_protect)
+        undo.pop_all()
     return so
 
 
 def change_volume_serial(volume: Volume, new_serial: str) -> Volume:
-    """Give the volume a new unit serial (hence WWID), keeping its bytes, LUN and mappings.
+    """Give the volume a new unit serial (hence WWID), keeping its bytes, geometry, LUN and mappings.
 
     The kernel refuses to change vpd_unit_serial while the storage object is
     exported, so: record the mappings, delete the LUN and the storage object,
@@ -469,17 +679,14 @@ def change_volume_serial(volume: Volume, new_serial: str) -> Volume:
         tpg_lun = _tpg_lun(rtslib, current)
         tpg = tpg_lun.parent_tpg
         mappings = _mappings_of(tpg_lun)
+        geometry = _read_geometry(so)
         tpg_lun.delete()  # also deletes the MappedLUNs; the NodeACLs stay
         so.delete()
         try:
-            new_so = _rebuild_storage_object(rtslib, current, tpg, mappings, new_serial)
-        except (rtslib.RTSLibError, OSError) as exc:
-            _remove_partial_rebuild(rtslib, current)
-            _rebuild_storage_object(rtslib, current, tpg, mappings, current.serial)
+            new_so = _rebuild_storage_object(rtslib, current, tpg, mappings, new_serial, geometry)
+        except (rtslib.RTSLibError, OSError, ArrayError) as exc:
+            # the rebuild removed what it made; put the old identity back
+            _rebuild_storage_object(rtslib, current, tpg, mappings, current.serial, geometry)
             raise ArrayError(f"cannot give {volume.name} serial {new_serial}: {exc}; old serial kept") from exc
         return _volume_from(new_so)
 
-
-def _remove_partial_rebuild(rtslib, volume: Volume) -> None:
-    with contextlib.suppress(ArrayError):
-        _find_storage_object(rtslib, volume.name).delete()

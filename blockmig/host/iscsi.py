@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 
 from blockmig.errors import HostError
-from blockmig.host.udev import DEFAULT_TIMEOUT, wait_for_path, wait_until
+from blockmig.host.udev import DEFAULT_TIMEOUT, disk_wwid, wait_for_path, wait_until
 from blockmig.sysfs import read_attribute
 
 DEFAULT_IFACE = "default"
@@ -41,6 +41,13 @@ _EXIT_MEANINGS = {
     24: "login refused: authorization failure (no ACL for this initiator name)",
     28: "device or resource busy",
 }
+
+
+@dataclass(frozen=True)
+class DiskIdentity:
+    wwid: str
+    logical_block_size: int
+    size: int  # bytes
 
 
 @dataclass(frozen=True)
@@ -186,14 +193,42 @@ def logout_safely(session: Session, timeout: float = DEFAULT_TIMEOUT) -> None:
 
 
 def rescan_session(session: Session) -> None:
-    """Ask the target for LUNs mapped since login (REPORT LUNS) and add their disks."""
+    """Ask the target for LUNs mapped since login (REPORT LUNS) and add their disks.
+
+    This scans EVERY LUN of the session: it brings back disks deleted on
+    purpose (a source path taken out of a map). Prefer scan_session_lun.
+    """
     run_iscsiadm(["-m", "session", "-r", str(session.sid), "--rescan"])
+
+
+def session_scsi_address(session: Session) -> tuple[int, int, int]:
+    """(host_no, channel, target_id) of the session in the SCSI midlayer, from sysfs."""
+    device = os.path.realpath(f"/sys/class/iscsi_session/session{session.sid}/device")
+    host = os.path.basename(os.path.dirname(device))
+    target_id = read_attribute(f"/sys/class/iscsi_session/session{session.sid}/target_id")
+    if not host.startswith("host") or not target_id.isdigit():
+        raise HostError(f"session {session.sid} to {session.target_iqn} has no SCSI host in sysfs (logged out?)")
+    return int(host[len("host"):]), 0, int(target_id)  # iSCSI puts every session on channel 0
+
+
+def scan_session_lun(session: Session, lun: int) -> None:
+    """Scan ONE host-mapped LUN of ONE session (hostH/scan "CHANNEL TARGET LUN").
+
+    A session reused for a second volume does not see a LUN mapped after
+    its login until scanned; unlike `iscsiadm --rescan` this does not bring
+    back other LUNs' disks deleted on purpose. Scanning a LUN already
+    present is harmless.
+    """
+    host_no, channel, target_id = session_scsi_address(session)
+    try:
+        with open(f"/sys/class/scsi_host/host{host_no}/scan", "w") as scan:
+            scan.write(f"{channel} {target_id} {lun}")
+    except OSError as exc:
+        raise HostError(f"cannot scan LUN {lun} of session {session.sid} (host{host_no}): {exc.strerror}") from exc
 
 
 # ---------------------------------------------------------------------------
 # sessions and disks, from sysfs
-
-
 
 
 def sessions() -> list[Session]:
@@ -235,7 +270,7 @@ def session_disks(session: Session) -> dict[int, str]:
 
 
 def wait_for_session_disk(session: Session, lun: int, timeout: float = DEFAULT_TIMEOUT) -> str:
-    """Wait for the session's disk for `lun` and its /dev node; return 'sdX'."""
+    """Wait for the session's disk for `lun` (the host's mapped LUN number) and its /dev node; return 'sdX'."""
     name = wait_until(
         lambda: session_disks(session).get(lun),
         f"LUN {lun} of {session.target_iqn} (session {session.sid}) to appear",
@@ -243,6 +278,67 @@ def wait_for_session_disk(session: Session, lun: int, timeout: float = DEFAULT_T
     )
     wait_for_path(f"/dev/{name}", timeout)
     return name
+
+
+def find_session_disk(session: Session, lun: int, wwid: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """The session's disk for host-mapped `lun`, checked to carry `wwid` before anyone touches it.
+
+    Scans that one LUN first (a reused session has not seen a LUN mapped
+    after its login). A disk with another WWID (a LUN number reused, the
+    array's TPG LUN taken for the host's) raises HostError naming both.
+    """
+    if lun not in session_disks(session):
+        scan_session_lun(session, lun)
+    name = wait_for_session_disk(session, lun, timeout)
+    check_disk_wwid(name, wwid, f"LUN {lun} of session {session.sid} to {session.target_iqn}")
+    return name
+
+
+def check_disk_wwid(name: str, wwid: str, what: str = "") -> None:
+    """HostError unless disk `name` has WWID `wwid` (udev's view, or the kernel's VPD page before udev)."""
+    found = disk_wwid(name)
+    if found != wwid:
+        where = f" ({what})" if what else ""
+        raise HostError(f"disk {name}{where} has WWID {found}, not the expected {wwid}; left untouched")
+
+
+def disk_identity(name: str) -> DiskIdentity:
+    """WWID, logical block size and size of a SCSI disk: what must match before it replaces another."""
+    queue = f"/sys/block/{name}/queue"
+    block_size = read_attribute(f"{queue}/logical_block_size")
+    sectors = read_attribute(f"/sys/block/{name}/size")  # always in 512-byte units
+    if not block_size.isdigit() or not sectors.isdigit():
+        raise HostError(f"disk {name} has no size in sysfs (gone?)")
+    return DiskIdentity(disk_wwid(name), int(block_size), int(sectors) * 512)
+
+
+def session_of_disk(name: str) -> Session | None:
+    """The iSCSI session a SCSI disk belongs to (None for a disk of no session)."""
+    return next((s for s in sessions() if name in session_disks(s).values()), None)
+
+
+def logout_if_unused(session: Session, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Log out and delete the node record only if the session has no SCSI disk left; say whether it did.
+
+    A session to an array often carries other volumes of the host; those
+    keep their session. Delete this volume's disk first (delete_disk_checked).
+    """
+    if session_disks(session):
+        return False
+    if find_session(session.target_iqn, session.portal_ip, session.port, session.iface) is None:
+        return False
+    logout(session.target_iqn, session.portal_ip, session.port, session.iface, missing_ok=True)
+    wait_until(lambda: not os.path.exists(f"/sys/class/iscsi_session/session{session.sid}"),
+               f"session {session.sid} to go away", timeout)
+    return True
+
+
+def delete_disk_checked(name: str, wwid: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Delete a SCSI disk only if it carries `wwid` (a gone disk is fine: deleting is idempotent)."""
+    if not os.path.exists(f"/sys/block/{name}"):
+        return
+    check_disk_wwid(name, wwid)
+    delete_disks([name], timeout)
 
 
 def by_path_link(portal_ip: str, port: int, target_iqn: str, lun: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -44,6 +45,30 @@ def wait_for_path(path: str, timeout: float = DEFAULT_TIMEOUT) -> str:
 
 def wait_for_path_gone(path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
     wait_until(lambda: not os.path.lexists(path), f"{path} to go away", timeout)
+
+
+def wait_for_udev(name: str, timeout: float = DEFAULT_TIMEOUT) -> pyudev.Device:
+    """Wait until udev has processed block device `name` (its rules ran, its database entry exists).
+
+    Listens to udev's own events rather than polling, so a caller that
+    acts on udev's properties (multipathd's `add path`) acts at once.
+    """
+    context = pyudev.Context()
+    monitor = pyudev.Monitor.from_netlink(context)
+    monitor.filter_by("block")
+    monitor.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            device = pyudev.Devices.from_name(context, "block", name)
+        except pyudev.DeviceNotFoundError:
+            device = None
+        if device is not None and device.is_initialized:
+            return device
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise HostError(f"timed out after {timeout:g} s waiting for udev to process {name}")
+        monitor.poll(timeout=min(remaining, 1.0))  # the next block event, whichever device it is about
 
 
 def settle(timeout: float = DEFAULT_TIMEOUT) -> None:
