@@ -34,7 +34,7 @@ from blockmig.datapath.verify import verify_volume
 from blockmig.errors import ArrayError, BlockmigError, DeviceError, HostError, MigrationError, UsageError, VerifyError
 from blockmig.host import iscsi, multipath, udev, usage
 from blockmig.state import STEPS, MigrationJournal, VolumeLock
-from blockmig.switch import DEFAULT_SWITCH_TIMEOUT, HostSwitch, parse_portal
+from blockmig.switch import DEFAULT_SWITCH_TIMEOUT, HostSwitch, freeze_filesystems, parse_portal, thaw_filesystems
 from blockmig.sysfs import read_attribute
 
 FENCES = ("writeprotect", "suspend", "none")
@@ -213,7 +213,7 @@ def _refuse_a_fence_that_breaks_writers(host_device: HostDevice, fence: str) -> 
     if fence == "suspend":
         return
     users = usage.volume_users(host_device.device)
-    if not users.writing:
+    if not (users.mounted_rw or users.writers):
         return
     if fence == "writeprotect":
         raise UsageError(
@@ -371,12 +371,14 @@ class Migration:
 
     def _release_held_io(self, step: str) -> None:
         map_name = self.source["map"]
-        if map_name and multipath.is_suspended(map_name):
+        if map_name and (multipath.is_suspended(map_name) or self.journal.data.get("frozen")):
             if self.journal.data["fence"] == "suspend" and STEPS.index(step) < STEPS.index("switch"):
                 self._lift_fence()
                 self._forget_copy()
             else:
-                multipath.resume_map(map_name)
+                if multipath.is_suspended(map_name):
+                    multipath.resume_map(map_name)
+                thaw_filesystems(self.journal, map_name)
             self.emit({"event": "io_resumed", "map": map_name, "after_failure_in": step})
 
     def _forget_copy(self) -> None:
@@ -480,9 +482,10 @@ class Migration:
                 multipath.flush_buffers(map_name)  # the host's dirty pages land before the fence
             lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], True)
         elif fence == "suspend":
+            # Filesystems frozen (FIFREEZE survives multipathd's reloads), IO drained, while the source takes writes.
+            freeze_filesystems(self.journal, map_name)
             if not multipath.is_suspended(map_name):
-                # Flushes and freezes a filesystem on the map while the source still takes writes.
-                multipath.suspend_map(map_name)
+                multipath.suspend_map(map_name, lockfs=False)
         return {"fence": fence}
 
     def _lift_fence(self) -> None:
@@ -492,6 +495,8 @@ class Migration:
         map_name = self.source["map"]
         if map_name and multipath.is_suspended(map_name):
             multipath.resume_map(map_name)
+        if map_name:
+            thaw_filesystems(self.journal, map_name)
 
     def _source_volume(self) -> lio.Volume:
         return lio.find_volume(self.source["volume"])

@@ -35,7 +35,7 @@ from typing import Callable
 from blockmig.array import lio
 from blockmig.errors import ArrayError, BlockmigError, HostError, MigrationError
 from blockmig.faults import checkpoint
-from blockmig.host import iscsi, multipath, udev
+from blockmig.host import iscsi, multipath, udev, usage
 from blockmig.state import MigrationJournal
 
 DEFAULT_SWITCH_TIMEOUT = 10.0
@@ -146,7 +146,12 @@ class HostSwitch:
     # -- the hold ------------------------------------------------------------------
     @contextlib.contextmanager
     def host_io_held(self):
-        """Suspend the map (flush, freeze, drain) with queueing forced on; resume at the end, whatever happens."""
+        """Freeze filesystems and suspend the map (draining IO in flight); resume and thaw at the end, whatever happens.
+
+        Filesystems are frozen with FIFREEZE, not by dm's lockfs: multipathd's
+        reloads resume the map, and a dm resume would thaw a lockfs freeze
+        while the map has no path (the thaw's write then hangs multipathd).
+        """
         if not self.map_name:
             yield
             return
@@ -157,19 +162,37 @@ class HostSwitch:
         try:
             if "suspended_at" not in self.facts:
                 self._record(suspended_at=time.time())
-            multipath.hold_queueing(self.map_name)
+            # The source still takes writes here: the freeze and the drain can write.
+            freeze_filesystems(self.journal, self.map_name)
             if not multipath.is_suspended(self.map_name):
-                # The source still takes writes here: a filesystem's freeze can write its journal.
-                multipath.suspend_map(self.map_name)
+                multipath.suspend_map(self.map_name, lockfs=False)
             self.emit({"event": "io_held", "map": self.map_name})
             self._phase("held")
             yield
         finally:
             try:
+                self._end_queueing_hold()
                 if multipath.is_suspended(self.map_name):
                     multipath.resume_map(self.map_name)
+                thaw_filesystems(self.journal, self.map_name)
             finally:
                 os.close(opener)
+
+    def _hold_queueing(self) -> None:
+        """The map has no path now: keep its IO waiting past multipathd's no_path_retry countdown (kill -9 included)."""
+        if "queueing_before" not in self.facts:
+            self._record(queueing_before=multipath.queues_if_no_path(self.map_name))
+        multipath.hold_queueing(self.map_name)
+
+    def _end_queueing_hold(self) -> None:
+        if "queueing_before" in self.facts and self._map_has_a_usable_path():
+            multipath.restore_queueing(multipath.QueueHold(self.map_name, self.facts["queueing_before"]))
+            facts = self.journal.data["steps"]["switch"]["facts"]
+            facts.pop("queueing_before", None)
+            self.journal.save()
+
+    def _map_has_a_usable_path(self) -> bool:
+        return any(path.usable for path in multipath.paths_of_map(self.map_name))
 
     def _host_source_sessions(self) -> list[iscsi.Session]:
         """Every session of the host to the source target (a map may have a path per portal)."""
@@ -191,18 +214,15 @@ class HostSwitch:
         for session in self._host_source_sessions():
             disk = iscsi.session_disks(session).get(self.source["host_lun"])
             if disk is not None:
-                wwid = udev.disk_wwid(disk)
-                if wwid != self.source["wwid"]:
-                    raise HostError(
-                        f"disk {disk} (LUN {self.source['host_lun']} of session {session.sid}) has WWID {wwid}, "
-                        f"not {self.source['wwid']}: refusing to remove it"
-                    )
+                iscsi.check_disk_wwid(disk, self.source["wwid"], f"LUN {self.source['host_lun']} of session {session.sid}")
                 if self.map_name and disk in map_disks(self.map_name):
                     multipath.del_path(disk)
-                iscsi.delete_disks([disk])
+                iscsi.delete_disk_checked(disk, self.source["wwid"])
             if self.journal.data["switch"] == "relogin":
                 self._logout_source_session(session)
         self._record(source_removed=True)
+        if self.map_name:
+            self._hold_queueing()
         self._phase("source path removed")
 
     def _logout_source_session(self, session: iscsi.Session) -> None:
@@ -277,7 +297,7 @@ class HostSwitch:
                 if disk is not None:
                     if self.map_name and disk in map_disks(self.map_name):
                         multipath.del_path(disk)
-                    iscsi.delete_disks([disk])
+                    iscsi.delete_disk_checked(disk, self.source["wwid"])
                 lio.unexport_volume(volume, self.source["host_initiator"], keep_acl=True)
         self._record(destination_joined=False, destination_host_lun=None)
 
@@ -310,3 +330,34 @@ class HostSwitch:
         if lio.find_mapping(source, self.source["host_initiator"]) is not None:
             lio.unexport_volume(source, self.source["host_initiator"])
         self._record(source_unmapped=True)
+
+
+# ---------------------------------------------------------------------------
+# filesystems on the host's volume (also the suspend fence's)
+
+
+def freeze_filesystems(journal: MigrationJournal, map_name: str) -> None:
+    """FIFREEZE every filesystem mounted read-write on the map (or on what is stacked on it), once.
+
+    Journaled before each freeze, so whoever comes next (resume, rollback,
+    the cleanup after an error) thaws them.
+    """
+    frozen = journal.data.setdefault("frozen", [])
+    for mountpoint in usage.volume_users(f"/dev/mapper/{map_name}").rw_mountpoints:
+        if mountpoint not in frozen:
+            frozen.append(mountpoint)
+            journal.save()
+            multipath.freeze_filesystem(mountpoint)
+
+
+def thaw_filesystems(journal: MigrationJournal, map_name: str) -> None:
+    """Thaw what freeze_filesystems froze, but only while the map has a usable path (the thaw writes)."""
+    if not journal.data.get("frozen"):
+        return
+    if not any(path.usable for path in multipath.paths_of_map(map_name)):
+        raise HostError(f"map {map_name} has no usable path: its filesystems stay frozen until blockmig resume")
+    for mountpoint in list(journal.data["frozen"]):
+        with contextlib.suppress(HostError):  # EINVAL: not frozen (any more), e.g. thawed by hand
+            multipath.thaw_filesystem(mountpoint)
+        journal.data["frozen"].remove(mountpoint)
+        journal.save()

@@ -626,13 +626,15 @@ def _find_mapped_lun(rtslib, volume: Volume, initiator_iqn: str):
     raise ArrayError(f"volume {volume.name} is not exported to {initiator_iqn}")
 
 
-def unexport_volume(volume: Volume, initiator_iqn: str) -> None:
-    """Remove the initiator's mapping; its NodeACL goes too once it maps nothing (ends its session)."""
+def unexport_volume(volume: Volume, initiator_iqn: str, keep_acl: bool = False) -> None:
+    """Remove the initiator's mapping; its NodeACL goes too once it maps nothing (ends its session),
+    unless `keep_acl` (a session that stays logged in for other reasons, e.g. a switch being reverted)."""
     with _lio(f"cannot unexport {volume.name} from {initiator_iqn}") as rtslib:
         mapped = _find_mapped_lun(rtslib, volume, initiator_iqn)
         acl = mapped.parent_nodeacl
         mapped.delete()
-        _delete_acl_if_empty(acl)
+        if not keep_acl:
+            _delete_acl_if_empty(acl)
 
 
 def set_mapping_write_protect(volume: Volume, initiator_iqn: str, write_protect: bool) -> None:

