@@ -104,9 +104,14 @@ class HostSwitch:
         return {"io_held_seconds": self.facts.get("io_held_seconds"), "host_disk": disk}
 
     def _record_io_held(self) -> None:
+        """From the first held IO to the moment IO flows again: multipathd's reload resumed the map with
+        the destination path in it, or our own resume and thaw, whichever came later."""
         if not self.map_name:
             return
-        held = round(time.time() - self.facts["suspended_at"], 3)
+        flowing = self.facts.get("io_flowing_at") or time.time()
+        if self.facts.get("thawed_at"):
+            flowing = max(flowing, self.facts["thawed_at"])
+        held = round(flowing - self.facts["suspended_at"], 3)
         self._record(io_held_seconds=held)
         self.emit({"event": "io_resumed", "map": self.map_name, "io_held_seconds": held})
 
@@ -122,6 +127,10 @@ class HostSwitch:
         volume = lio.change_volume_serial(volume, self.source["serial"])
         lio.ensure_node_acl(self.destination["target"], self.source["host_initiator"])
         self._record(host_acl_ready=True)
+        if self.map_name:
+            # Read before the hold (a walk of /proc is slow): what the hold will freeze.
+            self._record(queueing_before=multipath.queues_if_no_path(self.map_name),
+                         mountpoints=list(usage.volume_users(f"/dev/mapper/{self.map_name}").rw_mountpoints))
         ip, port = parse_portal(self.destination["portal"])
         existing = iscsi.find_session(self.destination["target"], ip, port, self.source["host_iface"])
         if existing is None:
@@ -163,7 +172,7 @@ class HostSwitch:
             if "suspended_at" not in self.facts:
                 self._record(suspended_at=time.time())
             # The source still takes writes here: the freeze and the drain can write.
-            freeze_filesystems(self.journal, self.map_name)
+            freeze_filesystems(self.journal, self.map_name, self.facts.get("mountpoints"))
             if not multipath.is_suspended(self.map_name):
                 multipath.suspend_map(self.map_name, lockfs=False)
             self.emit({"event": "io_held", "map": self.map_name})
@@ -174,22 +183,21 @@ class HostSwitch:
                 self._end_queueing_hold()
                 if multipath.is_suspended(self.map_name):
                     multipath.resume_map(self.map_name)
-                thaw_filesystems(self.journal, self.map_name)
+                    self._record(io_flowing_at=time.time())
+                if thaw_filesystems(self.journal, self.map_name):
+                    self._record(thawed_at=time.time())
             finally:
                 os.close(opener)
 
     def _hold_queueing(self) -> None:
         """The map has no path now: keep its IO waiting past multipathd's no_path_retry countdown (kill -9 included)."""
-        if "queueing_before" not in self.facts:
-            self._record(queueing_before=multipath.queues_if_no_path(self.map_name))
+        self._record(queueing_held=True)
         multipath.hold_queueing(self.map_name)
 
     def _end_queueing_hold(self) -> None:
-        if "queueing_before" in self.facts and self._map_has_a_usable_path():
+        if self.facts.get("queueing_held") and self._map_has_a_usable_path():
             multipath.restore_queueing(multipath.QueueHold(self.map_name, self.facts["queueing_before"]))
-            facts = self.journal.data["steps"]["switch"]["facts"]
-            facts.pop("queueing_before", None)
-            self.journal.save()
+            self._record(queueing_held=False)
 
     def _map_has_a_usable_path(self) -> bool:
         return any(path.usable for path in multipath.paths_of_map(self.map_name))
@@ -257,7 +265,8 @@ class HostSwitch:
         self._phase("destination disk present")
         if self.map_name:
             multipath.add_path_now(self.map_name, disk, self._left(deadline))
-        self._record(destination_joined=True, host_disk=disk)
+        flowing = not (self.map_name and multipath.is_suspended(self.map_name))
+        self._record(destination_joined=True, host_disk=disk, io_flowing_at=time.time() if flowing else None)
         self._phase("destination path in the map")
         return disk
 
@@ -336,24 +345,26 @@ class HostSwitch:
 # filesystems on the host's volume (also the suspend fence's)
 
 
-def freeze_filesystems(journal: MigrationJournal, map_name: str) -> None:
+def freeze_filesystems(journal: MigrationJournal, map_name: str, mountpoints: list[str] | None = None) -> None:
     """FIFREEZE every filesystem mounted read-write on the map (or on what is stacked on it), once.
 
     Journaled before each freeze, so whoever comes next (resume, rollback,
-    the cleanup after an error) thaws them.
+    the cleanup after an error) thaws them. `mountpoints`: as found earlier.
     """
     frozen = journal.data.setdefault("frozen", [])
-    for mountpoint in usage.volume_users(f"/dev/mapper/{map_name}").rw_mountpoints:
+    if mountpoints is None:
+        mountpoints = usage.volume_users(f"/dev/mapper/{map_name}").rw_mountpoints
+    for mountpoint in mountpoints:
         if mountpoint not in frozen:
             frozen.append(mountpoint)
             journal.save()
             multipath.freeze_filesystem(mountpoint)
 
 
-def thaw_filesystems(journal: MigrationJournal, map_name: str) -> None:
+def thaw_filesystems(journal: MigrationJournal, map_name: str) -> bool:
     """Thaw what freeze_filesystems froze, but only while the map has a usable path (the thaw writes)."""
     if not journal.data.get("frozen"):
-        return
+        return False
     if not any(path.usable for path in multipath.paths_of_map(map_name)):
         raise HostError(f"map {map_name} has no usable path: its filesystems stay frozen until blockmig resume")
     for mountpoint in list(journal.data["frozen"]):
@@ -361,3 +372,4 @@ def thaw_filesystems(journal: MigrationJournal, map_name: str) -> None:
             multipath.thaw_filesystem(mountpoint)
         journal.data["frozen"].remove(mountpoint)
         journal.save()
+    return True
