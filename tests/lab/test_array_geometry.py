@@ -1,6 +1,7 @@
 """Volumes of the shapes real hosts have: 4096-byte blocks, INQUIRY strings, block backstores,
 host LUN numbers that differ from the TPG's, ACLs that map nothing yet."""
 
+import contextlib
 import glob
 import os
 import subprocess
@@ -50,6 +51,20 @@ def scsi_devices(session):
     """H:C:T:L of every SCSI device (disk or not) the session has."""
     pattern = f"/sys/class/iscsi_session/session{session.sid}/device/target*/*:*:*:*"
     return sorted(os.path.basename(p) for p in glob.glob(pattern))
+
+
+@contextlib.contextmanager
+def scsi_scan_logging():
+    """Let the kernel log its SCSI scan decisions (scsi_logging.h: scan level 7 at shift 6)."""
+    path = "/proc/sys/dev/scsi/logging_level"
+    before = read_attribute(path)
+    with open(path, "w") as f:
+        f.write(str(7 << 6))
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(before or "0")
 
 
 def test_destination_made_with_the_source_geometry_looks_the_same_to_the_host(lab_env, backing_dir):
@@ -141,8 +156,13 @@ def test_an_acl_without_luns_gives_the_host_no_disk_and_a_later_lun_needs_a_scan
     assert lio.ensure_node_acl(lab.DESTINATION_IQN, HOST_IQN) is True
     assert lio.ensure_node_acl(lab.DESTINATION_IQN, HOST_IQN) is False
     assert os.listdir(f"{DESTINATION_TPG}/acls") == [HOST_IQN]
-    session = iscsi.login(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)
-    udev.settle()
+    with scsi_scan_logging():
+        session = iscsi.login(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)
+        udev.settle()
+    if os.environ.get("BLOCKMIG_LAB_RUNNER") == "qemu":  # the UML kernel has no SCSI logging
+        host = os.path.basename(os.path.dirname(os.path.realpath(f"/sys/class/iscsi_session/session{session.sid}/device")))
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
+        assert f"scsi {host[len('host'):]}:0:0:0: scsi scan: peripheral device type of 31, no device added" in log
     # LIO answers for LUN 0 with its virtual LUN 0 ("not connected": peripheral qualifier 1,
     # type 0x1f) and REPORT LUNS lists only that; Linux adds no SCSI device for it (and drops
     # the empty SCSI target), not even on an explicit scan.
