@@ -18,6 +18,7 @@ import ipaddress
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from blockmig.errors import ArrayError
@@ -391,7 +392,7 @@ def _apply_geometry(so, geometry: dict) -> None:
                 f"the array refuses {name}={wanted} on {so.plugin} volume {so.name}: {exc.strerror}"
             ) from exc
         if read_attribute(path) != wanted:
-            raise ArrayError(f"{name} of volume {so.name} reads {read_attribute(path)!r}, not {wanted!r}, after setting it")
+            raise ArrayError(f"{name} of volume {so.name} reads {read_attribute(path)!r} after setting {wanted!r}")
 
 
 def volume_geometry(volume: Volume | str) -> dict[str, str]:
@@ -455,7 +456,8 @@ def create_volume(
                 with open(backing, "xb") as f:
                     undo.callback(os.unlink, backing)
                     f.truncate(size)
-            so = _new_storage_object(rtslib, name, "block" if block else "fileio", backing, size, serial, geometry, undo)
+            plugin = "block" if block else "fileio"
+            so = _new_storage_object(rtslib, name, plugin, backing, size, serial, geometry, undo)
             rtslib.LUN(tpg, lun, storage_object=so)
             volume = _volume_from(so)
             undo.pop_all()
@@ -536,13 +538,15 @@ def find_mapping(volume: Volume, initiator_iqn: str) -> Mapping | None:
     return next((m for m in list_mappings(volume) if m.initiator_iqn == initiator_iqn), None)
 
 
-def other_initiators(volume: Volume, except_iqns: tuple[str, ...] | list[str] | set[str]) -> list[Mapping]:
+def other_initiators(volume: Volume, except_iqns: Iterable[str]) -> list[Mapping]:
     """Mappings of the volume to initiators not in `except_iqns`: hosts a migration would cut off."""
-    return [m for m in list_mappings(volume) if m.initiator_iqn not in set(except_iqns)]
+    known = set(except_iqns)
+    return [m for m in list_mappings(volume) if m.initiator_iqn not in known]
 
 
-def choose_mapped_lun(used: set[int] | frozenset[int], preferred: int | None) -> int:
+def choose_mapped_lun(used: Iterable[int], preferred: int | None) -> int:
     """`preferred` when the initiator does not use it yet, else the lowest free mapped LUN."""
+    used = set(used)
     if preferred is not None and preferred not in used and 0 <= preferred <= MAX_MAPPED_LUN:
         return preferred
     free = next((n for n in range(MAX_MAPPED_LUN + 1) if n not in used), None)
@@ -650,7 +654,9 @@ def set_mapping_write_protect(volume: Volume, initiator_iqn: str, write_protect:
 
 def _rebuild_storage_object(rtslib, volume: Volume, tpg, mappings: list[Mapping], serial: str, geometry: dict):
     with contextlib.ExitStack() as undo:
-        so = _new_storage_object(rtslib, volume.name, volume.plugin, volume.backing, volume.size, serial, geometry, undo)
+        so = _new_storage_object(
+            rtslib, volume.name, volume.plugin, volume.backing, volume.size, serial, geometry, undo
+        )
         lun = rtslib.LUN(tpg, volume.lun, storage_object=so)
         for mapping in mappings:
             acl = rtslib.NodeACL(tpg, mapping.initiator_iqn)

@@ -160,7 +160,8 @@ def test_an_acl_without_luns_gives_the_host_no_disk_and_a_later_lun_needs_a_scan
         session = iscsi.login(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)
         udev.settle()
     if os.environ.get("BLOCKMIG_LAB_RUNNER") == "qemu":  # the UML kernel has no SCSI logging
-        host = os.path.basename(os.path.dirname(os.path.realpath(f"/sys/class/iscsi_session/session{session.sid}/device")))
+        session_dir = os.path.realpath(f"/sys/class/iscsi_session/session{session.sid}/device")
+        host = os.path.basename(os.path.dirname(session_dir))
         log = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
         assert f"scsi {host[len('host'):]}:0:0:0: scsi scan: peripheral device type of 31, no device added" in log
     # LIO answers for LUN 0 with its virtual LUN 0 ("not connected": peripheral qualifier 1,
