@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import mmap
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from blockmig.errors import ArrayError
@@ -39,8 +41,9 @@ BLOCK_SIZES = (512, 1024, 2048, 4096)  # what attrib/block_size accepts
 # Measured on Debian bookworm (6.1): all of these are writable before export;
 # after export the kernel refuses block_size, optimal_sectors,
 # unmap_zeroes_data, emulate_model_alias, emulate_tas, emulate_ua_intlck_ctrl,
-# pi_prot_type and the wwn/ strings. iblock refuses emulate_write_cache (the
-# device's own cache decides). 6.1 has no max_sectors attribute.
+# pi_prot_type and the wwn/ strings. iblock refuses emulate_write_cache: the
+# host sees the device's own cache flag (reported as emulate_write_cache).
+# 6.1 has no max_sectors attribute.
 GEOMETRY_ATTRIBUTES = (
     "block_size",
     "emulate_model_alias",
@@ -321,15 +324,29 @@ def _block_device_size(path: str) -> int:
         return dev.seek(0, os.SEEK_END)
 
 
-def _device_logical_block_size(path: str) -> int:
-    """The block device's logical block size, from sysfs (a partition reads its disk's queue)."""
+def backing_device_limits(path: str) -> dict[str, str]:
+    """What LIO's iblock takes from a block device it is given (geometry keys, configfs strings).
+
+    iblock copies the device's logical block size, its max_hw_sectors (in
+    512-byte units, rounded down to whole pages of blocks) and its write
+    cache flag; the last two cap optimal_sectors and fix emulate_write_cache.
+    """
+    if not _is_block_device(path):
+        raise ArrayError(f"{path} is not a block device")
     rdev = os.stat(path).st_rdev
     sysfs = os.path.realpath(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
-    for queue in (f"{sysfs}/queue", f"{os.path.dirname(sysfs)}/queue"):
-        value = read_attribute(f"{queue}/logical_block_size")
-        if value.isdigit():
-            return int(value)
-    raise ArrayError(f"cannot read the logical block size of {path} from sysfs")
+    # a partition has no queue of its own: its disk's applies
+    queue = next((q for q in (f"{sysfs}/queue", f"{os.path.dirname(sysfs)}/queue") if os.path.isdir(q)), "")
+    values = {name: read_attribute(f"{queue}/{name}") for name in ("logical_block_size", "max_hw_sectors_kb")}
+    if not queue or not all(v.isdigit() for v in values.values()):
+        raise ArrayError(f"cannot read the queue limits of {path} from sysfs")
+    block_size = int(values["logical_block_size"])
+    alignment = max(1, mmap.PAGESIZE // block_size)
+    return {
+        "block_size": str(block_size),
+        "hw_max_sectors": str(int(values["max_hw_sectors_kb"]) * 2 // alignment * alignment),
+        "emulate_write_cache": "1" if read_attribute(f"{queue}/write_cache") == "write back" else "0",
+    }
 
 
 def _check_block_size(block_size: int, size: int) -> None:
@@ -339,20 +356,32 @@ def _check_block_size(block_size: int, size: int) -> None:
         raise ArrayError(f"volume size {size} is not a multiple of its {block_size}-byte blocks")
 
 
-def check_backing_device_geometry(path: str, block_size: int) -> None:
-    """Refuse a block device a volume of `block_size`-byte blocks cannot live on; creates nothing.
+def check_backing_device_geometry(path: str, geometry: dict) -> None:
+    """Refuse a block device a volume of this geometry cannot live on; creates nothing.
 
-    LIO's iblock accepts a block_size below the device's logical block size,
-    but then sends the device IO it cannot do; so blockmig refuses it here.
+    iblock accepts a block_size below the device's logical block size but
+    then sends the device IO it cannot do, so that is refused here too; an
+    optimal_sectors above the device's limit or another write cache setting
+    the kernel would refuse in create_volume, after the planner's checks.
     """
-    if not _is_block_device(path):
-        raise ArrayError(f"{path} is not a block device")
-    device_block_size = _device_logical_block_size(path)
+    limits = backing_device_limits(path)
+    block_size = int(geometry.get("block_size", limits["block_size"]))
     _check_block_size(block_size, _block_device_size(path))
-    if device_block_size > block_size:
+    if int(limits["block_size"]) > block_size:
         raise ArrayError(
-            f"block device {path} has {device_block_size}-byte logical blocks; "
+            f"block device {path} has {limits['block_size']}-byte logical blocks; "
             f"it cannot back a volume of {block_size}-byte blocks"
+        )
+    if int(geometry.get("optimal_sectors", 0)) > int(limits["hw_max_sectors"]):
+        raise ArrayError(
+            f"block device {path} takes at most {limits['hw_max_sectors']} sectors per command; "
+            f"the volume needs optimal_sectors {geometry['optimal_sectors']}"
+        )
+    wanted_cache = str(geometry.get("emulate_write_cache", limits["emulate_write_cache"]))
+    if wanted_cache != limits["emulate_write_cache"]:
+        raise ArrayError(
+            f"block device {path} has its write cache {'on' if limits['emulate_write_cache'] == '1' else 'off'}; "
+            f"the volume needs emulate_write_cache {wanted_cache}"
         )
 
 
@@ -366,12 +395,15 @@ def _read_geometry(so) -> dict[str, str]:
         path = _geometry_path(so, name)
         if os.path.exists(path):
             geometry[name] = read_attribute(path)
+    if so.plugin == "block":
+        # iblock answers the host with the device's write cache flag; its
+        # attrib/emulate_write_cache stays 0 whatever (measured on a loop device).
+        geometry["emulate_write_cache"] = backing_device_limits(so.udev_path)["emulate_write_cache"]
     return geometry
 
 
 def _apply_geometry(so, geometry: dict) -> None:
-    """Write each settable value that differs from the object's own (iblock refuses even an
-    unchanged emulate_write_cache); call before the object is exported."""
+    """Write each settable value that differs from the object's own; call before export."""
     unknown = sorted(set(geometry) - set(GEOMETRY_ATTRIBUTES))
     if unknown:
         raise ArrayError(f"unknown geometry attribute(s): {', '.join(unknown)}")
@@ -379,6 +411,12 @@ def _apply_geometry(so, geometry: dict) -> None:
         if name not in geometry or name in READ_ONLY_GEOMETRY:
             continue
         wanted, path = str(geometry[name]), _geometry_path(so, name)
+        if name == "emulate_write_cache" and so.plugin == "block":
+            if wanted != backing_device_limits(so.udev_path)["emulate_write_cache"]:
+                raise ArrayError(
+                    f"the array refuses {name}={wanted} on block volume {so.name}: the device's cache decides"
+                )
+            continue
         if not os.path.exists(path):
             raise ArrayError(f"this array's {so.plugin} volumes have no attribute {name}")
         if read_attribute(path) == wanted:
@@ -391,7 +429,7 @@ def _apply_geometry(so, geometry: dict) -> None:
                 f"the array refuses {name}={wanted} on {so.plugin} volume {so.name}: {exc.strerror}"
             ) from exc
         if read_attribute(path) != wanted:
-            raise ArrayError(f"{name} of volume {so.name} reads {read_attribute(path)!r}, not {wanted!r}, after setting it")
+            raise ArrayError(f"{name} of volume {so.name} reads {read_attribute(path)!r} after setting {wanted!r}")
 
 
 def volume_geometry(volume: Volume | str) -> dict[str, str]:
@@ -432,8 +470,7 @@ def create_volume(
         device_size = _block_device_size(backing)
         if device_size != size:
             raise ArrayError(f"block device {backing} holds {device_size} bytes, not the {size} asked for")
-        # without a wanted block size LIO takes the device's own
-        check_backing_device_geometry(backing, int(geometry.get("block_size", _device_logical_block_size(backing))))
+        check_backing_device_geometry(backing, geometry)
     else:
         _check_block_size(int(geometry.get("block_size", 512)), size)
         if os.path.lexists(backing):
@@ -455,7 +492,8 @@ def create_volume(
                 with open(backing, "xb") as f:
                     undo.callback(os.unlink, backing)
                     f.truncate(size)
-            so = _new_storage_object(rtslib, name, "block" if block else "fileio", backing, size, serial, geometry, undo)
+            plugin = "block" if block else "fileio"
+            so = _new_storage_object(rtslib, name, plugin, backing, size, serial, geometry, undo)
             rtslib.LUN(tpg, lun, storage_object=so)
             volume = _volume_from(so)
             undo.pop_all()
@@ -536,13 +574,15 @@ def find_mapping(volume: Volume, initiator_iqn: str) -> Mapping | None:
     return next((m for m in list_mappings(volume) if m.initiator_iqn == initiator_iqn), None)
 
 
-def other_initiators(volume: Volume, except_iqns: tuple[str, ...] | list[str] | set[str]) -> list[Mapping]:
+def other_initiators(volume: Volume, except_iqns: Iterable[str]) -> list[Mapping]:
     """Mappings of the volume to initiators not in `except_iqns`: hosts a migration would cut off."""
-    return [m for m in list_mappings(volume) if m.initiator_iqn not in set(except_iqns)]
+    known = set(except_iqns)
+    return [m for m in list_mappings(volume) if m.initiator_iqn not in known]
 
 
-def choose_mapped_lun(used: set[int] | frozenset[int], preferred: int | None) -> int:
+def choose_mapped_lun(used: Iterable[int], preferred: int | None) -> int:
     """`preferred` when the initiator does not use it yet, else the lowest free mapped LUN."""
+    used = set(used)
     if preferred is not None and preferred not in used and 0 <= preferred <= MAX_MAPPED_LUN:
         return preferred
     free = next((n for n in range(MAX_MAPPED_LUN + 1) if n not in used), None)
@@ -652,7 +692,9 @@ def set_mapping_write_protect(volume: Volume, initiator_iqn: str, write_protect:
 
 def _rebuild_storage_object(rtslib, volume: Volume, tpg, mappings: list[Mapping], serial: str, geometry: dict):
     with contextlib.ExitStack() as undo:
-        so = _new_storage_object(rtslib, volume.name, volume.plugin, volume.backing, volume.size, serial, geometry, undo)
+        so = _new_storage_object(
+            rtslib, volume.name, volume.plugin, volume.backing, volume.size, serial, geometry, undo
+        )
         lun = rtslib.LUN(tpg, volume.lun, storage_object=so)
         for mapping in mappings:
             acl = rtslib.NodeACL(tpg, mapping.initiator_iqn)

@@ -1,6 +1,7 @@
 """Volumes of the shapes real hosts have: 4096-byte blocks, INQUIRY strings, block backstores,
 host LUN numbers that differ from the TPG's, ACLs that map nothing yet."""
 
+import contextlib
 import glob
 import os
 import subprocess
@@ -50,6 +51,20 @@ def scsi_devices(session):
     """H:C:T:L of every SCSI device (disk or not) the session has."""
     pattern = f"/sys/class/iscsi_session/session{session.sid}/device/target*/*:*:*:*"
     return sorted(os.path.basename(p) for p in glob.glob(pattern))
+
+
+@contextlib.contextmanager
+def scsi_scan_logging():
+    """Let the kernel log its SCSI scan decisions (scsi_logging.h: scan level 7 at shift 6)."""
+    path = "/proc/sys/dev/scsi/logging_level"
+    before = read_attribute(path)
+    with open(path, "w") as f:
+        f.write(str(7 << 6))
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(before or "0")
 
 
 def test_destination_made_with_the_source_geometry_looks_the_same_to_the_host(lab_env, backing_dir):
@@ -141,8 +156,14 @@ def test_an_acl_without_luns_gives_the_host_no_disk_and_a_later_lun_needs_a_scan
     assert lio.ensure_node_acl(lab.DESTINATION_IQN, HOST_IQN) is True
     assert lio.ensure_node_acl(lab.DESTINATION_IQN, HOST_IQN) is False
     assert os.listdir(f"{DESTINATION_TPG}/acls") == [HOST_IQN]
-    session = iscsi.login(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)
-    udev.settle()
+    with scsi_scan_logging():
+        session = iscsi.login(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)
+        udev.settle()
+    if os.environ.get("BLOCKMIG_LAB_RUNNER") == "qemu":  # the UML kernel has no SCSI logging
+        session_dir = os.path.realpath(f"/sys/class/iscsi_session/session{session.sid}/device")
+        host = os.path.basename(os.path.dirname(session_dir))
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
+        assert f"scsi {host[len('host'):]}:0:0:0: scsi scan: peripheral device type of 31, no device added" in log
     # LIO answers for LUN 0 with its virtual LUN 0 ("not connected": peripheral qualifier 1,
     # type 0x1f) and REPORT LUNS lists only that; Linux adds no SCSI device for it (and drops
     # the empty SCSI target), not even on an explicit scan.
@@ -180,23 +201,27 @@ def test_a_geometry_the_kernel_refuses_leaves_nothing_behind(lab_env, backing_di
     loop = subprocess.run(["losetup", "--find", "--show", "--sector-size=4096", image],
                           capture_output=True, text=True, check=True).stdout.strip()
     try:
-        # iblock takes the device's write cache setting; the kernel refuses any other
-        with pytest.raises(ArrayError, match="emulate_write_cache=1 on block volume"):
+        # a value the kernel itself refuses on a block volume
+        with pytest.raises(ArrayError, match="refuses emulate_tpu=maybe on block volume lab-refused"):
             lio.create_volume(lab.DESTINATION_IQN, "lab-refused", 16 * MIB, loop, lun=0,
-                              geometry={"emulate_write_cache": "1"})
+                              geometry={"emulate_tpu": "maybe"})
         assert not glob.glob(f"{CONFIGFS}/core/*/lab-refused") and os.listdir(f"{DESTINATION_TPG}/lun") == []
         # 512-byte blocks on a 4096-byte device: the kernel would take it; blockmig refuses up front
         with pytest.raises(ArrayError, match="4096-byte logical blocks"):
-            lio.check_backing_device_geometry(loop, 512)
+            lio.check_backing_device_geometry(loop, {"block_size": "512"})
         with pytest.raises(ArrayError, match="4096-byte logical blocks"):
             lio.create_volume(lab.DESTINATION_IQN, "lab-refused", 16 * MIB, loop, geometry={"block_size": "512"})
-        assert not glob.glob(f"{CONFIGFS}/core/*/lab-refused")
-        # a fileio volume's default optimal_sectors (16384) is above an iblock's hw_max_sectors
+        # a fileio volume's default optimal_sectors (16384) is above what iblock takes from the
+        # device (2560); another write cache setting than the device's the kernel refuses too
         fileio = {**lio.volume_geometry(lab.SOURCE_VOLUME), "block_size": "4096"}
-        with pytest.raises(ArrayError, match="optimal_sectors=16384 on block volume"):
-            lio.create_volume(lab.DESTINATION_IQN, "lab-refused", 16 * MIB, loop, geometry=fileio)
+        assert fileio["optimal_sectors"] == "16384"
+        with pytest.raises(ArrayError, match="optimal_sectors 16384"):
+            lio.check_backing_device_geometry(loop, fileio)
+        other_cache = "0" if lio.backing_device_limits(loop)["emulate_write_cache"] == "1" else "1"
+        with pytest.raises(ArrayError, match=f"emulate_write_cache {other_cache}"):
+            lio.check_backing_device_geometry(loop, {"emulate_write_cache": other_cache})
         assert not glob.glob(f"{CONFIGFS}/core/*/lab-refused")
-        lio.check_backing_device_geometry(loop, 4096)
+        lio.check_backing_device_geometry(loop, {"block_size": "4096", "optimal_sectors": "2560"})
     finally:
         subprocess.run(["losetup", "--detach", loop], check=True)
 
@@ -209,8 +234,13 @@ def test_block_backstore_on_loop_devices_of_512_and_4096_byte_blocks(lab_env, ba
         assert volume.plugin == "block" and volume.backing.startswith("/dev/loop")
         geometry = lio.volume_geometry(volume)
         assert geometry["block_size"] == geometry["hw_block_size"] == str(block_size)
+        # what the planner predicts from the device is what iblock took from it
+        limits = lio.backing_device_limits(volume.backing)
+        assert limits == {name: geometry[name] for name in limits}
         disk = scan_for(session, lun)
         assert host_view(disk)["queue/logical_block_size"] == str(block_size)
+        # iblock's attrib says 0, the host sees the loop device's "write back": geometry says what the host sees
+        assert geometry["emulate_write_cache"] == "1" and host_view(disk)["queue/write_cache"] == "write back"
         data = os.urandom(MIB)
         write_direct(f"/dev/{disk}", 2 * MIB, data)
         assert read_file(os.path.join(backing_dir, f"lab-block-{block_size}.img"), 2 * MIB, MIB) == data
