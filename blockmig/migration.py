@@ -118,7 +118,7 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
     if request.backing_device:
         backing = os.path.realpath(request.backing_device)
         _check_backing_device(backing, source["size"])
-        lio.check_backing_device_geometry(backing, int(source["geometry"].get("block_size", 512)))
+        lio.check_backing_device_geometry(backing, source["geometry"])
         backing_created = False
     else:
         if not request.backing_dir and source["backing"].startswith("/dev/"):

@@ -101,7 +101,7 @@ def test_block_size_and_odd_size_are_kept(lab_env, backing_dir, tmp_path, monkey
     report = report_of(result)
     _held(report, f"{block_size}-byte blocks, odd size")
     assert report["block_size"] == block_size and report["size"] == volume.size
-    volume.assert_host_on_destination(writer_region=_region(writer), report=report)
+    volume.assert_host_on_destination(writer_region=_region(writer), report=report, other_source_volumes=True)
     writer.check(volume.read_through_map)
     destination = lio.find_volume(report["destination"]["volume"])
     assert lio.volume_geometry(destination) == source_geometry

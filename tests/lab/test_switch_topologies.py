@@ -84,7 +84,7 @@ def test_a_second_initiator_on_the_source_is_refused(migration_lab):
 def test_an_existing_host_session_to_the_destination_is_kept(migration_lab, backing_dir):
     """The host already uses another volume of the destination array: the switch scans, the session stays."""
     resident = lio.create_volume(lab.DESTINATION_IQN, "resident", 16 * 1024 * 1024,
-                                 os.path.join(backing_dir, "resident.img"), serial="b10c00000000000000000000000000aa")
+                                 os.path.join(backing_dir, "resident.img"), serial="5e51de27000000000000000000000001")
     lio.export_volume(resident, migration_lab.host_initiator)
     session = iscsi.login(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)
     resident_disk = iscsi.find_session_disk(session, resident.lun, resident.wwid, 30)
