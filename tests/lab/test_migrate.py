@@ -8,6 +8,7 @@ import pytest
 from blockio import read_direct, read_file
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
     HostReader,
+    add_host_volume,
     destination_backing_file,
     blockmig,
     copied_bytes,
@@ -58,25 +59,40 @@ def test_relogin_switch_under_a_reading_host(migration_lab):
     migration_lab.assert_host_on_destination()
 
 
-def test_destination_on_a_block_device(migration_lab, tmp_path):
-    image = tmp_path / "destination.img"
+def _loop_device(image, size: int, block_size: int = 512) -> str:
     image.write_bytes(b"")
-    os.truncate(image, migration_lab.size)
-    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True)
-    device = loop.stdout.strip()
+    os.truncate(image, size)
+    loop = subprocess.run(["losetup", "--find", "--show", "--sector-size", str(block_size), str(image)],
+                          capture_output=True, text=True, check=True)
+    return loop.stdout.strip()
+
+
+def test_destination_on_a_block_device(migration_lab, tmp_path):
+    """A fileio source's geometry does not fit a loop device (refused in plan); a block-backed one does."""
+    refused_device = _loop_device(tmp_path / "refused.img", migration_lab.size)
+    volume = add_host_volume(migration_lab.backing_dir, "blk", migration_lab.size, lun=1, backstore="block")
+    device = _loop_device(tmp_path / "destination.img", volume.size)
     try:
-        args = migration_lab.migrate_args("--id", "blockdev")
+        args = migration_lab.migrate_args("--id", "refused")
+        where = args.index("--backing-dir")
+        args[where:where + 2] = ["--backing-device", refused_device]
+        refused = blockmig(*args)
+        assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "optimal_sectors" in refused.stderr and refused_device in refused.stderr, refused.stderr
+
+        args = volume.migrate_args("--id", "blockdev")
         where = args.index("--backing-dir")
         args[where:where + 2] = ["--backing-device", device]
         result = blockmig(*args)
         assert result.returncode == 0, result.stderr
         assert report_of(result)["destination"]["backing"] == device
-        assert image.read_bytes() == migration_lab.data
+        assert (tmp_path / "destination.img").read_bytes() == volume.data
         human = blockmig("status", "blockdev", check=True).stdout
         assert human.startswith("blockdev: done") and device in human
     finally:
-        lab.lab_down(migration_lab.backing_dir)  # releases the loop device before it is detached
+        lab.lab_down(migration_lab.backing_dir)  # releases the loop devices before they are detached
         subprocess.run(["losetup", "--detach", device], check=True)
+        subprocess.run(["losetup", "--detach", refused_device], check=True)
 
 
 def test_worm_write_protects_the_destination_afterwards(migration_lab):
