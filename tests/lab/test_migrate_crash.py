@@ -114,16 +114,3 @@ def test_source_path_failure_during_copy(migration_lab):
         result = blockmig("resume", "pf", "--json")
     assert result.returncode == 0, result.stderr
     migration_lab.assert_host_on_destination()
-
-
-def test_rollback_is_refused_once_the_source_path_is_gone_and_resume_finishes(migration_lab):
-    process = start_blockmig(*migration_lab.migrate_args("--id", "kg"))
-    wait_for_journal("kg", lambda data: data["steps"].get("switch", {}).get("facts", {}).get("source_removed"), 300)
-    _kill(process)
-    refused = blockmig("rollback", "kg")
-    assert refused.returncode != 0 and "blockmig resume kg" in refused.stderr, refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
-    result = blockmig("resume", "kg", "--json")
-    assert result.returncode == 0, result.stderr
-    assert report_of(result)["io_held_seconds"] > 0
-    migration_lab.assert_host_on_destination()
