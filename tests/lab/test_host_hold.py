@@ -188,23 +188,36 @@ def test_safe_hold_under_a_mounted_filesystem_with_a_writer(mounted_map, fence):
     (writable), so the protection is lifted before the scan.
     """
     fstype, found, mountpoint, volume, session, writer, stop = mounted_map
+    phases = []
     started = time.monotonic()
+
+    def phase(name):
+        phases.append(f"{name} {time.monotonic() - started:.2f}")
+
     multipath.freeze_filesystem(mountpoint)  # flushes: nothing dirty is left to write through the old path
+    phase("frozen")
     if fence == "writeprotect":
         lio.set_mapping_write_protect(volume, HOST_IQN, True)
     multipath.suspend_map(found.name, lockfs=False)
+    phase("suspended")
     remove_only_path(found.name, session, 1, volume.wwid)  # multipathd's reload resumes the map: no thaw
+    phase("old path gone")
     hold = multipath.hold_queueing(found.name)
     if fence == "writeprotect":
         lio.set_mapping_write_protect(volume, HOST_IQN, False)
+    phase("queueing held")
     iscsi.scan_session_lun(session, 1)
     disk = iscsi.find_session_disk(session, 1, volume.wwid)
+    phase("new disk")
     multipath.add_path_now(found.name, disk)
+    phase("usable path")
     multipath.restore_queueing(hold)
     multipath.thaw_filesystem(mountpoint)
+    phase("thawed")
     held = time.monotonic() - started
     result = writer_result(writer, stop)
-    print(f"\n{fstype}, fence {fence}: IO held {held:.2f} s; writer: {' '.join(result)} (writes, longest gap s)")
+    print(f"\n{fstype}, fence {fence}: IO held {held:.2f} s ({', '.join(phases)}); "
+          f"writer: {' '.join(result)} (writes, longest gap s)")
     assert result[0] == "ok" and float(result[2]) >= held * 0.8
     assert [p.dev for p in multipath.paths_of_map(found.name) if p.usable] == [disk]
     assert open(f"/sys/block/{found.dm}/ro").read().strip() == "0"
