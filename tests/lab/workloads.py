@@ -250,7 +250,7 @@ class RawWriter(_Workload):
         if self.writes == 0:
             problems.append("the raw writer never got a write acknowledged")
         bad = []
-        for offset, acked in sorted(self.acked.items()):
+        for offset, acked in sorted(list(self.acked.items())):  # a snapshot: a stuck writer may still add
             found = self._judge(offset, read_block(offset, self.block), acked)
             if found:
                 bad.append(found)
