@@ -289,7 +289,14 @@ def find_session_disk(session: Session, lun: int, wwid: str, timeout: float = DE
     """
     if lun not in session_disks(session):
         scan_session_lun(session, lun)
-    name = wait_for_session_disk(session, lun, timeout)
+
+    def present() -> str | None:
+        name = session_disks(session).get(lun)
+        if name is None or not os.path.exists(f"/dev/{name}") or not os.path.exists(f"/sys/block/{name}/device/wwid"):
+            return None  # not there yet, or removed meanwhile (a disk name being reused)
+        return name
+
+    name = wait_until(present, f"LUN {lun} of {session.target_iqn} (session {session.sid}) to appear", timeout)
     check_disk_wwid(name, wwid, f"LUN {lun} of session {session.sid} to {session.target_iqn}")
     return name
 

@@ -178,8 +178,7 @@ def _accepts_path(dev: str):
 
 def is_path_in_table(map_name: str, dev: str) -> bool:
     """Whether the kernel's table of the map uses disk `dev` (sysfs holders: no multipathd round trip)."""
-    dm = os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}"))
-    return os.path.exists(f"/sys/block/{dev}/holders/{dm}")
+    return os.path.exists(f"/sys/block/{dev}/holders/{_dm_name(map_name)}")
 
 
 def del_path(dev: str) -> None:
@@ -280,9 +279,16 @@ def flush_maps_on(devs: list[str]) -> list[str]:
 
 
 def is_suspended(name: str) -> bool:
-    """True while the map's IO is held (dmsetup suspend, or a reload in progress)."""
-    state = _run(["dmsetup", "info", "-c", "--noheadings", "-o", "suspended", name], f"cannot read state of map {name}")
-    return state.strip() == "Suspended"
+    """True while the map's IO is held (dmsetup suspend, or a reload in progress); from sysfs, no dmsetup round trip."""
+    state = read_attribute(f"/sys/block/{_dm_name(name)}/dm/suspended")
+    if state not in ("0", "1"):
+        raise HostError(f"cannot read state of map {name}: no such device-mapper device")
+    return state == "1"
+
+
+def _dm_name(map_name: str) -> str:
+    """dm-N of /dev/mapper/NAME (udev's symlink)."""
+    return os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}"))
 
 
 def flush_buffers(name: str) -> None:

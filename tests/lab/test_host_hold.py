@@ -179,24 +179,48 @@ def test_suspend_with_lockfs_fails_when_the_only_path_is_write_protected(mounted
     assert writer.returncode == 1
 
 
-def test_safe_hold_under_a_mounted_filesystem_with_a_writer(mounted_map):
-    """Freeze while the path accepts writes, then suspend without lockfs, swap the path, add it back, thaw: no error."""
+@pytest.mark.parametrize("fence", ["none", "writeprotect"])
+def test_safe_hold_under_a_mounted_filesystem_with_a_writer(mounted_map, fence):
+    """Freeze while the path accepts writes, then (write-protect,) suspend without lockfs, swap the path, thaw: no error.
+
+    With fence=writeprotect the old path is write-protected after the freeze,
+    as a switch's source is; the disk scanned back stands for the destination
+    (writable), so the protection is lifted before the scan.
+    """
     fstype, found, mountpoint, volume, session, writer, stop = mounted_map
+    phases = []
     started = time.monotonic()
-    multipath.freeze_filesystem(mountpoint)
+
+    def phase(name):
+        phases.append(f"{name} {time.monotonic() - started:.2f}")
+
+    multipath.freeze_filesystem(mountpoint)  # flushes: nothing dirty is left to write through the old path
+    phase("frozen")
+    if fence == "writeprotect":
+        lio.set_mapping_write_protect(volume, HOST_IQN, True)
     multipath.suspend_map(found.name, lockfs=False)
+    phase("suspended")
     remove_only_path(found.name, session, 1, volume.wwid)  # multipathd's reload resumes the map: no thaw
+    phase("old path gone")
     hold = multipath.hold_queueing(found.name)
+    if fence == "writeprotect":
+        lio.set_mapping_write_protect(volume, HOST_IQN, False)
+    phase("queueing held")
     iscsi.scan_session_lun(session, 1)
     disk = iscsi.find_session_disk(session, 1, volume.wwid)
+    phase("new disk")
     multipath.add_path_now(found.name, disk)
+    phase("usable path")
     multipath.restore_queueing(hold)
     multipath.thaw_filesystem(mountpoint)
+    phase("thawed")
     held = time.monotonic() - started
     result = writer_result(writer, stop)
-    print(f"\n{fstype}: IO held {held:.2f} s; writer: {' '.join(result)} (writes, longest gap s)")
+    print(f"\n{fstype}, fence {fence}: IO held {held:.2f} s ({', '.join(phases)}); "
+          f"writer: {' '.join(result)} (writes, longest gap s)")
     assert result[0] == "ok" and float(result[2]) >= held * 0.8
     assert [p.dev for p in multipath.paths_of_map(found.name) if p.usable] == [disk]
+    assert open(f"/sys/block/{found.dm}/ro").read().strip() == "0"
 
 
 @pytest.mark.parametrize("mounted_map", ["xfs"], indirect=True)

@@ -98,3 +98,20 @@ def test_logout_if_unused_logs_out_a_session_without_disks_and_deletes_its_node(
     nodes = subprocess.run(["iscsiadm", "-m", "node", "-T", lab.DESTINATION_IQN], capture_output=True, text=True)
     assert nodes.returncode == iscsi.ISCSI_ERR_NO_OBJS_FOUND
     assert not iscsi.logout_if_unused(session)  # already gone
+
+
+def test_the_host_can_log_in_before_its_lun_is_mapped_and_scan_it_later(lab_env, backing_dir):
+    """An ACL without mapped LUNs accepts the login and shows no disk: a switch can log in before its IO hold."""
+    import rtslib_fb
+
+    target = rtslib_fb.Target(rtslib_fb.FabricModule("iscsi"), lab.DESTINATION_IQN, mode="lookup")
+    rtslib_fb.NodeACL(next(iter(target.tpgs)), HOST_IQN)
+    session = iscsi.login(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)
+    udev.settle()
+    assert iscsi.session_disks(session) == {}
+    volume = export_to_host(backing_dir, "lab-destination", tpg_lun=0, mapped_lun=0, target=lab.DESTINATION_IQN)
+    udev.settle()
+    assert iscsi.session_disks(session) == {}  # mapped, not scanned: the host does not see it yet
+    disk = iscsi.find_session_disk(session, 0, volume.wwid, timeout=5)
+    assert iscsi.session_disks(session) == {0: disk}
+    multipath.wait_for_map(volume.wwid)

@@ -6,6 +6,7 @@ damaged or misplaced behind the host's back, or when the host's writes fail.
 
 import errno
 import os
+import subprocess
 import threading
 import time
 
@@ -14,6 +15,8 @@ from blockio import read_direct, write_direct
 from migrate_support import fill_volume
 from workloads import (
     XFS_MIN_SIZE,
+    XFS_SMALL_ENV,
+    XFS_SMALL_SIZE,
     FsAppender,
     RawReader,
     RawWriter,
@@ -29,7 +32,9 @@ from blockmig.host import iscsi, multipath
 
 MiB = 1024 * 1024
 SMALL = 16 * MiB
-WRITE_FAILURES = {errno.EIO, errno.EROFS, errno.EILSEQ, errno.EPERM, errno.ENOSPC}
+# A write-protected LUN answers DATA PROTECT; the kernel gives the writer EREMOTEIO (BLK_STS_TARGET).
+# An ext4 that aborted its journal answers EIO/EROFS.
+WRITE_FAILURES = {errno.EREMOTEIO, errno.EIO, errno.EROFS}
 
 
 def source_map():
@@ -174,6 +179,20 @@ def test_fs_appender_passes(fs_appender, backing_dir):
     print(f"\n[{runner()}] {fs_appender.summary()}; volume {size:.0f} MiB takes {used:.0f} MiB of tmpfs")
     assert len(fs_appender.acked_lines) > 20 and fs_appender.acked_state == fs_appender.acked_lines[-1]
     assert not os.path.ismount(fs_appender.mountpoint)
+
+
+def test_xfs_minimum_size_and_the_fstests_escape(backing_dir, tmp_path):
+    with lab_of_size(XFS_SMALL_SIZE, backing_dir) as device:
+        refused = subprocess.run(["mkfs.xfs", "-f", "-q", device], capture_output=True, text=True)
+        assert refused.returncode != 0 and "larger than 300MB" in refused.stderr, refused.stderr
+        appender = FsAppender(device, "xfs", str(tmp_path / "mnt"), mkfs_env=XFS_SMALL_ENV)
+        try:
+            with appender:
+                time.sleep(2)
+            appender.check()
+        finally:
+            appender.close()
+    print(f"\n[{runner()}] {XFS_SMALL_SIZE // MiB} MiB {appender.summary()}")
 
 
 def _rewrite(path, text):
