@@ -213,7 +213,10 @@ class HostSwitch:
         return lio.find_volume(self.source["volume"])
 
     def take_source_out(self) -> None:
-        """Fence the source and remove this volume's disk (found by the host's LUN, checked by WWID)."""
+        """Fence the source and take this volume's disk out of the map (found by the host's LUN, WWID checked).
+
+        The disk itself is deleted by finish_source_removal, while udev works on the destination's new disk.
+        """
         if self.facts.get("source_removed"):
             return
         self._record(source_fencing=True)  # intent: revert must lift the protection
@@ -225,13 +228,21 @@ class HostSwitch:
                 iscsi.check_disk_wwid(disk, self.source["wwid"], f"LUN {self.source['host_lun']} of session {session.sid}")
                 if self.map_name and disk in map_disks(self.map_name):
                     multipath.del_path(disk)
+        self._record(source_removed=True)
+        self._phase("source path removed")
+
+    def finish_source_removal(self) -> None:
+        """Delete the source's disks (nothing can bring them back into the map), relogin's logouts, and keep
+        the path-less map queueing past multipathd's countdown."""
+        for session in self._host_source_sessions():
+            disk = iscsi.session_disks(session).get(self.source["host_lun"])
+            if disk is not None:
                 iscsi.delete_disk_checked(disk, self.source["wwid"])
             if self.journal.data["switch"] == "relogin":
                 self._logout_source_session(session)
-        self._record(source_removed=True)
-        if self.map_name:
+        if self.map_name and not self._map_has_a_usable_path():
             self._hold_queueing()
-        self._phase("source path removed")
+        self._phase("source disk deleted")
 
     def _logout_source_session(self, session: iscsi.Session) -> None:
         """relogin: the session goes too, unless it carries other volumes; journaled first, so revert logs back in."""
@@ -261,6 +272,7 @@ class HostSwitch:
         deadline = time.monotonic() + self.timeout
         if mapping.mapped_lun not in iscsi.session_disks(session):
             iscsi.scan_session_lun(session, mapping.mapped_lun)
+        self.finish_source_removal()  # while udev processes the new disk
         disk = iscsi.find_session_disk(session, mapping.mapped_lun, self.source["wwid"], self._left(deadline))
         self._phase("destination disk present")
         if self.map_name:

@@ -27,6 +27,7 @@ SWITCH_POINTS = [
     "switch:source fenced",
     "switch:source path removed",
     "switch:destination mapped",
+    "switch:source disk deleted",
     "switch:destination disk present",
     "switch:destination path in the map",
 ]
