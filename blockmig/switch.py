@@ -51,7 +51,10 @@ def parse_portal(portal: str) -> tuple[str, int]:
 
 
 def map_disks(map_name: str) -> list[str]:
-    return [path.dev for path in multipath.paths_of_map(map_name)]
+    """The disks in the map's live table, from sysfs (a multipathd round trip costs 50-180 ms in the hold)."""
+    dm = os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}"))
+    slaves = f"/sys/block/{dm}/slaves"
+    return sorted(os.listdir(slaves)) if os.path.isdir(slaves) else []
 
 
 class HostSwitch:
@@ -190,9 +193,15 @@ class HostSwitch:
                 os.close(opener)
 
     def _hold_queueing(self) -> None:
-        """The map has no path now: keep its IO waiting past multipathd's no_path_retry countdown (kill -9 included)."""
+        """The map has no path now: keep its IO waiting past multipathd's no_path_retry countdown (kill -9 included).
+
+        multipath.hold_queueing, with the queueing mode read before the hold (one dmsetup call less in it).
+        """
         self._record(queueing_held=True)
-        multipath.hold_queueing(self.map_name)
+        if not self.facts["queueing_before"]:
+            multipath.hold_queueing(self.map_name)
+        elif not multipath.is_suspended(self.map_name):
+            multipath.suspend_map(self.map_name, lockfs=False, flush=False)
 
     def _end_queueing_hold(self) -> None:
         if self.facts.get("queueing_held") and self._map_has_a_usable_path():
@@ -240,7 +249,7 @@ class HostSwitch:
                 iscsi.delete_disk_checked(disk, self.source["wwid"])
             if self.journal.data["switch"] == "relogin":
                 self._logout_source_session(session)
-        if self.map_name and not self._map_has_a_usable_path():
+        if self.map_name and not map_disks(self.map_name):
             self._hold_queueing()
         self._phase("source disk deleted")
 
