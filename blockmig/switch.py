@@ -101,8 +101,12 @@ class HostSwitch:
                         f"switch reverted, the host is on the source again: {exc}"
                     ) from exc
             self._record_io_held()
-        else:
+        else:  # killed after the destination joined: what the hold left is undone, then the rest
             disk = self.facts.get("host_disk")
+            if self.map_name:
+                self.end_hold()
+            if "io_held_seconds" not in self.facts:
+                self._record_io_held()
         self.after_switch()
         return {"io_held_seconds": self.facts.get("io_held_seconds"), "host_disk": disk}
 
@@ -132,8 +136,7 @@ class HostSwitch:
         self._record(host_acl_ready=True)
         if self.map_name:
             # Read before the hold (a walk of /proc is slow): what the hold will freeze.
-            self._record(queueing_before=multipath.queues_if_no_path(self.map_name),
-                         mountpoints=list(usage.volume_users(f"/dev/mapper/{self.map_name}").rw_mountpoints))
+            self._record(mountpoints=list(usage.volume_users(f"/dev/mapper/{self.map_name}").rw_mountpoints))
         ip, port = parse_portal(self.destination["portal"])
         existing = iscsi.find_session(self.destination["target"], ip, port, self.source["host_iface"])
         if existing is None:
@@ -177,35 +180,39 @@ class HostSwitch:
             # The source still takes writes here: the freeze and the drain can write.
             freeze_filesystems(self.journal, self.map_name, self.facts.get("mountpoints"))
             if not multipath.is_suspended(self.map_name):
-                multipath.suspend_map(self.map_name, lockfs=False)
+                # A flushing suspend of a path-less map (resumed after kill -9) would fail its queued IO.
+                multipath.suspend_map(self.map_name, lockfs=False, flush=bool(map_disks(self.map_name)))
             self.emit({"event": "io_held", "map": self.map_name})
             self._phase("held")
             yield
         finally:
             try:
-                self._end_queueing_hold()
-                if multipath.is_suspended(self.map_name):
-                    multipath.resume_map(self.map_name)
-                    self._record(io_flowing_at=time.time())
-                if thaw_filesystems(self.journal, self.map_name):
-                    self._record(thawed_at=time.time())
+                self.end_hold()
             finally:
                 os.close(opener)
+
+    def end_hold(self) -> None:
+        """Queueing back to multipathd, the map resumed, filesystems thawed (each only if still needed)."""
+        self._end_queueing_hold()
+        if multipath.is_suspended(self.map_name):
+            multipath.resume_map(self.map_name)
+            self._record(io_flowing_at=time.time())
+        if thaw_filesystems(self.journal, self.map_name):
+            self._record(thawed_at=time.time())
 
     def _hold_queueing(self) -> None:
         """The map has no path now: keep its IO waiting past multipathd's no_path_retry countdown (kill -9 included).
 
-        multipath.hold_queueing, with the queueing mode read before the hold (one dmsetup call less in it).
+        What multipath.hold_queueing does, minus turning queueing on: plan refused a map that does not
+        queue, and a suspended map (--fence suspend) refuses the message and hides the setting.
         """
         self._record(queueing_held=True)
-        if not self.facts["queueing_before"]:
-            multipath.hold_queueing(self.map_name)
-        elif not multipath.is_suspended(self.map_name):
+        if not multipath.is_suspended(self.map_name):
             multipath.suspend_map(self.map_name, lockfs=False, flush=False)
 
     def _end_queueing_hold(self) -> None:
         if self.facts.get("queueing_held") and self._map_has_a_usable_path():
-            multipath.restore_queueing(multipath.QueueHold(self.map_name, self.facts["queueing_before"]))
+            multipath.restore_queueing(multipath.QueueHold(self.map_name, True))
             self._record(queueing_held=False)
 
     def _map_has_a_usable_path(self) -> bool:
