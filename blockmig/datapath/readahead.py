@@ -7,8 +7,6 @@ Chunks are handed over strictly in address order.
 `readers` threads each take the next read in address order, read it with `os.preadv`,
 hand the chunk over and then digest it (both release the GIL): the consumer (the copy's
 writer) writes a chunk while its digest is computed, and `chunk.digest` waits for it.
-With `depth=1` that makes a copy that never reads while it writes (read, then write and
-digest at once), for a source and destination that share one disk's bandwidth.
 Two readers let a read and a digest run at once; measured on loop devices (two CPUs)
 that beat one reader digesting and the writer digesting after its write (0.73x dd
 against 0.69x and 0.62x). The threads share one lock and wake each other through two
