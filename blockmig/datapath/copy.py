@@ -125,8 +125,8 @@ def _copy_chunks(
     with ReadAhead(source, start, manifest.size, manifest.chunk_size, queue_depth) as chunks:
         for chunk in chunks:
             ack = guard.write(chunk.address, chunk.data)
-            manifest.chunk_digests.append(chunk.digest)  # computed by the reader during the write
             chunks.release(chunk)
+            manifest.chunk_digests.append(chunk.digest)
             now = time.monotonic()
             if now - last_journaled >= journal_interval or manifest.complete:
                 journal.save()

@@ -9,7 +9,6 @@ import os
 import struct
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -126,26 +125,3 @@ def test_done_event_reports_the_copy_loops_cpu_seconds(tmp_path):
                 allow_regular_files=True, on_event=events.append)
     assert events[-1]["event"] == "done" and 0 <= events[-1]["cpu_seconds"] < 60
 
-
-def test_the_consumer_gets_a_chunk_before_its_digest_and_release_waits_for_it(source, monkeypatch):
-    """So the copy writes a chunk while its digest is computed, and no buffer is reused mid-digest."""
-    volume, data = source
-    handed_over, digest_may_finish = threading.Event(), threading.Event()
-    order = []
-    real_digest = readahead.digest_chunk
-
-    def slow_digest(view):
-        order.append(("digest started, consumer has the chunk", handed_over.wait(timeout=30)))
-        digest_may_finish.wait(timeout=30)
-        order.append("digest done")
-        return real_digest(view)
-
-    monkeypatch.setattr(readahead, "digest_chunk", slow_digest)
-    with readahead.ReadAhead(volume, 0, CHUNK, CHUNK, depth=1, readers=1) as chunks:
-        chunk = next(iter(chunks))
-        handed_over.set()
-        threading.Timer(0.05, digest_may_finish.set).start()
-        chunks.release(chunk)
-        order.append("released")
-        assert chunk.digest == hashlib.sha256(data[:CHUNK]).hexdigest()
-    assert order == [("digest started, consumer has the chunk", True), "digest done", "released"]
