@@ -124,4 +124,3 @@ def test_done_event_reports_the_copy_loops_cpu_seconds(tmp_path):
     copy_volume(str(tmp_path / "src"), str(tmp_path / "dst"), str(tmp_path / "j.json"), chunk_size=CHUNK,
                 allow_regular_files=True, on_event=events.append)
     assert events[-1]["event"] == "done" and 0 <= events[-1]["cpu_seconds"] < 60
-
