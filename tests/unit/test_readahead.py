@@ -124,3 +124,16 @@ def test_done_event_reports_the_copy_loops_cpu_seconds(tmp_path):
     copy_volume(str(tmp_path / "src"), str(tmp_path / "dst"), str(tmp_path / "j.json"), chunk_size=CHUNK,
                 allow_regular_files=True, on_event=events.append)
     assert events[-1]["event"] == "done" and 0 <= events[-1]["cpu_seconds"] < 60
+
+
+def test_default_depth_keeps_the_read_ahead_within_24_mib_and_readers_within_buffers(source, monkeypatch):
+    assert [readahead.default_depth(size) for size in (256 * 1024, 4 * MiB, 8 * MiB, 64 * MiB)] == [6, 6, 3, 2]
+    volume, data = source
+    allocated = []
+    monkeypatch.setattr(readahead, "allocate_aligned_buffer", lambda length: allocated.append(length) or
+                        allocate_aligned_buffer(length))
+    with readahead.ReadAhead(volume, 0, len(data), CHUNK, readers=3) as chunks:
+        assert (allocated, len(chunks._threads)) == ([CHUNK] * 6, 3)
+    with readahead.ReadAhead(volume, 0, len(data), CHUNK, depth=1, readers=3) as chunks:
+        assert len(chunks._threads) == 1
+        assert [c.address for c in chunks if not chunks.release(c)] == list(range(0, len(data), CHUNK))
