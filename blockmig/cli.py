@@ -303,15 +303,15 @@ class _ProgressRenderer:
 
 
 def _add_lab(sub) -> None:
-    from blockmig import lab
-
+    # No `from blockmig import lab` here: it imports the host stack (pyudev, tenacity, asyncio),
+    # about 0.3 s of start-up in the lab VM that every `blockmig copy` would pay.
     parser = sub.add_parser("lab", help="build, inspect or remove the lab arrays and host paths")
     actions = parser.add_subparsers(dest="lab_action", required=True, metavar="ACTION")
     up = actions.add_parser("up", help="source array with a volume the host uses via multipath; empty destination")
-    up.add_argument("--size", type=parse_size, default=lab.DEFAULT_SIZE, help="source volume size (default 64M)")
-    up.add_argument("--backing-dir", default=lab.DEFAULT_BACKING_DIR, help="where backing files live")
+    up.add_argument("--size", type=parse_size, help="source volume size (default 64M)")
+    up.add_argument("--backing-dir", help="where backing files live (default /var/lib/blockmig-lab)")
     down = actions.add_parser("down", help="remove every map, session, target and backing file of the lab")
-    down.add_argument("--backing-dir", default=lab.DEFAULT_BACKING_DIR, help="where backing files live")
+    down.add_argument("--backing-dir", help="where backing files live (default /var/lib/blockmig-lab)")
     status = actions.add_parser("status", help="say what of the lab exists")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=_cmd_lab)
@@ -342,10 +342,11 @@ def _cmd_lab(args) -> int:
     def step(text: str) -> None:
         print(f"lab: {text}", file=sys.stderr)
 
+    backing_dir = getattr(args, "backing_dir", None) or lab.DEFAULT_BACKING_DIR
     if args.lab_action == "up":
-        _print_lab_status(lab.lab_up(args.size, args.backing_dir, on_step=step))
+        _print_lab_status(lab.lab_up(args.size or lab.DEFAULT_SIZE, backing_dir, on_step=step))
     elif args.lab_action == "down":
-        for item in lab.lab_down(args.backing_dir, on_step=step):
+        for item in lab.lab_down(backing_dir, on_step=step):
             print(f"removed {item}")
     else:
         status = lab.lab_status()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from collections.abc import Callable  # not typing: ~20 ms less start-up in the lab VM
 
 from blockmig.datapath.blockdev import (
     Volume,
@@ -28,7 +28,7 @@ from blockmig.datapath.readahead import ReadAhead
 from blockmig.errors import JournalError, UsageError
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
-DEFAULT_QUEUE_DEPTH = 4
+DEFAULT_QUEUE_DEPTH = None  # chunks read ahead: None is readahead.default_depth(chunk size), 6 of 4 MiB
 # Each journal write costs a few ms (fsync of the file and of its directory), about
 # as long as writing a 4 MiB chunk here; once a second keeps that cost under 1 %.
 DEFAULT_JOURNAL_INTERVAL = 1.0
@@ -47,7 +47,7 @@ def copy_volume(
     allow_regular_files: bool = False,
     max_rate: float | None = None,
     journal_interval: float = DEFAULT_JOURNAL_INTERVAL,
-    queue_depth: int = DEFAULT_QUEUE_DEPTH,
+    queue_depth: int | None = DEFAULT_QUEUE_DEPTH,
     on_event: EventHandler | None = None,
     after_chunk: AfterChunkHook | None = None,
 ) -> Manifest:
@@ -103,7 +103,7 @@ def _copy_chunks(
     journal: CopyJournal,
     max_rate: float | None,
     journal_interval: float,
-    queue_depth: int,
+    queue_depth: int | None,
     emit: EventHandler,
     after_chunk: AfterChunkHook | None,
 ) -> None:
@@ -121,6 +121,7 @@ def _copy_chunks(
         }
     )
     began = last_journaled = time.monotonic()
+    cpu_began = time.process_time()
     with ReadAhead(source, start, manifest.size, manifest.chunk_size, queue_depth) as chunks:
         for chunk in chunks:
             ack = guard.write(chunk.address, chunk.data)
@@ -151,6 +152,7 @@ def _copy_chunks(
             "size": manifest.size,
             "bytes_copied": manifest.size - start,
             "seconds": round(seconds, 3),
+            "cpu_seconds": round(time.process_time() - cpu_began, 3),  # user+sys of all threads, while copying
             "volume_digest": manifest.volume_digest,
         }
     )

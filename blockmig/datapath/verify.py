@@ -14,7 +14,7 @@ def verify_volume(
     manifest: Manifest,
     *,
     allow_regular_file: bool = False,
-    queue_depth: int = DEFAULT_QUEUE_DEPTH,
+    queue_depth: int | None = DEFAULT_QUEUE_DEPTH,
     on_event: EventHandler | None = None,
 ) -> str:
     """Return the volume digest if the first `manifest.size` bytes of `path` match; else raise VerifyError.

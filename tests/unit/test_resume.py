@@ -43,11 +43,12 @@ def test_kill_9_at_random_points_then_resume_gives_an_identical_device(loops, tm
     while len(kill_points) < KILLS:
         before = journaled_address(journal)
         # Alternate: journal after every chunk or every 50 ms (then acknowledged chunks are
-        # rewritten on resume); throttled runs killed after a random delay, unthrottled runs
-        # killed as soon as a random number of chunk events has been read.
+        # rewritten on resume); slow runs (16 MB/s) killed after a random delay, fast runs
+        # (64 MB/s: the whole copy would take 0.75 s, so a loaded machine cannot let it finish
+        # before the kill) killed as soon as a random number of chunk events has been read.
         interval = ["--journal-interval", "0" if len(kill_points) % 2 else "0.05"]
         throttled = len(kill_points) % 3 != 2
-        process = start_copy(source, destination, journal, interval + (["--max-rate", "16M"] if throttled else []))
+        process = start_copy(source, destination, journal, interval + ["--max-rate", "16M" if throttled else "64M"])
         if rng.random() < 0.2:
             time.sleep(rng.uniform(0, 0.15))  # while starting up: imports, checks, opening the journal
             how = "startup"
