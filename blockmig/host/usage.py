@@ -147,7 +147,7 @@ def find_openers(numbers: dict[tuple[int, int], str], proc_root: str = "/proc") 
     """Processes with one of these block devices open, with whether each opened it for writing."""
     openers = []
     for process in psutil.process_iter(["name"]):
-        pid = process.info["pid"] if "pid" in process.info else process.pid
+        pid = process.pid
         fd_dir = f"{proc_root}/{pid}/fd"
         for fd in _listdir(fd_dir):
             try:
