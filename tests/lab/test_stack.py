@@ -52,9 +52,14 @@ def test_lab_modules_are_loaded():
         if line.strip() and not line.startswith("#")
     }
     missing_from_kernel = set(os.environ.get("BLOCKMIG_LAB_MISSING_MODULES", "").split())
+    # Built into the kernel (UML has ext4 and xfs built in): present, but not in /proc/modules.
+    builtin = {Path(line.strip()).name.split(".ko")[0].replace("-", "_")
+               for line in Path(f"/usr/lib/modules/{os.uname().release}/modules.builtin").read_text().splitlines()}
     # Debian's UML kernel has no SCSI device handlers; every other module must be there.
     assert missing_from_kernel <= {"scsi_dh_alua"}
-    assert expected - missing_from_kernel - loaded == set()
+    assert expected - missing_from_kernel - loaded - builtin == set()
+    for filesystem in ("ext4", "xfs"):
+        assert filesystem in Path("/proc/filesystems").read_text().split()
 
 
 def test_iscsid_answers():
