@@ -1,39 +1,40 @@
-"""Change tracking for online migration: the host's own map becomes dm-era for a while.
+"""Change tracking for online migration: the host's own dm map becomes dm-era for a while.
 
 Why this shape: the host keeps its dev_t and open handles only if the map it
-has open stays. So, like pvmove, the map's table is reloaded: the multipath
-table moves to a PRIVATE map (`blockmig-era-origin-NAME`, same paths: dm lets
-two tables claim the same disks) and the host's map becomes
+has open stays. So, like pvmove, the map's table is reloaded: its table moves
+to a PRIVATE map (`blockmig-era-origin-NAME`; dm lets two tables claim the
+same devices) and the host's map becomes
 `era <metadata> <private map> <block sectors>`. dm-era records, per block,
-the era in which it was last written; the metadata lives on a sparse file
-under a directory of the caller (the journal directory) on a loop device.
+the era in which it was last written; its metadata lives on a sparse file in
+a directory of the caller (the journal directory) on a loop device.
 
-Everything needed to undo is in `Tracking` (`to_dict`/`from_dict`), and
-`stop_tracking` works from it in any state: nothing made yet, private map
-made but host map not reloaded, reloaded, half torn down, after kill -9.
+Measured in the lab (kernel 6.1, multipath-tools 0.9.4, tests/lab/test_era.py):
+- A multipath map itself can NOT be reloaded to era: the kernel flags the
+  multipath target immutable ("can't replace immutable target type
+  multipath"; only the `error` target may replace it), and request-based
+  multipath cannot sit on a bio-based era device either. So tracking works on
+  a bio-based map ABOVE the multipath map (an LVM logical volume, or any
+  linear/striped map the host uses), and `new_tracking` refuses a multipath
+  map with one line. The multipath map itself is never touched: multipathd
+  keeps managing it, path checking, failover and reinstatement work as
+  without tracking, and `multipathd reconfigure` leaves the era table alone.
+- `take_metadata_snap` archives the current writeset itself, so
+  `written_since` sees every write acknowledged before it was called, and
+  each call moves the era on (by 2 or so: numbers are not consecutive).
 
-What multipathd does meanwhile (measured in the lab, multipath-tools 0.9.4,
-see tests/lab/test_era.py and the report of the `era` branch):
-- the private map has no `mpath-` uuid, so multipathd never adopts it: its
-  paths are not path-checked and a failed path is NOT reinstated by
-  multipathd. `reinstate_paths` does it (call it between passes).
-- the host map keeps uuid mpath-WWID; see `multipathd_view` and the tests
-  for what multipathd shows and whether `reconfigure` puts the multipath
-  table back (which would silently end tracking: `is_tracking` tells).
+Everything needed to undo is in `Tracking` (`to_dict`/`from_dict`); journal
+it from `new_tracking` on and on every `on_change`. `stop_tracking` works
+from it in any state: nothing made, private map made but host map not
+reloaded, reloaded, half torn down, after kill -9.
 
-The era numbers: `checkpoint` archives the current writeset and returns the
-era that starts now; `written_since(t, e)` lists the blocks written in era
->= e, as far as archived by the last checkpoint. So a pass is:
-e1 = checkpoint(t); copy; e2 = checkpoint(t); written_since(t, e1) is the
-delta of the copy (writes after e2 show up in the next round).
+A pass of the orchestrator: e = checkpoint(t); copy; blocks =
+written_since(t, e) (ascending block indexes, of `block_sectors` each).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
-import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass
 
@@ -202,8 +203,11 @@ def stop_tracking(tracking: Tracking) -> None:
 
     Idempotent; every step checks what is there, so it finishes any half-done start or stop.
     """
-    if map_exists(tracking.map_name) and table(tracking.map_name) != tracking.original_table:
-        _swap_table(tracking.map_name, tracking.original_table)
+    if map_exists(tracking.map_name):
+        if table(tracking.map_name) != tracking.original_table:
+            _swap_table(tracking.map_name, tracking.original_table)
+        elif _suspended(tracking.map_name):  # killed between suspend and resume
+            run(["dmsetup", "resume", tracking.map_name], f"cannot resume map {tracking.map_name}")
     _remove_private(tracking)
 
 
@@ -214,32 +218,6 @@ def switch_table(tracking: Tracking, new_table: str) -> None:
     """
     _swap_table(tracking.map_name, new_table)
     _remove_private(tracking)
-
-
-def reinstate_paths(tracking: Tracking) -> list[str]:
-    """Reinstate failed paths of the private map whose disk is running again; return them.
-
-    multipathd does not know the private map, so nobody else would: after a
-    path failure IO would queue (queue_if_no_path) forever.
-    """
-    if not map_exists(tracking.private_map):
-        return []
-    status = run(["dmsetup", "status", tracking.private_map], f"cannot read status of {tracking.private_map}")
-    reinstated = []
-    for dev in re.findall(r"(\d+:\d+) F ", status):
-        if _disk_running(dev):
-            run(["dmsetup", "message", tracking.private_map, "0", f"reinstate_path {dev}"],
-                f"cannot reinstate path {dev} of {tracking.private_map}")
-            reinstated.append(dev)
-    return reinstated
-
-
-def _disk_running(dev: str) -> bool:
-    try:
-        with open(f"/sys/dev/block/{dev}/device/state") as f:
-            return f.read().strip() == "running"
-    except OSError:
-        return False
 
 
 def _remove_private(tracking: Tracking) -> None:
@@ -265,6 +243,11 @@ def _swap_table(name: str, new_table: str) -> None:
     run(["dmsetup", "resume", name], f"cannot resume map {name}")
 
 
+def _suspended(name: str) -> bool:
+    state = run(["dmsetup", "info", "-c", "--noheadings", "-o", "suspended", name], f"cannot read state of map {name}")
+    return state.strip() == "Suspended"
+
+
 def _length(table_text: str) -> int:
     last = table_text.splitlines()[-1].split()
     return int(last[0]) + int(last[1])
@@ -279,10 +262,3 @@ def _loops_of(path: str) -> list[str]:
 
 def _loop_backs(loop: str, path: str) -> bool:
     return loop in _loops_of(path)
-
-
-def timed(function, *args):
-    """(result, seconds) of one call; for the lab's figures."""
-    start = time.monotonic()
-    result = function(*args)
-    return result, time.monotonic() - start
