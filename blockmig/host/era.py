@@ -18,6 +18,13 @@ Measured in the lab (kernel 6.1, multipath-tools 0.9.4, tests/lab/test_era.py):
   map with one line. The multipath map itself is never touched: multipathd
   keeps managing it, path checking, failover and reinstatement work as
   without tracking, and `multipathd reconfigure` leaves the era table alone.
+- A path failure under tracking (source portal down ~8 s): the host's write
+  queued (queue_if_no_path) ~9-10 s and completed, multipathd showed the path
+  failed/faulty and reinstated it; tracking went on and listed the block.
+- Cost (user-mode-linux guest): start_tracking 0.9-1.4 s, stop_tracking
+  1.3-1.4 s; written_since 0.2-0.5 s for 4096 blocks (one range), 1.9-2.9 s
+  for 32768 scattered blocks of a 262144-block volume. Metadata: 13 of 1025
+  4 KiB blocks used for 256 era blocks, 288 of 1536 for 262144 era blocks.
 - `take_metadata_snap` archives the current writeset itself, so
   `written_since` sees every write acknowledged before it was called, and
   each call moves the era on (by 2 or so: numbers are not consecutive).

@@ -113,12 +113,16 @@ def test_written_since_lists_exactly_the_blocks_written(lv, mpath, metadata_dir)
         # nothing written since the last call: an empty delta
         assert era.written_since(tracking, era.checkpoint(tracking)) == []
         os.pread(fd, 4096, 0)
-        # multipathd keeps its map and path while tracking, also across a reconfigure
+        # multipathd keeps its map and path while tracking, also across a reconfigure, and
+        # adopts neither the era map nor the private map (they are not multipath)
         assert [p.dev for p in multipath.paths_of_map(mpath.name) if p.usable]
+        assert [m.name for m in multipath.maps()] == [mpath.name]
         multipath.reconfigure()
         time.sleep(3)
         assert era.is_tracking(tracking)
         assert [p.dev for p in multipath.paths_of_map(mpath.name) if p.usable]
+        assert [m.name for m in multipath.maps()] == [mpath.name]
+        assert " multipath " in era.table(mpath.name)
         used, total = era.metadata_usage(tracking)
         print(f"\nmetadata: {used}/{total} blocks of 4 KiB used for {blocks} era blocks; "
               f"file {os.path.getsize(tracking.metadata_file)} bytes, "
