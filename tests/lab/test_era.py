@@ -6,6 +6,7 @@ because the kernel refuses to reload a multipath map to another target.
 """
 
 import json
+import mmap
 import os
 import random
 import signal
@@ -176,7 +177,6 @@ def test_written_since_cost_with_scattered_blocks(metadata_dir, tmp_path):
     try:
         era.start_tracking(tracking)
         since = era.checkpoint(tracking)
-        import mmap
         buffer = mmap.mmap(-1, 4096)
         fd = os.open(f"/dev/mapper/{name}", os.O_WRONLY | os.O_DIRECT)
         written = list(range(0, 1024 * MiB // 4096, 8))
