@@ -22,12 +22,11 @@ class DeviceError(BlockmigError):
 class GuardRefusedWrite(BlockmigError):
     """The destination guard refused a write whose address is not the reserved one."""
 
-    def __init__(self, designated: int, reserved: int):
+    def __init__(self, designated: int, reserved: int | None):
         self.designated = designated
         self.reserved = reserved
-        super().__init__(
-            f"guard refused write at byte {designated}: reserved write address is {reserved}; nothing written"
-        )
+        expected = "the pass is complete" if reserved is None else f"reserved write address is {reserved}"
+        super().__init__(f"guard refused write at byte {designated}: {expected}; nothing written")
 
 
 class VerifyError(BlockmigError):
