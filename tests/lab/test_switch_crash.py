@@ -42,13 +42,18 @@ def _region(writer: RawWriter) -> tuple[int, int]:
     return writer.start_offset, writer.start_offset + writer.length
 
 
+def _kill_at(lab, migration_id: str, point: str, *extra: str) -> None:
+    """Start a migration that stops itself at `point`, then kill -9 it there."""
+    process = start_blockmig(*lab.migrate_args("--id", migration_id, *extra), stop_at=point)
+    wait_until_stopped(process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
 @pytest.mark.parametrize("point", SWITCH_POINTS)
 def test_kill_at_each_switch_point_then_resume(migration_lab, point):
     with _writer(migration_lab) as writer:
-        process = start_blockmig(*migration_lab.migrate_args("--fence", "suspend", "--id", "kp"), stop_at=point)
-        wait_until_stopped(process)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
+        _kill_at(migration_lab, "kp", point, "--fence", "suspend")
         assert journal("kp")["steps"]["switch"]["state"] == "started"
         result = blockmig("resume", "kp", "--json")
         assert result.returncode == 0, result.stderr
@@ -62,10 +67,7 @@ def test_kill_at_each_switch_point_then_resume(migration_lab, point):
 @pytest.mark.parametrize("point", ["switch:held", "switch:source path removed", "switch:destination mapped"])
 def test_kill_inside_the_hold_then_rollback(migration_lab, point):
     with _writer(migration_lab) as writer:
-        process = start_blockmig(*migration_lab.migrate_args("--fence", "suspend", "--id", "kr"), stop_at=point)
-        wait_until_stopped(process)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
+        _kill_at(migration_lab, "kr", point, "--fence", "suspend")
         result = blockmig("rollback", "kr")
         assert result.returncode == 0, result.stderr
     assert journal("kr")["state"] == "rolled_back"
@@ -74,10 +76,7 @@ def test_kill_inside_the_hold_then_rollback(migration_lab, point):
 
 
 def test_rollback_is_refused_once_the_destination_is_in_the_map(migration_lab):
-    process = start_blockmig(*migration_lab.migrate_args("--id", "kj"), stop_at="switch:destination path in the map")
-    wait_until_stopped(process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    _kill_at(migration_lab, "kj", "switch:destination path in the map")
     refused = blockmig("rollback", "kj")
     assert refused.returncode != 0 and "blockmig resume kj" in refused.stderr, refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
