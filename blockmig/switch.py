@@ -88,6 +88,7 @@ class HostSwitch:
         if not self.facts.get("prepared"):
             self.prepare()
         if not self.facts.get("destination_joined"):
+            failure = None
             with self.host_io_held():
                 try:
                     self.take_source_out()
@@ -96,10 +97,10 @@ class HostSwitch:
                     if self.facts.get("destination_joined"):
                         raise
                     self.revert_in_hold()
-                    self.after_revert()
-                    raise MigrationError(
-                        f"switch reverted, the host is on the source again: {exc}"
-                    ) from exc
+                    failure = exc
+            if failure is not None:
+                self.after_revert()  # outside the hold: the host already works on the source again
+                raise MigrationError(f"switch reverted, the host is on the source again: {failure}") from failure
             self._record_io_held()
         else:  # killed after the destination joined: what the hold left is undone, then the rest
             disk = self.facts.get("host_disk")
@@ -132,8 +133,8 @@ class HostSwitch:
                 lio.unexport_volume(volume, mapping.initiator_iqn)
         # Mapped to nobody now, so nobody sees the source's WWID on it yet.
         volume = lio.change_volume_serial(volume, self.source["serial"])
+        self._record(host_acl_ready=True)  # intent first: rollback removes it again if it stays empty
         lio.ensure_node_acl(self.destination["target"], self.source["host_initiator"])
-        self._record(host_acl_ready=True)
         if self.map_name:
             # Read before the hold (a walk of /proc is slow): what the hold will freeze.
             self._record(mountpoints=list(usage.volume_users(f"/dev/mapper/{self.map_name}").rw_mountpoints))
