@@ -43,16 +43,19 @@ def test_a_mounted_filesystem_read_write_then_read_only(source_map, tmp_path, fs
     mountpoint.mkdir()
     subprocess.run(["mount", found.device, str(mountpoint)], check=True)
     try:
+        udev.settle()  # a udev worker probing the freshly mounted device would count as an opener
         users = volume_users(found.device)
         assert users.mounted_rw and [m.mountpoint for m in users.mounts] == [str(mountpoint)]
         assert users.mounts[0].fstype == fstype and users.mounts[0].device == found.dm
         assert users.describe() == f"{fstype} on {mountpoint} mounted read-write"
         subprocess.run(["mount", "-o", "remount,ro", str(mountpoint)], check=True)
+        udev.settle()
         users = volume_users(f"/dev/{found.dm}")
         assert not users.mounted_rw and users.in_use
         assert users.describe() == f"{fstype} on {mountpoint} mounted read-only"
     finally:
         subprocess.run(["umount", str(mountpoint)], check=True)
+    udev.settle()
     assert not volume_users(found.device).in_use
 
 
