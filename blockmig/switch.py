@@ -275,10 +275,11 @@ class HostSwitch:
     def bring_destination_in(self) -> str:
         """Map the destination to the host, scan that one LUN, check it, put it in the map."""
         self.attach_destination()
+        self.finish_source_removal()  # while udev processes the new disk
         return self.join_destination()
 
     def attach_destination(self) -> None:
-        """Map the destination to the host and scan that one LUN; the source's disks go while udev works."""
+        """Map the destination to the host and scan that one LUN (udev and multipathd take it from there)."""
         volume = self.destination_volume()
         host = self.source["host_initiator"]
         mapping = lio.find_mapping(volume, host)
@@ -292,7 +293,6 @@ class HostSwitch:
         self._deadline = time.monotonic() + self.timeout
         if mapping.mapped_lun not in iscsi.session_disks(session):
             iscsi.scan_session_lun(session, mapping.mapped_lun)
-        self.finish_source_removal()  # while udev processes the new disk
 
     def join_destination(self) -> str:
         """The new disk, WWID checked, into the map: from here on the host's IO can reach the destination."""
@@ -385,8 +385,8 @@ class HostSwitch:
         The migrator's export comes back with the next copy (the host wrote the
         source again, so the copy starts over).
         """
-        volume = self.destination_volume()
-        lio.change_volume_serial(volume, self.destination["temporary_serial"])
+        with contextlib.suppress(MigrationError):  # a destination that vanished needs no serial back
+            lio.change_volume_serial(self.destination_volume(), self.destination["temporary_serial"])
         self.release_host_destination_session()
 
     def release_host_destination_session(self) -> None:
@@ -417,7 +417,7 @@ class HostSwitch:
 def switch_group(journals: list[MigrationJournal], emit: EventHandler) -> list[dict]:
     """Switch verified migrations as one consistency group: every map held, every path moved, every map resumed.
 
-    All sources go out and all destinations are mapped before any joins, so a
+    All sources go out and all destinations are mapped and scanned before any joins, so a
     failure up to there reverts the whole group. Joining is the point of no
     return (multipathd adds a processed disk by itself, and its reload resumes
     the map), so a member that then fails to join is reverted alone and the group
@@ -445,6 +445,8 @@ def switch_group(journals: list[MigrationJournal], emit: EventHandler) -> list[d
                 switch.take_source_out()
             for switch in moving:
                 switch.attach_destination()
+            for switch in moving:  # while udev processes the new disks
+                switch.finish_source_removal()
         except BlockmigError as exc:
             failures = {switch.journal.id: exc for switch in moving}
         else:
@@ -455,7 +457,7 @@ def switch_group(journals: list[MigrationJournal], emit: EventHandler) -> list[d
                     failures[switch.journal.id] = exc
                 else:
                     if len(moving) > 1 and not multipath.is_suspended(switch.map_name):
-                        multipath.suspend_map(switch.map_name, lockfs=False, flush=True)
+                        multipath.suspend_map(switch.map_name, lockfs=False, flush=False)
         for switch in moving:
             if switch.journal.id in failures and not switch.facts.get("destination_joined"):
                 try:

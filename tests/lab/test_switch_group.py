@@ -50,11 +50,14 @@ def test_two_volumes_switch_in_one_hold_under_an_ordered_writer(migration_lab, b
     facts = [journal(member)["steps"]["switch"]["facts"] for member in ("g-log", "g-data")]
     held = [round(f["io_held_seconds"] * 1000) for f in facts]
     print(f"\ngroup of 2: host IO held {held} ms; {writer.summary()}")
+    print("phases (s since the hold began): " + ", ".join(
+        f"{e['phase']} {e['seconds_since_hold']}" for e in events if e["event"] == "switch_phase"))
     assert [r["io_held_seconds"] for r in results] == [f["io_held_seconds"] for f in facts]
     # One hold: every map was held before the first one let IO flow again.
     assert max(f["suspended_at"] for f in facts) < min(f["io_flowing_at"] for f in facts)
-    for volume in (log, data):
-        volume.assert_host_on_destination(writer_region=(volume.size // 2, volume.size))
+    for volume, member in ((log, "g-log"), (data, "g-data")):
+        volume.assert_host_on_destination(writer_region=(volume.size // 2, volume.size),
+                                          report={"destination": journal(member)["destination"]})
         assert not multipath.is_suspended(volume.map_name)
     writer.check()  # no acknowledged write lost on either, the data volume never ahead of the log
     assert all(journal(member)["state"] == "done" for member in ("g-log", "g-data"))
