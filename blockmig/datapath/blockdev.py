@@ -24,7 +24,7 @@ REGULAR_FILE_BLOCK_SIZE = 512  # what a regular file stands in for
 
 
 # Named tuples and plain classes in the copy's path, not dataclasses: importing dataclasses
-# imports inspect, ~70 ms of every `blockmig copy`'s start-up in the lab VM.
+# imports inspect: 30-50 ms of every `blockmig copy`'s start-up in the lab VM (0.19-0.21 s against 0.22-0.26 s).
 class VolumeInfo(namedtuple("VolumeInfo", "path size logical_block_size is_block_device device serial")):
     """What identifies a volume across runs; stored in the copy journal.
 
