@@ -13,7 +13,7 @@ import mmap
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from collections import namedtuple
 
 from blockmig.errors import DeviceError, UsageError
 from blockmig.sysfs import read_attribute
@@ -23,16 +23,16 @@ BLKSSZGET = 0x1268  # _IO(0x12, 104): logical block size
 REGULAR_FILE_BLOCK_SIZE = 512  # what a regular file stands in for
 
 
-@dataclass(frozen=True)
-class VolumeInfo:
-    """What identifies a volume across runs; stored in the copy journal."""
+# Named tuples and plain classes in the copy's path, not dataclasses: importing dataclasses
+# imports inspect: 30-50 ms of every `blockmig copy`'s start-up in the lab VM (0.19-0.21 s against 0.22-0.26 s).
+class VolumeInfo(namedtuple("VolumeInfo", "path size logical_block_size is_block_device device serial")):
+    """What identifies a volume across runs; stored in the copy journal.
 
-    path: str
-    size: int
-    logical_block_size: int
-    is_block_device: bool
-    device: str  # "major:minor" of a block device, "st_dev:st_ino" of a file
-    serial: str  # stable identity when the kernel has one (SCSI WWID/serial, loop backing file)
+    device: "major:minor" of a block device, "st_dev:st_ino" of a file; serial: stable identity
+    when the kernel has one (SCSI WWID/serial, loop backing file), else "".
+    """
+
+    __slots__ = ()
 
     def same_volume(self, other: "VolumeInfo") -> bool:
         """Serials survive reboots and renames (sdc -> sdd); device numbers are the fallback."""
@@ -43,19 +43,20 @@ class VolumeInfo:
         return self.device == other.device
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return self._asdict()
 
     @classmethod
     def from_dict(cls, data: dict) -> "VolumeInfo":
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: data[name] for name in cls._fields})
 
 
-@dataclass
 class Volume:
     """An open source or destination. Only the guard may hold a writable one."""
 
-    fd: int
-    info: VolumeInfo
+    __slots__ = ("fd", "info")
+
+    def __init__(self, fd: int, info: VolumeInfo):
+        self.fd, self.info = fd, info
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 
 from blockmig.errors import JournalError
 
@@ -24,12 +23,13 @@ def digest_chunk(data) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@dataclass
 class Manifest:
-    size: int
-    chunk_size: int
-    chunk_digests: list[str] = field(default_factory=list)
-    algorithm: str = ALGORITHM
+    """The chunk digests of a volume, in order (a plain class: see blockdev.VolumeInfo)."""
+
+    def __init__(self, size: int, chunk_size: int, chunk_digests: list[str] | None = None,
+                 algorithm: str = ALGORITHM):
+        self.size, self.chunk_size, self.algorithm = size, chunk_size, algorithm
+        self.chunk_digests = [] if chunk_digests is None else chunk_digests
 
     @property
     def chunk_count(self) -> int:

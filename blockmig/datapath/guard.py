@@ -13,20 +13,18 @@ of chunk addresses, and its reserved address is the next one on the list.
 from __future__ import annotations
 
 import os
+from collections import namedtuple
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from blockmig.datapath.blockdev import Volume, VolumeInfo, open_destination
 from blockmig.errors import DeviceError, GuardRefusedWrite
 
 
-@dataclass(frozen=True)
-class WriteAck:
-    """Write-complete notification: `length` bytes at `address` are durable."""
+class WriteAck(namedtuple("WriteAck", "address length reserved_address")):
+    """Write-complete notification: `length` bytes at `address` are durable; `reserved_address`
+    is the next address the guard will accept (a named tuple: see blockdev.VolumeInfo)."""
 
-    address: int
-    length: int
-    reserved_address: int  # the next address the guard will accept
+    __slots__ = ()
 
 
 class DestinationGuard:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 
 from blockmig.datapath.blockdev import VolumeInfo
 from blockmig.datapath.digest import Manifest
@@ -46,12 +45,11 @@ def write_json_atomically(path: str, data: dict) -> None:
         raise JournalError(f"cannot write {path}: {exc.strerror}") from None
 
 
-@dataclass
 class CopyJournal:
-    path: str
-    source: VolumeInfo
-    destination: VolumeInfo
-    manifest: Manifest
+    """A plain class: see blockdev.VolumeInfo."""
+
+    def __init__(self, path: str, source: VolumeInfo, destination: VolumeInfo, manifest: Manifest):
+        self.path, self.source, self.destination, self.manifest = path, source, destination, manifest
 
     @property
     def reserved_address(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import threading
 
 import pytest
 
@@ -49,6 +50,37 @@ def test_writes_are_strictly_ordered_and_each_follows_the_previous_ack(tmp_path)
     for ack, reserved in acks:
         assert ack.reserved_address == reserved == ack.address + ack.length
 
+
+
+def test_copies_on_threads_of_one_process_keep_their_own_guard_order_and_journal(tmp_path):
+    """As a multi-volume migration (and scripts/bench --parallel) runs them: one copy_volume per thread."""
+    volumes = range(4)
+    data = {n: write_random_file(tmp_path / f"src{n}", (3 + n) * MiB + 512, seed=10 + n) for n in volumes}
+    for n in volumes:
+        (tmp_path / f"dst{n}").write_bytes(bytes(len(data[n])))
+    acks = {n: [] for n in volumes}
+    failures = []
+
+    def copy(n):
+        try:
+            copy_volume(str(tmp_path / f"src{n}"), str(tmp_path / f"dst{n}"), str(tmp_path / f"j{n}.json"),
+                        chunk_size=256 * 1024, allow_regular_files=True,
+                        after_chunk=lambda guard, ack: acks[n].append((ack, guard.reserved_address)))
+        except Exception as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=copy, args=(n,)) for n in volumes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    for n in volumes:
+        assert (tmp_path / f"dst{n}").read_bytes() == data[n]
+        assert [ack.address for ack, _ in acks[n]] == list(range(0, len(data[n]), 256 * 1024))
+        assert all(ack.reserved_address == reserved == ack.address + ack.length for ack, reserved in acks[n])
+        journal = CopyJournal.load(str(tmp_path / f"j{n}.json"))
+        assert journal.manifest.complete and journal.reserved_address == len(data[n])
 
 def test_wrong_address_write_during_copy_is_refused_and_copy_still_identical(tmp_path):
     data = write_random_file(tmp_path / "src", 2 * MiB, seed=3)
