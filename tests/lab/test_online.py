@@ -1,0 +1,269 @@
+"""Online migration on the real stack: LVM on the host's multipath map, writers running through the migration.
+
+The host uses its volume as most do: a PV on /dev/mapper/mpathX, a VG, an LV with a
+filesystem and an fsync appender, a second LV written raw with O_DIRECT by a writer
+that logs every acknowledged write. blockmig tracks writes on the LVs (dm-era), copies
+deltas while the host writes, and holds host IO only for the last one.
+"""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
+    MiB,
+    blockmig,
+    copied_bytes,
+    destination_backing_file,
+    journal,
+    migrate_args,
+    release_held_io_and_migrator,
+    report_of,
+    start_blockmig,
+    wait_for_journal,
+    wait_until_stopped,
+)
+from workloads import XFS_MIN_SIZE, FsAppender, RawWriter, device_reader, lab_of_size
+
+from blockmig import lab
+from blockmig.host import era, iscsi, multipath
+
+VG = "blockmigvg"
+FS_LV = f"/dev/mapper/{VG}-data"
+RAW_LV = f"/dev/mapper/{VG}-raw"
+RAW_SIZE = 32 * MiB
+
+
+def run(*argv: str) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr.strip()}"
+    return result.stdout
+
+
+def dm_maps() -> list[str]:
+    return run("dmsetup", "ls").split()[::2]
+
+
+class LvmHost:
+    """The host's view: VG on the map, an LV with a filesystem + appender, an LV with a raw writer."""
+
+    def __init__(self, map_device: str, backing_dir: str, tmp_path, fstype: str, fs_size: int):
+        self.map_device = map_device
+        self.map_name = os.path.basename(map_device)
+        self.backing_dir = backing_dir
+        run("pvcreate", "-q", "-y", map_device)
+        run("vgcreate", "-q", VG, map_device)
+        run("lvcreate", "-q", "-y", "-W", "n", "-L", f"{fs_size // MiB}M", "-n", "data", VG)
+        run("lvcreate", "-q", "-y", "-W", "n", "-L", f"{RAW_SIZE // MiB}M", "-n", "raw", VG)
+        self.tables = {name: run("dmsetup", "table", name) for name in (f"{VG}-data", f"{VG}-raw")}
+        self.appender = FsAppender(FS_LV, fstype, str(tmp_path / "mnt"), interval=0.02)
+        # a hot set of 8 MiB, as a database's: each delta pass finds at most 8 of its chunks changed
+        self.writer = RawWriter(RAW_LV, RAW_SIZE, region=(0, 8 * MiB), interval=0.005)
+
+    def start(self) -> None:
+        self.appender.start()
+        self.writer.start()
+
+    def stop(self) -> None:
+        self.writer.stop()
+        self.appender.stop()
+
+    def check(self) -> None:
+        """Zero application errors, zero lost acknowledged writes, fsck clean."""
+        self.stop()
+        print(f"\n{self.writer.summary()}\n{self.appender.summary()}")
+        self.writer.check(device_reader(RAW_LV))
+        self.appender.check()
+
+    def assert_plain_tables(self) -> None:
+        """Every LV has its own linear table again; nothing of era is left."""
+        for name, table in self.tables.items():
+            assert run("dmsetup", "table", name) == table
+        assert not [name for name in dm_maps() if name.startswith(era.PRIVATE_PREFIX)]
+        assert "era-" not in run("losetup", "-a")
+        assert not any(multipath.is_suspended(name) for name in dm_maps())
+
+    def close(self) -> None:
+        self.writer.stop()
+        self.appender.close()
+        subprocess.run(["vgchange", "-q", "-an", VG], capture_output=True)
+        for name in dm_maps():
+            if name.startswith(era.PRIVATE_PREFIX):
+                subprocess.run(["dmsetup", "resume", name], capture_output=True)
+                subprocess.run(["dmsetup", "remove", "--retry", name], capture_output=True)
+        subprocess.run(["vgremove", "-q", "-f", VG], capture_output=True)
+        subprocess.run(["pvremove", "-q", "-ff", "-y", self.map_device], capture_output=True)
+        for path in glob.glob(os.path.join(os.environ["BLOCKMIG_STATE_DIR"], "*", "era-*.meta")):
+            for loop in run("losetup", "-j", path).splitlines():
+                subprocess.run(["losetup", "-d", loop.split(":")[0]], capture_output=True)
+
+
+@pytest.fixture
+def lvm_host(request, backing_dir, tmp_path, monkeypatch):
+    """A lab volume (256 MiB, or 384 MiB for xfs) with LVM on its map; `request.param`: the filesystem."""
+    monkeypatch.setenv("BLOCKMIG_STATE_DIR", str(tmp_path / "migrations"))
+    fstype = getattr(request, "param", "ext4")
+    fs_size = XFS_MIN_SIZE if fstype == "xfs" else 128 * MiB
+    size = 384 * MiB if fstype == "xfs" else 256 * MiB
+    with lab_of_size(size, backing_dir) as map_device:
+        host = LvmHost(map_device, backing_dir, tmp_path, fstype, fs_size)
+        try:
+            yield host
+        finally:
+            host.close()
+            release_held_io_and_migrator()
+
+
+def assert_destination_is_what_the_host_sees(host: LvmHost, report: dict) -> None:
+    """With the writers stopped: the host's map and the destination's backing hold the same bytes."""
+    backing = report["destination"]["backing"]
+    # O_DIRECT: the map's page cache (udev's blkid) may hold blocks the LVs have rewritten since
+    reader = subprocess.Popen(["dd", f"if={host.map_device}", "iflag=direct", "bs=1M", "status=none"],
+                              stdout=subprocess.PIPE)
+    assert subprocess.run(["cmp", "-", backing], stdin=reader.stdout).returncode == 0
+    assert reader.wait() == 0
+    assert report["mode"] == "online"
+    assert lab.SOURCE_IQN not in {s.target_iqn for s in iscsi.sessions()}, "host still logged in to the source"
+
+
+def print_figures(report: dict, result=None) -> None:
+    """The figures a benchmark reports (not asserted): passes, last delta, IO held and where the hold went."""
+    if result is not None:
+        phases = [json.loads(line) for line in result.stdout.splitlines() if '"switch_phase"' in line]
+        print("hold phases: " + ", ".join(f"{p['phase']} {p['seconds_since_hold']}" for p in phases))
+    online = report["online"]
+    print(f"online: {len(online['passes'])} delta passes {online['passes']}, final delta {report['final_delta']}, "
+          f"host IO held {report['io_held_seconds']} s, copy {report['copy_seconds']} s, "
+          f"total {report['total_seconds']} s")
+
+
+@pytest.mark.parametrize("lvm_host", ["ext4", "xfs"], indirect=True)
+def test_online_migration_with_writers_running_throughout(lvm_host):
+    lvm_host.start()
+    try:
+        result = blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "on"), timeout=600)
+        assert result.returncode == 0, result.stderr
+    finally:
+        lvm_host.stop()
+    report = report_of(result)
+    print_figures(report, result)
+    lvm_host.check()
+    assert_destination_is_what_the_host_sees(lvm_host, report)
+    lvm_host.assert_plain_tables()
+    assert report["final_delta"] is not None and report["io_held_seconds"] is not None
+
+
+def test_online_refused_for_a_filesystem_directly_on_the_map(lab_env, backing_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKMIG_STATE_DIR", str(tmp_path / "migrations"))
+    device = multipath.map_for_wwid(lab.SOURCE_WWID).device
+    appender = FsAppender(device, "ext4", str(tmp_path / "mnt"))
+    appender.make_filesystem()
+    appender.mount()
+    try:
+        before = lab.lab_status()
+        result = blockmig(*migrate_args(device, backing_dir, "--mode", "online"))
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert "directly" in lines[0] and "--mode offline" in lines[0] and "multipath" in lines[0], lines[0]
+        assert lab.lab_status() == before
+        assert not os.path.exists(tmp_path / "migrations") or os.listdir(tmp_path / "migrations") == []
+        assert not glob.glob(os.path.join(backing_dir, "blockmig-*"))
+    finally:
+        appender.close()
+
+
+def _kill(process) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def test_kill_in_pass_one_and_in_a_delta_pass_then_resume(lvm_host):
+    lvm_host.start()
+    try:
+        process = start_blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "k1",
+                                               "--max-rate", "32M", "--max-hold", "0.01"))
+        wait_for_journal("k1", lambda data: copied_bytes("k1") >= 32 * MiB, 300)
+        _kill(process)
+        assert journal("k1")["online"]["pass1_done"] is False
+        assert any(name.startswith(era.PRIVATE_PREFIX) for name in dm_maps()), "tracking went with the process"
+        # resumed, it finishes pass 1 and stops itself in the first delta pass: killed there too
+        process = start_blockmig("resume", "k1", "--json", stop_at="online:delta")
+        wait_until_stopped(process, 300)
+        _kill(process)
+        state = journal("k1")["online"]
+        assert state["pass1_done"] and state["pass"] >= 2
+        status = blockmig("status", "k1")
+        assert "mode online" in status.stdout and "online pass" in status.stdout, status.stdout
+        print(status.stdout)
+    finally:
+        lvm_host.stop()
+    # the writers stopped, the next delta is small: resume converges and switches
+    result = blockmig("resume", "k1", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = report_of(result)
+    print_figures(report, result)
+    lvm_host.check()
+    assert_destination_is_what_the_host_sees(lvm_host, report)
+    lvm_host.assert_plain_tables()
+
+
+def test_kill_inside_the_hold_then_resume(lvm_host):
+    lvm_host.start()
+    try:
+        process = start_blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "kh"),
+                                 stop_at="switch:final delta copied")
+        wait_until_stopped(process, 600)
+        _kill(process)  # host IO stays held (private maps suspended, filesystem frozen) until resume
+        assert journal("kh")["online"]["holding"]
+        result = blockmig("resume", "kh", "--json", timeout=600)
+        assert result.returncode == 0, result.stderr
+    finally:
+        lvm_host.stop()
+    report = report_of(result)
+    print_figures(report, result)
+    lvm_host.check()
+    assert_destination_is_what_the_host_sees(lvm_host, report)
+    lvm_host.assert_plain_tables()
+
+
+def test_kill_inside_the_hold_then_rollback(lvm_host):
+    lvm_host.start()
+    try:
+        process = start_blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "kr"),
+                                 stop_at="switch:destination handed over")
+        wait_until_stopped(process, 600)
+        _kill(process)
+        result = blockmig("rollback", "kr")
+        assert result.returncode == 0, result.stderr
+    finally:
+        lvm_host.stop()
+    assert journal("kr")["state"] == "rolled_back"
+    lvm_host.check()
+    lvm_host.assert_plain_tables()
+    assert [p.dev for p in multipath.paths_of_map(lvm_host.map_name) if p.usable], "the host lost its path"
+    assert not glob.glob(os.path.join(lvm_host.backing_dir, "blockmig-*"))
+
+
+def test_a_writer_faster_than_the_copy_stops_the_migration_then_rollback(lvm_host):
+    """--max-rate 16M against a writer touching every chunk of its LV each pass: the deltas never shrink."""
+    lvm_host.writer.interval = 0
+    lvm_host.start()
+    try:
+        result = blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "fast",
+                                        "--max-rate", "16M"), timeout=900)
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        print(lines[-1])
+        assert "writes faster than the delta copy" in lines[-1] and "never held" in lines[-1], lines
+        data = journal("fast")
+        assert "suspended_at" not in data["steps"].get("switch", {}).get("facts", {}), "host IO was held"
+        rollback = blockmig("rollback", "fast")
+        assert rollback.returncode == 0, rollback.stderr
+    finally:
+        lvm_host.stop()
+    lvm_host.check()
+    lvm_host.assert_plain_tables()
