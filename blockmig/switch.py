@@ -126,12 +126,12 @@ class HostSwitch:
     # -- before the hold ----------------------------------------------------------
     def prepare(self) -> None:
         """Everything the host does not notice: migrator out, identity, host session to the destination."""
-        self.take_destination_from_migrator()
+        self.logout_migrator()
+        self.give_destination_the_source_identity()
         self.prepare_host_side()
 
-    def take_destination_from_migrator(self) -> None:
-        """The migrator leaves the destination, which then takes the source's serial (same WWID)."""
-        self.logout_migrator()
+    def give_destination_the_source_identity(self) -> None:
+        """The migrator's mapping goes, then the destination takes the source's serial (same WWID)."""
         volume = self.destination_volume()
         for mapping in lio.list_mappings(volume):
             if mapping.initiator_iqn == self.migrator["initiator"]:

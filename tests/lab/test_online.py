@@ -17,7 +17,6 @@ from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
     MiB,
     blockmig,
     copied_bytes,
-    destination_backing_file,
     journal,
     migrate_args,
     release_held_io_and_migrator,
@@ -129,6 +128,16 @@ def assert_destination_is_what_the_host_sees(host: LvmHost, report: dict) -> Non
     assert lab.SOURCE_IQN not in {s.target_iqn for s in iscsi.sessions()}, "host still logged in to the source"
 
 
+def assert_switched(host: LvmHost, result) -> dict:
+    """The migration's report: figures printed, writers checked, destination == host's view, LVs linear again."""
+    report = report_of(result)
+    print_figures(report, result)
+    host.check()
+    assert_destination_is_what_the_host_sees(host, report)
+    host.assert_plain_tables()
+    return report
+
+
 def print_figures(report: dict, result=None) -> None:
     """The figures a benchmark reports (not asserted): passes, last delta, IO held and where the hold went."""
     if result is not None:
@@ -148,11 +157,7 @@ def test_online_migration_with_writers_running_throughout(lvm_host):
         assert result.returncode == 0, result.stderr
     finally:
         lvm_host.stop()
-    report = report_of(result)
-    print_figures(report, result)
-    lvm_host.check()
-    assert_destination_is_what_the_host_sees(lvm_host, report)
-    lvm_host.assert_plain_tables()
+    report = assert_switched(lvm_host, result)
     assert report["final_delta"] is not None and report["io_held_seconds"] is not None
 
 
@@ -204,43 +209,34 @@ def test_kill_in_pass_one_and_in_a_delta_pass_then_resume(lvm_host):
     # the writers stopped, the next delta is small: resume converges and switches
     result = blockmig("resume", "k1", "--json", timeout=600)
     assert result.returncode == 0, result.stderr
-    report = report_of(result)
-    print_figures(report, result)
-    lvm_host.check()
-    assert_destination_is_what_the_host_sees(lvm_host, report)
-    lvm_host.assert_plain_tables()
+    assert_switched(lvm_host, result)
+
+
+def _kill_inside_the_hold(host: LvmHost, migration_id: str, stop_at: str, *then: str):
+    """Writers on; blockmig killed at a point of the hold (host IO stays held until `then` runs)."""
+    host.start()
+    try:
+        process = start_blockmig(*migrate_args(host.map_device, host.backing_dir, "--id", migration_id),
+                                 stop_at=stop_at)
+        wait_until_stopped(process, 600)
+        _kill(process)
+        assert journal(migration_id)["online"]["holding"], "killed outside the hold"
+        result = blockmig(*then, timeout=600)
+        assert result.returncode == 0, result.stderr
+    finally:
+        host.stop()
+    return result
 
 
 def test_kill_inside_the_hold_then_resume(lvm_host):
-    lvm_host.start()
-    try:
-        process = start_blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "kh"),
-                                 stop_at="switch:final delta copied")
-        wait_until_stopped(process, 600)
-        _kill(process)  # host IO stays held (private maps suspended, filesystem frozen) until resume
-        assert journal("kh")["online"]["holding"]
-        result = blockmig("resume", "kh", "--json", timeout=600)
-        assert result.returncode == 0, result.stderr
-    finally:
-        lvm_host.stop()
-    report = report_of(result)
-    print_figures(report, result)
-    lvm_host.check()
-    assert_destination_is_what_the_host_sees(lvm_host, report)
-    lvm_host.assert_plain_tables()
+    """After the last delta was copied: resume copies it again (a superset) and switches."""
+    result = _kill_inside_the_hold(lvm_host, "kh", "switch:final delta copied", "resume", "kh", "--json")
+    assert_switched(lvm_host, result)
 
 
 def test_kill_inside_the_hold_then_rollback(lvm_host):
-    lvm_host.start()
-    try:
-        process = start_blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "kr"),
-                                 stop_at="switch:destination handed over")
-        wait_until_stopped(process, 600)
-        _kill(process)
-        result = blockmig("rollback", "kr")
-        assert result.returncode == 0, result.stderr
-    finally:
-        lvm_host.stop()
+    """After the destination took the source's serial: rollback puts everything back."""
+    _kill_inside_the_hold(lvm_host, "kr", "switch:destination handed over", "rollback", "kr")
     assert journal("kr")["state"] == "rolled_back"
     lvm_host.check()
     lvm_host.assert_plain_tables()
@@ -250,7 +246,7 @@ def test_kill_inside_the_hold_then_rollback(lvm_host):
 
 def test_a_writer_faster_than_the_copy_stops_the_migration_then_rollback(lvm_host):
     """--max-rate 16M against a writer touching every chunk of its LV each pass: the deltas never shrink."""
-    lvm_host.writer.interval = 0
+    lvm_host.writer = RawWriter(RAW_LV, RAW_SIZE)  # the whole LV, as fast as it goes
     lvm_host.start()
     try:
         result = blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "fast",
@@ -258,6 +254,7 @@ def test_a_writer_faster_than_the_copy_stops_the_migration_then_rollback(lvm_hos
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         print(lines[-1])
+        assert len(lines) == 1, lines
         assert "writes faster than the delta copy" in lines[-1] and "never held" in lines[-1], lines
         data = journal("fast")
         assert "suspended_at" not in data["steps"].get("switch", {}).get("facts", {}), "host IO was held"
