@@ -248,12 +248,23 @@ def _delta_chunks(journal: MigrationJournal, base: dict[str, int], map_name: str
     chunk_size = journal.data["chunk_size"]
     size = journal.data["source"]["size"]
     number = ":".join(map(str, usage.device_number(os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}")))))
+    check_nothing_new_stacked(journal, map_name)
     chunks: set[int] = set()
     for tracking in _trackings(journal):
         segments = linear_segments(tracking.original_table, number)
         blocks = era.written_since(tracking, base[tracking.map_name])
         chunks.update(chunks_of_blocks(blocks, tracking.block_sectors, segments, chunk_size, size))
     return sorted(chunks)
+
+
+def check_nothing_new_stacked(journal: MigrationJournal, map_name: str) -> None:
+    """A map stacked on the host's map after tracking began (a new LV) writes where era does not look."""
+    untracked = [name for name in holder_maps(map_name) if not name.startswith(era.PRIVATE_PREFIX)]
+    if untracked:
+        raise MigrationError(
+            f"{', '.join(untracked)} was stacked on /dev/mapper/{map_name} during the migration and its writes are "
+            "not tracked: roll this migration back and start again"
+        )
 
 
 def chunks_of_blocks(blocks: list[int], block_sectors: int, segments: list[Segment], chunk_size: int,

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 
 import pytest
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
@@ -186,18 +187,38 @@ def _kill(process) -> None:
     process.wait(timeout=30)
 
 
+def _start(*args: str, stop_at: str):
+    """blockmig in the background, its --json events in a file (a pipe nobody reads would fill and block it)."""
+    events = tempfile.TemporaryFile("w+")
+    process = start_blockmig(*args, stop_at=stop_at, stdout=events)
+    process.events = events
+    return process
+
+
+def _stopped(process, timeout: float = 600) -> None:
+    """wait_until_stopped; if it does not stop there, kill it (it holds the volume's lock) and show where it was."""
+    try:
+        wait_until_stopped(process, timeout)
+    except AssertionError as exc:
+        if process.poll() is None:
+            _kill(process)
+        process.events.seek(0)
+        events = process.events.read().splitlines()[-5:]
+        raise AssertionError(f"{exc}; last events:\n" + "\n".join(events)) from None
+
+
 def test_kill_in_pass_one_and_in_a_delta_pass_then_resume(lvm_host):
     lvm_host.start()
     try:
-        process = start_blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "k1",
-                                               "--max-rate", "32M", "--max-hold", "0.01"))
+        process = _start(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "k1",
+                                       "--max-rate", "32M", "--max-hold", "0.01"), stop_at="")
         wait_for_journal("k1", lambda data: copied_bytes("k1") >= 32 * MiB, 300)
         _kill(process)
         assert journal("k1")["online"]["pass1_done"] is False
         assert any(name.startswith(era.PRIVATE_PREFIX) for name in dm_maps()), "tracking went with the process"
         # resumed, it finishes pass 1 and stops itself in the first delta pass: killed there too
-        process = start_blockmig("resume", "k1", "--json", stop_at="online:delta")
-        wait_until_stopped(process, 300)
+        process = _start("resume", "k1", "--json", stop_at="online:delta")
+        _stopped(process, 180)
         _kill(process)
         state = journal("k1")["online"]
         assert state["pass1_done"] and state["pass"] >= 2
@@ -216,9 +237,8 @@ def _kill_inside_the_hold(host: LvmHost, migration_id: str, stop_at: str, *then:
     """Writers on; blockmig killed at a point of the hold (host IO stays held until `then` runs)."""
     host.start()
     try:
-        process = start_blockmig(*migrate_args(host.map_device, host.backing_dir, "--id", migration_id),
-                                 stop_at=stop_at)
-        wait_until_stopped(process, 600)
+        process = _start(*migrate_args(host.map_device, host.backing_dir, "--id", migration_id), stop_at=stop_at)
+        _stopped(process)
         _kill(process)
         assert journal(migration_id)["online"]["holding"], "killed outside the hold"
         result = blockmig(*then, timeout=600)
