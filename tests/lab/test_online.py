@@ -222,6 +222,10 @@ def test_kill_in_pass_one_and_in_a_delta_pass_then_resume(lvm_host):
         _kill(process)
         state = journal("k1")["online"]
         assert state["pass1_done"] and state["pass"] >= 2
+        # the migrator's disk now carries the source's PV label: LVM sees the map's PV only
+        run("pvscan", "--cache")
+        pvs = subprocess.run(["pvs", "--noheadings", "-o", "pv_name"], capture_output=True, text=True)
+        assert pvs.stdout.split() == [lvm_host.map_device] and "uplicate" not in pvs.stderr, pvs
         status = blockmig("status", "k1")
         assert "mode online" in status.stdout and "online pass" in status.stdout, status.stdout
         print(status.stdout)
