@@ -466,9 +466,12 @@ class OnlineSwitch(HostSwitch):
 
     def end_hold(self) -> None:
         resumed_at = time.time() if resume_private_maps(self.journal) else None
+        if resumed_at:
+            self._phase("private maps resumed")
         super().end_hold()
         if resumed_at and resumed_at > (self.facts.get("io_flowing_at") or 0):
             self._record(io_flowing_at=resumed_at)
+        self._phase("hold ended")
 
     def take_source_out(self) -> None:
         if not self.facts.get("source_removed") and not self.facts.get("source_fencing"):

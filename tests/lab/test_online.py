@@ -237,6 +237,27 @@ def test_kill_in_pass_one_and_in_a_delta_pass_then_resume(lvm_host):
     assert_switched(lvm_host, result)
 
 
+def test_an_lv_made_during_the_migration_stops_it_then_rollback(lvm_host):
+    """Its writes would go where era does not look: the next pass stops the migration with one line."""
+    lvm_host.start()
+    try:
+        process = _start(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "late", "--max-hold", "0.01"),
+                         stop_at="online:delta")
+        _stopped(process)
+        run("lvcreate", "-q", "-y", "-W", "n", "-L", "8M", "-n", "late", VG)
+        process.send_signal(signal.SIGCONT)
+        assert process.wait(timeout=300) != 0
+        lines = process.stderr.read().strip().splitlines()
+        assert len(lines) == 1 and f"{VG}-late was stacked on" in lines[0], lines
+        assert "suspended_at" not in journal("late")["steps"].get("switch", {}).get("facts", {}), "host IO was held"
+        rollback = blockmig("rollback", "late")
+        assert rollback.returncode == 0, rollback.stderr
+    finally:
+        lvm_host.stop()
+    lvm_host.check()
+    lvm_host.assert_plain_tables()
+
+
 def _kill_inside_the_hold(host: LvmHost, migration_id: str, stop_at: str, *then: str):
     """Writers on; blockmig killed at a point of the hold (host IO stays held until `then` runs)."""
     host.start()
