@@ -212,15 +212,21 @@ def resume_era_maps(journal: MigrationJournal) -> None:
 
 
 def resume_private_maps(journal: MigrationJournal) -> bool:
-    """End the hold's suspend of the private maps (before any thaw: the thaw writes through them)."""
-    resumed = False
+    """End the hold's suspend of the private maps (before any thaw: the thaw writes through them).
+
+    Only `holding` suspends them; no state query first (each dmsetup call costs ~80 ms of held IO in the lab VM).
+    """
+    if not journal.data["online"]["holding"]:
+        return False
     for tracking in _trackings(journal):
-        if era.map_exists(tracking.private_map) and multipath.is_suspended(tracking.private_map):
+        try:
             _resume(tracking.private_map)
-            resumed = True
+        except HostError:
+            if era.map_exists(tracking.private_map):
+                raise
     journal.data["online"]["holding"] = False
     journal.save()
-    return resumed
+    return True
 
 
 def _drained_checkpoint(journal: MigrationJournal) -> dict[str, int]:

@@ -237,6 +237,16 @@ def test_kill_in_pass_one_and_in_a_delta_pass_then_resume(lvm_host):
     assert_switched(lvm_host, result)
 
 
+def stopped_without_a_hold_then_rolled_back(migration_id: str, stderr: str, expected: str) -> None:
+    """One line saying `expected`, host IO never held; then rollback succeeds."""
+    lines = stderr.strip().splitlines()
+    print(lines)
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert "suspended_at" not in journal(migration_id)["steps"].get("switch", {}).get("facts", {}), "IO was held"
+    rollback = blockmig("rollback", migration_id)
+    assert rollback.returncode == 0, rollback.stderr
+
+
 def test_an_lv_made_during_the_migration_stops_it_then_rollback(lvm_host):
     """Its writes would go where era does not look: the next pass stops the migration with one line."""
     lvm_host.start()
@@ -247,11 +257,7 @@ def test_an_lv_made_during_the_migration_stops_it_then_rollback(lvm_host):
         run("lvcreate", "-q", "-y", "-W", "n", "-L", "8M", "-n", "late", VG)
         process.send_signal(signal.SIGCONT)
         assert process.wait(timeout=300) != 0
-        lines = process.stderr.read().strip().splitlines()
-        assert len(lines) == 1 and f"{VG}-late was stacked on" in lines[0], lines
-        assert "suspended_at" not in journal("late")["steps"].get("switch", {}).get("facts", {}), "host IO was held"
-        rollback = blockmig("rollback", "late")
-        assert rollback.returncode == 0, rollback.stderr
+        stopped_without_a_hold_then_rolled_back("late", process.stderr.read(), f"{VG}-late was stacked on")
     finally:
         lvm_host.stop()
     lvm_host.check()
@@ -297,14 +303,8 @@ def test_a_writer_faster_than_the_copy_stops_the_migration_then_rollback(lvm_hos
         result = blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "fast",
                                         "--max-rate", "16M"), timeout=900)
         assert result.returncode != 0
-        lines = result.stderr.strip().splitlines()
-        print(lines[-1])
-        assert len(lines) == 1, lines
-        assert "writes faster than the delta copy" in lines[-1] and "never held" in lines[-1], lines
-        data = journal("fast")
-        assert "suspended_at" not in data["steps"].get("switch", {}).get("facts", {}), "host IO was held"
-        rollback = blockmig("rollback", "fast")
-        assert rollback.returncode == 0, rollback.stderr
+        stopped_without_a_hold_then_rolled_back("fast", result.stderr, "writes faster than the delta copy")
+        assert "never held" in result.stderr
     finally:
         lvm_host.stop()
     lvm_host.check()
