@@ -29,6 +29,7 @@ from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
 from workloads import XFS_MIN_SIZE, FsAppender, RawWriter, device_reader, lab_of_size
 
 from blockmig import lab
+from blockmig.array import lio
 from blockmig.host import era, iscsi, multipath
 
 VG = "blockmigvg"
@@ -262,6 +263,29 @@ def test_an_lv_made_during_the_migration_stops_it_then_rollback(lvm_host):
         lvm_host.stop()
     lvm_host.check()
     lvm_host.assert_plain_tables()
+
+
+def test_a_reverted_switch_keeps_pass_one_then_resume(lvm_host):
+    """The destination vanishes inside the hold: the switch reverts; tracking went on, so resume keeps pass 1."""
+    lvm_host.start()
+    try:
+        process = _start(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "rv",
+                                       "--switch-timeout", "3"), stop_at="switch:destination mapped")
+        _stopped(process)
+        destination = lio.find_volume(journal("rv")["destination"]["volume"])
+        lio.unexport_volume(destination, iscsi.read_initiator_name(), keep_acl=True)
+        process.send_signal(signal.SIGCONT)
+        assert process.wait(timeout=300) != 0
+        stderr = process.stderr.read()
+        assert len(stderr.strip().splitlines()) == 1 and "switch reverted" in stderr, stderr
+        state = journal("rv")
+        assert state["switch_reverts"] == 1 and state["online"]["pass1_done"] and "copy" not in state["steps"]
+        result = blockmig("resume", "rv", "--json", timeout=600)
+        assert result.returncode == 0, result.stderr
+    finally:
+        lvm_host.stop()
+    report = assert_switched(lvm_host, result)
+    assert report["switch_reverts"] == 1 and report["final_delta"] is not None
 
 
 def _kill_inside_the_hold(host: LvmHost, migration_id: str, stop_at: str, *then: str):
