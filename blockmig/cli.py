@@ -123,8 +123,14 @@ def _add_migrate(sub) -> None:
     backing = parser.add_mutually_exclusive_group()
     backing.add_argument("--backing-dir", metavar="DIR", help="file-backed destination in DIR (default: the source's)")
     backing.add_argument("--backing-device", metavar="DEV", help="destination on this block device (exact size)")
-    parser.add_argument("--fence", choices=("writeprotect", "suspend", "none"), default="writeprotect",
-                        help="keep the source unchanged during the copy: write-protect the host's mapping "
+    parser.add_argument("--mode", choices=("online", "offline"),
+                        help="online: the host keeps writing, changes are tracked on the maps stacked on its multipath "
+                             "map (LVM) and copied in delta passes, IO is held only for the last delta; offline: a "
+                             "fence for the whole copy (default: online where the host's writes can be tracked)")
+    parser.add_argument("--max-hold", type=float, default=1.0, metavar="SECONDS",
+                        help="online: hold host IO only once the last delta is estimated to copy in this long (default 1)")
+    parser.add_argument("--fence", choices=("writeprotect", "suspend", "none"),
+                        help="offline: keep the source unchanged during the copy: write-protect the host's mapping "
                              "(default), hold host IO on the map, or none (only if the host is quiesced)")
     parser.add_argument("--switch", choices=("multipath", "relogin"), default="multipath",
                         help="move the host by a multipath path switch (default) or iSCSI logout/login")
@@ -146,7 +152,7 @@ def _cmd_migrate(args) -> int:
         device=args.device, to_target=args.to_target, to_portal=args.to_portal,
         backing_dir=args.backing_dir, backing_device=args.backing_device, fence=args.fence,
         switch=args.switch, worm=args.worm, chunk_size=args.chunk_size, max_rate=args.max_rate,
-        migration_id=args.migration_id, switch_timeout=args.switch_timeout,
+        migration_id=args.migration_id, switch_timeout=args.switch_timeout, mode=args.mode, max_hold=args.max_hold,
     )
     journal = plan_migration(request)
     with _MigrationRenderer(args.json) as render:
@@ -217,7 +223,13 @@ def _cmd_status(args) -> int:
               f"{source.get('size')} bytes on {source.get('target')}")
         print(f"  destination {destination.get('volume')} on {destination.get('target')} "
               f"({destination.get('backing')})")
-        print(f"  fence {summary['fence']}, switch {summary['switch']}, worm {'yes' if summary['worm'] else 'no'}")
+        print(f"  mode {summary['mode']}, fence {summary['fence']}, switch {summary['switch']}, "
+              f"worm {'yes' if summary['worm'] else 'no'}")
+        if summary.get("online"):
+            state = summary["online"]
+            delta = state.get("delta_bytes")
+            print(f"  online pass {state.get('pass')}, delta {'?' if delta is None else f'{delta / 2**20:.1f} MiB'}, "
+                  f"estimated hold {state.get('estimated_hold', '?')} s (max {state.get('max_hold')} s)")
         for name, step in summary["steps"].items():
             print(f"  {name:<18} {step.get('state', '?'):<8} {step.get('done') or step.get('started') or ''}")
     return 0
@@ -236,7 +248,12 @@ def _print_report(report: dict, as_json: bool) -> None:
     print(f"  copy {report['copy_seconds']} s, verify {report['verify_seconds']} s, "
           f"host IO held at the switch {'n/a' if held is None else f'{held * 1000:.0f} ms'}, "
           f"total {report['total_seconds']} s")
-    print(f"  fence {report['fence']}, switch {report['switch']}, worm {'yes' if report['worm'] else 'no'}")
+    print(f"  mode {report.get('mode', 'offline')}, fence {report['fence']}, switch {report['switch']}, "
+          f"worm {'yes' if report['worm'] else 'no'}")
+    if report.get("online"):
+        final = report.get("final_delta") or {}
+        print(f"  online: {len(report['online']['passes'])} delta passes before the hold, last delta "
+              f"{final.get('chunks', '?')} chunks copied in the hold")
 
 
 class _MigrationRenderer:
@@ -256,7 +273,7 @@ class _MigrationRenderer:
             print(f"blockmig: {event['step']}: {event['state']}", file=sys.stderr, flush=True)
         elif event["event"] == "io_resumed" and event.get("io_held_seconds") is not None:
             print(f"blockmig: host IO held {event['io_held_seconds'] * 1000:.0f} ms", file=sys.stderr, flush=True)
-        elif event["event"] in ("copy_retry", "rollback", "planned", "switch_revert"):
+        elif event["event"] in ("copy_retry", "rollback", "planned", "switch_revert", "delta"):
             details = ", ".join(f"{k} {v}" for k, v in event.items() if k != "event")
             print(f"blockmig: {event['event'].replace('_', ' ')}: {details}", file=sys.stderr, flush=True)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
+from blockmig import online
 from blockmig.array import lio
 from blockmig.datapath.copy import DEFAULT_CHUNK_SIZE, copy_volume
 from blockmig.datapath.digest import load_manifest
@@ -54,13 +55,15 @@ class MigrationRequest:
     to_portal: str  # IP:PORT
     backing_dir: str | None = None
     backing_device: str | None = None
-    fence: str = "writeprotect"
+    fence: str | None = None  # None: writeprotect in offline mode (a fence given means offline)
     switch: str = "multipath"
     worm: bool = False
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_rate: float | None = None
     migration_id: str | None = None
     switch_timeout: float = DEFAULT_SWITCH_TIMEOUT
+    mode: str | None = None  # online | offline; None: online where the host's writes can be tracked
+    max_hold: float = online.DEFAULT_MAX_HOLD
 
 
 @dataclass
@@ -99,7 +102,12 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
             f"map {host_device.map_name} does not queue IO while it has no path "
             "(set no_path_retry queue, or a number, in multipath.conf)"
         )
-    _refuse_a_fence_that_breaks_writers(host_device, request.fence)
+    mode = online.choose_mode(request.mode, request.fence is not None, host_device.map_name, request.device)
+    if mode == "online" and request.switch != "multipath":
+        raise UsageError("--mode online switches the host by its multipath map: use --switch multipath")
+    fence = "none" if mode == "online" else request.fence or "writeprotect"  # online: era tracks, nothing fences
+    if mode == "offline":
+        _refuse_a_fence_that_breaks_writers(host_device, fence)
     source = _describe_source(host_device)
     portal_ip, port = parse_portal(request.to_portal)
     destination_array = lio.find_array(request.to_target)
@@ -151,7 +159,9 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
                 "iface": f"blockmig-{migration_id}",
                 "initiator": f"{MIGRATOR_IQN_PREFIX}-{re.sub(r'[^a-z0-9.-]', '-', migration_id.lower())}",
             },
-            fence=request.fence,
+            fence=fence,
+            mode=mode,
+            online=online.new_state(host_device.map_name, request.max_hold) if mode == "online" else None,
             switch=request.switch,
             switch_timeout=request.switch_timeout,
             worm=request.worm,
@@ -194,7 +204,7 @@ def migration_status(migration_id: str | None = None) -> list[dict]:
 
 
 def _check_request(request: MigrationRequest) -> None:
-    if request.fence not in FENCES:
+    if request.fence not in (None, *FENCES):
         raise UsageError(f"--fence must be one of {', '.join(FENCES)}")
     if request.switch not in SWITCHES:
         raise UsageError(f"--switch must be one of {', '.join(SWITCHES)}")
@@ -327,6 +337,7 @@ class Migration:
         self.source = journal.data["source"]
         self.destination = journal.data["destination"]
         self.migrator = journal.data["migrator"]
+        self.online = journal.data.get("mode") == "online"
 
     # -- running -----------------------------------------------------------------
     def run(self) -> dict:
@@ -371,6 +382,9 @@ class Migration:
 
     def _release_held_io(self, step: str) -> None:
         map_name = self.source["map"]
+        if self.online:
+            online.resume_private_maps(self.journal)  # before the thaw below, which writes through them
+            online.resume_era_maps(self.journal)
         if map_name and (multipath.is_suspended(map_name) or self.journal.data.get("frozen")):
             if self.journal.data["fence"] == "suspend" and STEPS.index(step) < STEPS.index("switch"):
                 self._lift_fence()
@@ -470,6 +484,8 @@ class Migration:
     def _step_fence(self) -> dict:
         fence = self.journal.data["fence"]
         map_name = self.source["map"]
+        if self.online:  # no fence: the host writes all along, era records where
+            return online.start_tracking(self.journal)
         if fence == "none":
             return {"fence": "none"}
         if fence == "writeprotect":
@@ -509,6 +525,8 @@ class Migration:
         self._check_destination_is_the_migrators_alone()
         destination = f"/dev/{self._migrator_disk()}"
         progress = _Progress(self.emit, "copy")
+        if self.online:
+            online.begin_pass_one(self.journal)
         for attempt in range(COPY_RETRIES + 1):
             source = f"/dev/{self._source_disk()}"
             try:
@@ -529,6 +547,9 @@ class Migration:
                 self.emit({"event": "copy_retry", "attempt": attempt + 1, "error": str(exc)})
                 time.sleep(COPY_RETRY_WAIT)
         self._check_suspend_fence_held()
+        if self.online:
+            manifest = online.converge(self.journal, manifest, self._source_device, destination, self.emit,
+                                       progress.seconds)
         write_json_atomically(self.journal.manifest_path, manifest.to_dict())
         return {
             "source_disk": source,
@@ -549,12 +570,18 @@ class Migration:
             )
 
     def _step_verify(self) -> dict:
-        """The destination against the manifest; then the source again, so a broken fence is caught, not trusted."""
+        """The destination against the manifest; then the source again, so a broken fence is caught, not trusted.
+
+        Online, the source changes: the deltas written meanwhile are copied and read back instead.
+        """
         manifest = load_manifest(self.journal.manifest_path)
         migrator_disk = self._migrator_disk()
         self._check_geometry(migrator_disk)
         progress = _Progress(self.emit, "verify")
         digest = verify_volume(f"/dev/{migrator_disk}", manifest, on_event=progress)
+        if self.online:
+            manifest = online.converge(self.journal, None, self._source_device, f"/dev/{migrator_disk}", self.emit)
+            return {"volume_digest": manifest.volume_digest, "seconds": progress.seconds}
         source_progress = _Progress(self.emit, "verify-source")
         try:
             verify_volume(f"/dev/{self._source_disk()}", manifest, on_event=source_progress)
@@ -579,7 +606,7 @@ class Migration:
 
     # -- switch ------------------------------------------------------------------
     def _step_switch(self) -> dict:
-        switch = HostSwitch(self.journal, self.emit)
+        switch = self._host_switch()
         try:
             return switch.run()
         except MigrationError:
@@ -587,8 +614,22 @@ class Migration:
                 # The host is back on the source and may write it: fence and copy again on resume.
                 reverts = self.journal.data.get("switch_reverts", 0) + 1
                 self.journal.data["switch_reverts"] = reverts
-                self._forget_copy()
+                if self.online:  # era went on tracking: delta passes again, pass 1 stays
+                    for name in ("copy", "verify", "switch"):
+                        self.journal.data["steps"].pop(name, None)
+                    self.journal.save()
+                else:
+                    self._forget_copy()
             raise
+
+    def _host_switch(self) -> HostSwitch:
+        if self.online:
+            return online.OnlineSwitch(self.journal, self.emit, self._source_device,
+                                       lambda: f"/dev/{self._migrator_disk()}")
+        return HostSwitch(self.journal, self.emit)
+
+    def _source_device(self) -> str:
+        return f"/dev/{self._source_disk()}"
 
     # -- finish ------------------------------------------------------------------
     def _step_finish(self) -> dict:
@@ -617,13 +658,16 @@ class Migration:
             "source": {key: self.source[key] for key in ("target", "portal", "volume", "backing", "host_lun")},
             "destination": {**{key: self.destination[key] for key in ("target", "portal", "volume", "backing")},
                             "host_lun": switch.get("destination_host_lun")},
-            "volume_digest": verify.get("volume_digest"),
+            "volume_digest": switch.get("volume_digest") or verify.get("volume_digest"),
             "copy_seconds": copy.get("seconds"),
             "verify_seconds": verify.get("seconds"),
             "io_held_seconds": switch.get("io_held_seconds"),
             "switch_reverts": self.journal.data.get("switch_reverts", 0),
             "host_disk": switch.get("host_disk"),
             "fence": self.journal.data["fence"],
+            "mode": self.journal.data.get("mode", "offline"),
+            "online": online.summary(self.journal),
+            "final_delta": switch.get("final_delta"),
             "switch": self.journal.data["switch"],
             "worm": self.journal.data["worm"],
             "total_seconds": round(total, 3),
@@ -631,7 +675,7 @@ class Migration:
 
     # -- rollback ----------------------------------------------------------------
     def rollback(self) -> dict:
-        switch = HostSwitch(self.journal, self.emit)
+        switch = self._host_switch()
         if switch.facts.get("destination_joined") or self.journal.data["state"] == "done":
             raise MigrationError(
                 f"migration {self.journal.id} has already moved the host to the destination; "
@@ -645,7 +689,11 @@ class Migration:
         if self.journal.is_done("create_destination") or switch.facts.get("prepared"):
             with contextlib.suppress(MigrationError):
                 switch.release_host_destination_session()
+        if self.online:
+            online.resume_private_maps(self.journal)  # killed in the hold: before the thaw, which writes through them
         self._lift_fence()
+        if self.online:
+            online.stop_tracking(self.journal)  # after the thaw: era's reload freezes the filesystems itself
         self._remove_destination()
         self.journal.set_state("rolled_back")
         return self.journal.summary()

@@ -177,6 +177,8 @@ class MigrationJournal:
             "source": self.data.get("source", {}),
             "destination": self.data.get("destination", {}),
             "fence": self.data.get("fence"),
+            "mode": self.data.get("mode", "offline"),
+            "online": {k: v for k, v in (self.data.get("online") or {}).items() if k != "trackings"} or None,
             "switch": self.data.get("switch"),
             "switch_reverts": self.data.get("switch_reverts", 0),
             "worm": self.data.get("worm"),

@@ -128,12 +128,20 @@ class HostSwitch:
     def prepare(self) -> None:
         """Everything the host does not notice: migrator out, identity, host session to the destination."""
         self.logout_migrator()
+        self.give_destination_the_source_identity()
+        self.prepare_host_side()
+
+    def give_destination_the_source_identity(self) -> None:
+        """The migrator's mapping goes, then the destination takes the source's serial (same WWID)."""
         volume = self.destination_volume()
         for mapping in lio.list_mappings(volume):
             if mapping.initiator_iqn == self.migrator["initiator"]:
                 lio.unexport_volume(volume, mapping.initiator_iqn)
         # Mapped to nobody now, so nobody sees the source's WWID on it yet.
-        volume = lio.change_volume_serial(volume, self.source["serial"])
+        lio.change_volume_serial(volume, self.source["serial"])
+
+    def prepare_host_side(self) -> None:
+        """The host's ACL and session on the destination portal, no LUN mapped yet; what the hold will freeze."""
         self._record(host_acl_ready=True)  # intent first: rollback removes it again if it stays empty
         lio.ensure_node_acl(self.destination["target"], self.source["host_initiator"])
         if self.map_name:

@@ -64,6 +64,23 @@ blacklist_exceptions {
 }
 EOF
 
+# LVM sees the multipath maps only: never a path disk (the migrator's destination disk carries
+# the source's PV label after the copy) nor blockmig's own dm maps (era's private copy of an LV).
+# No autoactivation on udev events: no pvscan activates a VG on a disk blockmig is working on.
+cat >/etc/lvm/lvmlocal.conf <<'EOF'
+# blockmig lab host (lab/provision.sh)
+devices {
+    global_filter = [ "a|^/dev/mapper/mpath[a-z]+$|", "r|.*|" ]
+    use_devicesfile = 0
+    multipath_component_detection = 1
+}
+global {
+    event_activation = 0
+}
+local {
+}
+EOF
+
 # rtslib-fb keeps its saved configuration here.
 mkdir -p /etc/target
 

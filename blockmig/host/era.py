@@ -211,7 +211,9 @@ def stop_tracking(tracking: Tracking) -> None:
     Idempotent; every step checks what is there, so it finishes any half-done start or stop.
     """
     if map_exists(tracking.map_name):
-        if table(tracking.map_name) != tracking.original_table:
+        live = table(tracking.map_name)
+        if live != tracking.original_table and _is_our_era_table(live, tracking):
+            # Another table (LVM reloaded the LV, e.g. lvextend) is the owner's now: left as it is.
             _swap_table(tracking.map_name, tracking.original_table)
         elif _suspended(tracking.map_name):  # killed between suspend and resume
             run(["dmsetup", "resume", tracking.map_name], f"cannot resume map {tracking.map_name}")
@@ -225,6 +227,20 @@ def switch_table(tracking: Tracking, new_table: str) -> None:
     """
     _swap_table(tracking.map_name, new_table)
     _remove_private(tracking)
+
+
+def _is_our_era_table(live: str, tracking: Tracking) -> bool:
+    fields = live.split()
+    return fields[2:3] == ["era"] and (
+        f"/dev/mapper/{tracking.private_map}" in fields or _device_number(tracking.private_map) in fields)
+
+
+def _device_number(name: str) -> str:
+    """MAJ:MIN of a dm map, as dmsetup table prints the devices a table uses ("" if it is gone)."""
+    if not map_exists(name):
+        return ""
+    out = run(["dmsetup", "info", "-c", "--noheadings", "-o", "major,minor", name], f"cannot read map {name}")
+    return out.strip().replace(" ", "")
 
 
 def _remove_private(tracking: Tracking) -> None:

@@ -90,13 +90,16 @@ def blockmig(*args: str, timeout: float = 300, check: bool = False) -> subproces
     return result
 
 
-def start_blockmig(*args: str, stop_at: str | None = None) -> subprocess.Popen:
-    """blockmig in the background; with `stop_at` it stops itself (SIGSTOP) at that named point (blockmig.faults)."""
+def start_blockmig(*args: str, stop_at: str | None = None, stdout=subprocess.PIPE) -> subprocess.Popen:
+    """blockmig in the background; with `stop_at` it stops itself (SIGSTOP) at that named point (blockmig.faults).
+
+    `stdout`: a file for long --json runs that nobody reads meanwhile (a full pipe would block blockmig).
+    """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if stop_at:
         env[faults.STOP_AT_ENV] = stop_at
     return subprocess.Popen(
-        [sys.executable, "-m", "blockmig", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [sys.executable, "-m", "blockmig", *args], stdout=stdout, stderr=subprocess.PIPE, text=True, env=env,
     )
 
 
