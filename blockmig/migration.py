@@ -606,23 +606,15 @@ class Migration:
 
     # -- switch ------------------------------------------------------------------
     def _step_switch(self) -> dict:
-        switch = self._host_switch()
+        switch = self.host_switch()
         try:
             return switch.run()
         except MigrationError:
             if switch.facts.get("reverted"):
-                # The host is back on the source and may write it: fence and copy again on resume.
-                reverts = self.journal.data.get("switch_reverts", 0) + 1
-                self.journal.data["switch_reverts"] = reverts
-                if self.online:  # era went on tracking: delta passes again, pass 1 stays
-                    for name in ("copy", "verify", "switch"):
-                        self.journal.data["steps"].pop(name, None)
-                    self.journal.save()
-                else:
-                    self._forget_copy()
+                switch.record_revert()
             raise
 
-    def _host_switch(self) -> HostSwitch:
+    def host_switch(self) -> HostSwitch:
         if self.online:
             return online.OnlineSwitch(self.journal, self.emit, self._source_device,
                                        lambda: f"/dev/{self._migrator_disk()}")
@@ -675,7 +667,7 @@ class Migration:
 
     # -- rollback ----------------------------------------------------------------
     def rollback(self) -> dict:
-        switch = self._host_switch()
+        switch = self.host_switch()
         if switch.facts.get("destination_joined") or self.journal.data["state"] == "done":
             raise MigrationError(
                 f"migration {self.journal.id} has already moved the host to the destination; "

@@ -449,9 +449,22 @@ class OnlineSwitch(HostSwitch):
 
     def run(self) -> dict:
         facts = super().run()
+        return {**facts, "final_delta": self.facts.get("final_delta"), "volume_digest": self.facts.get("volume_digest")}
+
+    def hold_again_after_join(self) -> None:
+        """Nothing to do: the private maps above the multipath map hold IO until end_hold."""
+
+    def after_switch(self) -> None:
+        super().after_switch()
         self.logout_migrator()
         stop_tracking(self.journal)  # outside the hold: each holder gets its linear table back
-        return {**facts, "final_delta": self.facts.get("final_delta"), "volume_digest": self.facts.get("volume_digest")}
+
+    def record_revert(self) -> None:
+        """era went on tracking while the host wrote the source again: delta passes again, pass 1 stays."""
+        self.journal.data["switch_reverts"] = self.journal.data.get("switch_reverts", 0) + 1
+        for name in ("copy", "verify", "switch"):
+            self.journal.data["steps"].pop(name, None)
+        self.journal.save()
 
     @contextlib.contextmanager
     def host_io_held(self):

@@ -210,6 +210,11 @@ class HostSwitch:
         if thaw_filesystems(self.journal, self.map_name):
             self._record(thawed_at=time.time())
 
+    def hold_again_after_join(self) -> None:
+        """multipathd's reload resumed the map when the destination joined; a group holds it until all have."""
+        if not multipath.is_suspended(self.map_name):
+            multipath.suspend_map(self.map_name, lockfs=False, flush=False)
+
     def _hold_queueing(self) -> None:
         """The map has no path now: keep its IO waiting past multipathd's no_path_retry countdown (kill -9 included).
 
@@ -397,6 +402,11 @@ class HostSwitch:
             lio.change_volume_serial(self.destination_volume(), self.destination["temporary_serial"])
         self.release_host_destination_session()
 
+    def record_revert(self) -> None:
+        """The host is back on the source and may write it: resume fences and copies again."""
+        self.journal.data["switch_reverts"] = self.journal.data.get("switch_reverts", 0) + 1
+        self.journal.forget_copy()
+
     def release_host_destination_session(self) -> None:
         """The host's session to the destination goes if it carries nothing (it was made for this switch)."""
         ip, port = parse_portal(self.destination["portal"])
@@ -422,7 +432,7 @@ class HostSwitch:
 # several volumes as one consistency group
 
 
-def switch_group(journals: list[MigrationJournal], emit: EventHandler) -> list[dict]:
+def switch_group(switches: list[HostSwitch]) -> list[dict]:
     """Switch verified migrations as one consistency group: every map held, every path moved, every map resumed.
 
     All sources go out and all destinations are mapped and scanned before any joins, so a
@@ -433,8 +443,8 @@ def switch_group(journals: list[MigrationJournal], emit: EventHandler) -> list[d
     host uses, the failed ones copy again on resume. A joined map is suspended
     again until the last member has joined, and filesystems stay frozen until then.
     Marks the step `switch` in every journal; returns each member's facts in order.
+    `switches`: each member's own (Migration.host_switch: an online member's copies its last delta).
     """
-    switches = [HostSwitch(journal, emit) for journal in journals]
     pending = [switch for switch in switches if not switch.journal.is_done("switch")]
     for switch in pending:
         switch.journal.mark_started("switch")
@@ -464,8 +474,8 @@ def switch_group(journals: list[MigrationJournal], emit: EventHandler) -> list[d
                 except BlockmigError as exc:
                     failures[switch.journal.id] = exc
                 else:
-                    if len(moving) > 1 and not multipath.is_suspended(switch.map_name):
-                        multipath.suspend_map(switch.map_name, lockfs=False, flush=False)
+                    if len(moving) > 1:
+                        switch.hold_again_after_join()
         for switch in moving:
             if switch.journal.id in failures and not switch.facts.get("destination_joined"):
                 try:
@@ -478,8 +488,7 @@ def switch_group(journals: list[MigrationJournal], emit: EventHandler) -> list[d
             results.append(switch.journal.facts("switch"))
         elif switch.facts.get("reverted") and switch.journal.id in failures:
             switch.after_revert()
-            switch.journal.data["switch_reverts"] = switch.journal.data.get("switch_reverts", 0) + 1
-            switch.journal.forget_copy()  # the host writes the source again: fence and copy anew
+            switch.record_revert()
         elif switch.journal.id not in failures:
             if "io_held_seconds" not in switch.facts:
                 switch._record_io_held()

@@ -20,7 +20,7 @@ from blockmig.array import lio
 from blockmig.errors import MigrationError
 from blockmig.host import multipath
 from blockmig.state import MigrationJournal
-from blockmig.switch import switch_group
+from blockmig.switch import HostSwitch, switch_group
 
 
 def _bring_to_the_switch(volume, migration_id: str) -> None:
@@ -44,7 +44,7 @@ def test_two_volumes_switch_in_one_hold_under_an_ordered_writer(migration_lab, b
     with writer:
         _bring_to_the_switch(log, "g-log")
         _bring_to_the_switch(data, "g-data")
-        results = switch_group([MigrationJournal.load("g-log"), MigrationJournal.load("g-data")], events.append)
+        results = switch_group([HostSwitch(MigrationJournal.load(m), events.append) for m in ("g-log", "g-data")])
         for member in ("g-log", "g-data"):
             assert blockmig("resume", member).returncode == 0
     facts = [journal(member)["steps"]["switch"]["facts"] for member in ("g-log", "g-data")]
@@ -70,9 +70,8 @@ def test_one_member_that_cannot_switch_reverts_the_group(migration_lab, backing_
         _bring_to_the_switch(data, "r-data")
         # The log's destination disappears: it fails first, before the data volume's LUN is mapped.
         lio.remove_volume(lio.find_volume(journal("r-log")["destination"]["volume"]))
-        journals = [MigrationJournal.load("r-log"), MigrationJournal.load("r-data")]
         try:
-            switch_group(journals, lambda event: None)
+            switch_group([HostSwitch(MigrationJournal.load(m), lambda event: None) for m in ("r-log", "r-data")])
         except MigrationError as exc:
             message = str(exc)
         else:
