@@ -193,8 +193,9 @@ def _checked_options(options: dict, where: str) -> dict:
                 problem = "must be a non-empty string"
         elif key == "to_portal":
             try:
-                parse_portal(value) if isinstance(value, str) else None
-                problem = None if isinstance(value, str) else "must be a string IP:PORT"
+                if not isinstance(value, str) or ":" not in value:
+                    raise MigrationError(value)
+                parse_portal(value)
             except MigrationError:
                 problem = f"{value!r} is not IP:PORT"
         elif key == "fence" and value not in FENCES:

@@ -60,17 +60,27 @@ def _read_journal(path: str, format_name: str, kind: str, journal_id: str) -> di
     return data
 
 
-class MigrationJournal:
-    """The journal of one migration: a JSON document saved on every change."""
+class _Journal:
+    """A JSON document with an id, saved atomically on every change."""
+
+    path: str
 
     def __init__(self, data: dict):
         self.data = data
 
-    # -- identity and files ------------------------------------------------
     @property
     def id(self) -> str:
         return self.data["id"]
 
+    def save(self) -> None:
+        self.data["updated"] = _now()
+        write_json_atomically(self.path, self.data)
+
+
+class MigrationJournal(_Journal):
+    """The journal of one migration: a JSON document saved on every change."""
+
+    # -- identity and files ------------------------------------------------
     @property
     def directory(self) -> str:
         return os.path.join(state_root(), self.id)
@@ -122,10 +132,6 @@ class MigrationJournal:
             if os.path.exists(os.path.join(root, name, "journal.json")):
                 journals.append(cls.load(name))
         return sorted(journals, key=lambda journal: journal.data["created"])
-
-    def save(self) -> None:
-        self.data["updated"] = _now()
-        write_json_atomically(self.path, self.data)
 
     # -- steps -----------------------------------------------------------------
     def step(self, name: str) -> dict:
@@ -188,15 +194,8 @@ class MigrationJournal:
         }
 
 
-class PlanJournal:
+class PlanJournal(_Journal):
     """A plan: its member migrations (each an ordinary migration with its own journal) and its policy."""
-
-    def __init__(self, data: dict):
-        self.data = data
-
-    @property
-    def id(self) -> str:
-        return self.data["id"]
 
     @property
     def path(self) -> str:
@@ -228,10 +227,6 @@ class PlanJournal:
         names = sorted(os.listdir(root)) if os.path.isdir(root) else []
         plans = [cls.load(name) for name in names if cls.exists(name)]
         return sorted(plans, key=lambda plan: plan.data["created"])
-
-    def save(self) -> None:
-        self.data["updated"] = _now()
-        write_json_atomically(self.path, self.data)
 
 
 def migration_exists(migration_id: str) -> bool:
