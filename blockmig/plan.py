@@ -166,8 +166,8 @@ def build_plan(entries: list[tuple[str, str, str | None, dict]], defaults: dict,
             raise UsageError(f"{label}: backing_dir and backing_device: give one, not both")
         real = os.path.realpath(device)
         if real in seen:
-            raise UsageError(f"{label}: device: {device} is named twice (also {seen[real]})")
-        seen[real] = label
+            raise UsageError(f"{label}: device: {device} is named twice (also as {seen[real]})")
+        seen[real] = device
         requests.append(MigrationRequest(device=device, migration_id=migration_id, **merged))
     return PlanSpec(requests, plan_id, parallel, policy, [entry[0] for entry in entries])
 
@@ -290,10 +290,13 @@ def _refuse_one_volume_twice(labels: list[str], requests: list[MigrationRequest]
     """Two names of one volume (a map and one of its disks, say) would be migrated twice."""
     seen: dict[str, str] = {}
     for label, request in zip(labels, requests):
-        wwid = resolve_host_device(request.device).wwid
+        try:
+            wwid = resolve_host_device(request.device).wwid
+        except BlockmigError as exc:
+            raise type(exc)(f"{label}: {exc}") from None
         if wwid in seen:
-            raise UsageError(f"{label}: device: {request.device} is the volume of {seen[wwid]} (WWID {wwid})")
-        seen[wwid] = label
+            raise UsageError(f"{label}: device: {request.device} is the same volume as {seen[wwid]} (WWID {wwid})")
+        seen[wwid] = request.device
 
 
 def _check_room_for_all(labels: list[str], journals: list[MigrationJournal]) -> None:

@@ -181,7 +181,7 @@ def test_unreadable_plan_file(tmp_path, capsys, state_dir):
 @pytest.mark.parametrize("argv, expected", [
     (["migrate", "/dev/mapper/a", "/dev/mapper/b", "--to-portal", "127.0.0.2:3260"], "volume 1 (/dev/mapper/a): to_target: required"),
     (["migrate", "/dev/mapper/a", "/dev/mapper/a", "--to-target", TARGET, "--to-portal", "127.0.0.2:3260"],
-     "volume 2 (/dev/mapper/a): device: /dev/mapper/a is named twice"),
+     "volume 2 (/dev/mapper/a): device: /dev/mapper/a is named twice (also as /dev/mapper/a)"),
     (["migrate", "/dev/mapper/a", "--switch", "together", "--to-target", TARGET, "--to-portal", "1.2.3.4:3260"],
      "--switch together groups several volumes"),
     (["migrate", "/dev/mapper/a", "/dev/mapper/b", "--parallel", "0", "--to-target", TARGET,
@@ -221,7 +221,7 @@ def test_same_volume_under_two_names_is_refused(monkeypatch):
     monkeypatch.setattr(plan, "resolve_host_device", lambda device: HostDevice(device, wwids[device], None))
     spec = plan.build_plan([("volume 1", "/dev/mapper/mpatha", None, {}), ("volume 2", "/dev/sdb", None, {})],
                            DEFAULTS, "p2", 2)
-    with pytest.raises(plan.UsageError, match=r"volume 2: device: /dev/sdb is the volume of volume 1 \(WWID 36001405aaaa\)"):
+    with pytest.raises(plan.UsageError, match=r"volume 2: device: /dev/sdb is the same volume as /dev/mapper/mpatha \(WWID 36001405aaaa\)$"):
         plan.plan_volumes(spec)
 
 
