@@ -451,10 +451,11 @@ class Migration:
             multipath.reconfigure()
 
     def _remove_blacklist(self) -> None:
+        """No `multipathd reconfigure` here: the temporary WWID exists no more (the destination has the source's
+        serial, or is gone), and a reconfigure reloads every map, resuming any another migration holds suspended."""
         path = self._multipath_drop_in()
         if os.path.exists(path):
             os.unlink(path)
-            multipath.reconfigure()
 
     def _multipath_drop_in(self) -> str:
         return os.path.join(MULTIPATH_CONF_DIR, f"blockmig-{self.journal.id}.conf")

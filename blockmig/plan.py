@@ -341,17 +341,24 @@ def run_plan(plan_id: str, on_event: EventHandler | None = None, after_chunk=Non
         plan.data["state"] = "running"
         plan.save()
 
-        def run_member(journal: MigrationJournal) -> None:
+        def run_member(journal: MigrationJournal, until: str | None) -> None:
+            if outcomes.get(journal.id, {}).get("outcome") == "failed":
+                return
             member_emit = _tagged(emit, journal)
             try:
-                Migration(journal, member_emit, after_chunk).run(until="switch" if together else None)
+                Migration(journal, member_emit, after_chunk).run(until=until)
                 outcomes[journal.id] = {"outcome": "done" if journal.data["state"] == "done" else "verified"}
             except BlockmigError as exc:
                 outcomes[journal.id] = {"outcome": "failed", "error": str(exc)}
                 member_emit({"event": "member_failed", "error": str(exc)})
 
+        # Every destination first, one after another: each blacklists its migrator's WWID with a
+        # `multipathd reconfigure`, which reloads (and so resumes) every map, and would break another
+        # member's suspend fence if that member were already fenced.
+        for journal in journals:
+            run_member(journal, "fence")
         with ThreadPoolExecutor(max_workers=plan.data["parallel"], thread_name_prefix="member") as pool:
-            list(pool.map(run_member, journals))
+            list(pool.map(lambda journal: run_member(journal, "switch" if together else None), journals))
         if together:
             _switch_and_finish_group(plan, journals, outcomes, emit, after_chunk)
     report = _plan_report(plan, journals, outcomes, time.monotonic() - began)
