@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from blockmig.errors import BlockmigError, JournalError, MigrationError, UsageError
+from blockmig.faults import checkpoint
 from blockmig.migration import (
     CONTROL_PLANE,
     FENCES,
@@ -357,6 +358,7 @@ def run_plan(plan_id: str, on_event: EventHandler | None = None, after_chunk=Non
         # member's suspend fence if that member were already fenced.
         for journal in journals:
             run_member(journal, "fence")
+        checkpoint("plan:destinations-created")
         with ThreadPoolExecutor(max_workers=plan.data["parallel"], thread_name_prefix="member") as pool:
             list(pool.map(lambda journal: run_member(journal, "switch" if together else None), journals))
         if together:

@@ -25,6 +25,7 @@ from migrate_support import (
     journal,
     release_held_io_and_migrator,
     start_blockmig,
+    wait_until_stopped,
 )
 from workloads import FsAppender, RawReader, RawWriter, device_reader, lab_of_size, run_during
 
@@ -288,3 +289,31 @@ def test_rollback_of_a_plan_removes_what_did_not_switch(host_volumes, backing_di
     assert list(host_disks_by_target(first.map_name).values()) == [lab.DESTINATION_IQN]
     assert [p for p in glob.glob(os.path.join(backing_dir, "blockmig-*"))] == [
         os.path.join(backing_dir, "blockmig-back-1.img")]
+
+
+# -- one member failing does not stop the others ------------------------------------------------
+
+
+def test_one_member_failing_leaves_the_others_to_finish(host_volumes, backing_dir, state_dir, tmp_path):
+    """The second member's destination volume is taken away before the copies start: it fails, the others finish,
+    the exit code says so, and rolling back the plan puts the failed one back on its source."""
+    volumes = host_volumes(2)
+    path = write_plan(tmp_path, [v.device for v in volumes], backing_dir, "one-fails", parallel=2)
+    process = start_blockmig("migrate", "--plan", path, "--json", stop_at="plan:destinations-created")
+    wait_until_stopped(process)
+    lio.remove_volume(lio.find_volume("blockmig-one-fails-2"), remove_backing=False)
+    process.send_signal(signal.SIGCONT)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 1, stderr
+    report = plan_report(subprocess.CompletedProcess([], 1, stdout, stderr))
+    assert [v["outcome"] for v in report["volumes"]] == ["done", "failed", "done"], report["volumes"]
+    assert "destination volume blockmig-one-fails-2 is gone" in report["volumes"][1]["error"]
+    for volume, entry in zip(volumes, report["volumes"]):
+        if entry["outcome"] == "done":
+            assert_switched(volume, entry)
+    result = blockmig("rollback", "one-fails", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["rolled_back"] == ["one-fails-2"] and summary["on_destination"] == ["one-fails-1", "one-fails-3"]
+    assert list(host_disks_by_target(volumes[1].map_name).values()) == [lab.SOURCE_IQN]
+    assert read_direct(volumes[1].device, 0, VOLUME) == volumes[1].data

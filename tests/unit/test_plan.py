@@ -245,3 +245,121 @@ def test_from_target_names_the_maps_and_bare_disks_of_that_target(monkeypatch):
         "/dev/mapper/mpatha", "/dev/mapper/mpathb", "/dev/sde"]
     with pytest.raises(plan.UsageError, match="the host uses no volume of that target"):
         plan.devices_of_target("iqn.none", include_bare_disks=True)
+
+
+# -- plans from their journals: status, resume and rollback of a finished plan need no host ---------
+
+
+def finished_member(member_id: str, plan_id: str, map_name: str) -> None:
+    from blockmig.state import STEPS, MigrationJournal
+
+    journal = MigrationJournal.create(
+        member_id, plan=plan_id, source={"device": f"/dev/mapper/{map_name}", "map": map_name,
+                                         "wwid": f"36001405{member_id}", "size": 16 * 1024 * 1024},
+        destination={}, migrator={}, fence="suspend", switch="multipath", worm=False)
+    for step in STEPS:
+        journal.mark_done(step, **({"seconds": 0.5} if step == "copy" else {}))
+    journal.data["steps"]["switch"]["facts"]["io_held_seconds"] = 1.25
+    journal.set_state("done", report={"id": member_id})
+
+
+@pytest.fixture
+def finished_plan(state_dir, tmp_path, monkeypatch):
+    from blockmig.state import PlanJournal
+
+    monkeypatch.setenv("BLOCKMIG_LOCK_DIR", str(tmp_path / "locks"))
+    for number, map_name in ((1, "mpatha"), (2, "mpathb")):
+        finished_member(f"host1-{number}", "host1", map_name)
+    PlanJournal.create("host1", members=["host1-1", "host1-2"], policy="each", parallel=2, state="done")
+    return "host1"
+
+
+def test_status_lists_plans_and_shows_one_plan(finished_plan, capsys):
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("plan host1: done, switch each, members host1-1, host1-2\n")
+    assert "host1-1: done" in out and "host1-2: done" in out
+    assert cli.main(["status", "host1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["plan host1: done, switch each, parallel 2",
+                     f"  host1-1: done, mpatha, {16 << 20} of {16 << 20} bytes copied",
+                     f"  host1-2: done, mpathb, {16 << 20} of {16 << 20} bytes copied"]
+    assert cli.main(["status", "host1", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [(m["id"], m["state"], m["copied"]) for m in status["members"]] == [
+        ("host1-1", "done", 16 << 20), ("host1-2", "done", 16 << 20)]
+
+
+def test_resume_of_a_finished_plan_reports_each_volume(finished_plan, capsys):
+    assert cli.main(["resume", "host1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "plan host1 (switch each, parallel 2):"
+    assert lines[1].split()[:3] == ["mpatha", "done", str(16 << 20)] and "IO held 1250 ms" in lines[1]
+    assert lines[3].startswith(f"  total {32 << 20} bytes in ") and lines[3].endswith("2 of 2 volumes done")
+
+
+def test_rollback_of_a_switched_plan_leaves_it_on_the_destination(finished_plan, capsys):
+    assert cli.main(["rollback", "host1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {
+        "id": "host1", "rolled_back": [], "on_destination": ["host1-1", "host1-2"], "failed": {}}
+
+
+def test_a_failed_member_makes_the_exit_code_non_zero(finished_plan, capsys):
+    from blockmig.state import MigrationJournal
+
+    MigrationJournal.load("host1-2").mark_failed("copy: the source went away")
+    report = {"plan": "host1", "policy": "each", "parallel": 2, "bytes": 1, "wall_seconds": 1.0, "mb_per_s": 0.0,
+              "failed": 1, "volumes": [{"id": "host1-2", "map": "mpathb", "outcome": "failed", "size": 1,
+                                        "copy_seconds": None, "io_held_seconds": None, "error": "copy: gone"}]}
+    assert cli._print_plan_report(report, as_json=False) == 1
+    assert "mpathb           failed   1 bytes, copy - s, IO held -  (host1-2): copy: gone" in capsys.readouterr().out
+    assert cli.main(["status", "host1"]) == 0
+    assert "  host1-2: failed, mpathb, 16777216 of 16777216 bytes copied (copy: the source went away)" in capsys.readouterr().out
+
+
+# -- one display ------------------------------------------------------------------------------------
+
+
+class _Terminal:
+    """Stands in for stderr on a terminal (tqdm draws only there)."""
+
+    def __init__(self):
+        self.text = []
+
+    def write(self, text):
+        self.text.append(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_a_bar_per_volume_a_total_bar_and_step_lines_prefixed_by_the_volume(monkeypatch, capsys):
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    members = [{"id": "p-1", "host_volume": "mpatha", "size": 8 << 20}, {"id": "p-2", "host_volume": "mpathb",
+                                                                          "size": 8 << 20}]
+    with cli._PlanRenderer(as_json=False) as render:
+        render({"event": "plan", "id": "p", "members": members})
+        for member in members:
+            tag = {"id": member["id"], "host_volume": member["host_volume"], "phase": "copy"}
+            render({"event": "step", "step": "copy", "state": "started", **tag})
+            render({"event": "start", "size": 8 << 20, **tag})
+            render({"event": "chunk", "reserved_address": 4 << 20, **tag})
+        render({"event": "io_resumed", "io_held_seconds": 0.5, "id": "p-1", "host_volume": "mpatha"})
+        total = render._total.n
+    text = "".join(terminal.text)
+    assert "mpatha copy" in text and "mpathb copy" in text and "all volumes" in text
+    assert "blockmig: mpatha: copy: started\n" in text and "blockmig: mpathb: copy: started\n" in text
+    assert "blockmig: mpatha: host IO held 500 ms\n" in text
+    assert total == 8 << 20  # half of each volume copied
+    assert capsys.readouterr().out == ""
+
+
+def test_json_events_each_carry_the_member_id(capsys):
+    with cli._PlanRenderer(as_json=True) as render:
+        render({"event": "chunk", "reserved_address": 4096, "id": "p-2", "host_volume": "mpathb", "phase": "copy"})
+    assert json.loads(capsys.readouterr().out) == {"event": "chunk", "reserved_address": 4096, "id": "p-2",
+                                                   "host_volume": "mpathb", "phase": "copy"}
