@@ -114,6 +114,8 @@ class MigrationJournal(_Journal):
         )
         if os.path.exists(journal.path):
             raise MigrationError(f"migration {migration_id} already exists ({journal.path})")
+        if PlanJournal.exists(migration_id):
+            raise MigrationError(f"{migration_id} is the id of a plan: choose another migration id")
         journal.save()
         return journal
 

@@ -363,3 +363,10 @@ def test_json_events_each_carry_the_member_id(capsys):
         render({"event": "chunk", "reserved_address": 4096, "id": "p-2", "host_volume": "mpathb", "phase": "copy"})
     assert json.loads(capsys.readouterr().out) == {"event": "chunk", "reserved_address": 4096, "id": "p-2",
                                                    "host_volume": "mpathb", "phase": "copy"}
+
+
+def test_a_migration_cannot_take_a_plans_id(finished_plan):
+    from blockmig.state import MigrationJournal
+
+    with pytest.raises(plan.MigrationError, match="host1 is the id of a plan"):
+        MigrationJournal.create("host1", source={})
