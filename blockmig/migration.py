@@ -398,12 +398,7 @@ class Migration:
             self.emit({"event": "io_resumed", "map": map_name, "after_failure_in": step})
 
     def _forget_copy(self) -> None:
-        """The source may have changed since the fence was lifted: fence and copy again from byte 0."""
-        for name in ("fence", "copy", "verify", "switch"):
-            self.journal.data["steps"].pop(name, None)
-        self.journal.save()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.journal.copy_journal_path)
+        self.journal.forget_copy()
 
     # -- plan --------------------------------------------------------------------
     def _step_plan(self) -> dict:

@@ -68,6 +68,7 @@ class HostSwitch:
         self.migrator = journal.data["migrator"]
         self.map_name = self.source["map"]
         self.timeout = float(journal.data.get("switch_timeout") or DEFAULT_SWITCH_TIMEOUT)
+        self._deadline: float | None = None  # set when the destination is mapped to the host
 
     # -- journal ---------------------------------------------------------------
     @property
@@ -273,6 +274,12 @@ class HostSwitch:
 
     def bring_destination_in(self) -> str:
         """Map the destination to the host, scan that one LUN, check it, put it in the map."""
+        self.attach_destination()
+        self.finish_source_removal()  # while udev processes the new disk
+        return self.join_destination()
+
+    def attach_destination(self) -> None:
+        """Map the destination to the host and scan that one LUN (udev and multipathd take it from there)."""
         volume = self.destination_volume()
         host = self.source["host_initiator"]
         mapping = lio.find_mapping(volume, host)
@@ -282,15 +289,17 @@ class HostSwitch:
             mapping = lio.export_volume(volume, host, mapped_lun=lun)
         self._record(destination_host_lun=mapping.mapped_lun)
         self._phase("destination mapped")
-        ip, port = parse_portal(self.destination["portal"])
-        session = iscsi.find_session(self.destination["target"], ip, port, self.source["host_iface"])
-        if session is None:
-            session = iscsi.login(self.destination["target"], ip, port, iface=self.source["host_iface"])
-        deadline = time.monotonic() + self.timeout
+        session = self._host_destination_session(login=True)
+        self._deadline = time.monotonic() + self.timeout
         if mapping.mapped_lun not in iscsi.session_disks(session):
             iscsi.scan_session_lun(session, mapping.mapped_lun)
-        self.finish_source_removal()  # while udev processes the new disk
-        disk = iscsi.find_session_disk(session, mapping.mapped_lun, self.source["wwid"], self._left(deadline))
+
+    def join_destination(self) -> str:
+        """The new disk, WWID checked, into the map: from here on the host's IO can reach the destination."""
+        deadline = self._deadline or time.monotonic() + self.timeout
+        session = self._host_destination_session(login=True)
+        disk = iscsi.find_session_disk(session, self.facts["destination_host_lun"], self.source["wwid"],
+                                       self._left(deadline))
         self._phase("destination disk present")
         if self.map_name:
             multipath.add_path_now(self.map_name, disk, self._left(deadline))
@@ -298,6 +307,27 @@ class HostSwitch:
         self._record(destination_joined=True, host_disk=disk, io_flowing_at=time.time() if flowing else None)
         self._phase("destination path in the map")
         return disk
+
+    def _host_destination_session(self, login: bool = False) -> iscsi.Session | None:
+        ip, port = parse_portal(self.destination["portal"])
+        session = iscsi.find_session(self.destination["target"], ip, port, self.source["host_iface"])
+        if session is None and login:
+            session = iscsi.login(self.destination["target"], ip, port, iface=self.source["host_iface"])
+        return session
+
+    def _destination_path_took_io(self) -> bool:
+        """The destination's disk is in the map's table: IO may have reached it, a revert would lose that.
+
+        multipathd adds the new disk by itself once udev is done, and its reload
+        resumes a suspended map; after kill -9 nobody knows whether that happened
+        before a later suspend, so being in the table is what counts.
+        """
+        lun = self.facts.get("destination_host_lun")
+        if not self.map_name or lun is None:
+            return False
+        session = self._host_destination_session()
+        disk = iscsi.session_disks(session).get(lun) if session else None
+        return disk is not None and disk in map_disks(self.map_name)
 
     def _left(self, deadline: float) -> float:
         left = deadline - time.monotonic()
@@ -307,7 +337,17 @@ class HostSwitch:
 
     # -- back to the source ---------------------------------------------------------
     def revert_in_hold(self) -> None:
-        """Put the source path back while IO is still held: unmap the destination, unfence, re-add."""
+        """Put the source path back while IO is still held: unmap the destination, unfence, re-add.
+
+        Refused once IO may have reached the destination (see _destination_path_took_io):
+        the switch is then finished forward by resume instead.
+        """
+        if self._destination_path_took_io():
+            self._record(destination_joined=True)
+            raise MigrationError(
+                f"the destination path is already in map {self.map_name} and IO may have reached it: "
+                "not reverting; blockmig resume finishes the switch"
+            )
         self.emit({"event": "switch_revert", "map": self.map_name})
         self._detach_host_from_destination_lun()
         with contextlib.suppress(ArrayError):
@@ -345,8 +385,8 @@ class HostSwitch:
         The migrator's export comes back with the next copy (the host wrote the
         source again, so the copy starts over).
         """
-        volume = self.destination_volume()
-        lio.change_volume_serial(volume, self.destination["temporary_serial"])
+        with contextlib.suppress(MigrationError):  # a destination that vanished needs no serial back
+            lio.change_volume_serial(self.destination_volume(), self.destination["temporary_serial"])
         self.release_host_destination_session()
 
     def release_host_destination_session(self) -> None:
@@ -368,6 +408,85 @@ class HostSwitch:
         if lio.find_mapping(source, self.source["host_initiator"]) is not None:
             lio.unexport_volume(source, self.source["host_initiator"])
         self._record(source_unmapped=True)
+
+
+# ---------------------------------------------------------------------------
+# several volumes as one consistency group
+
+
+def switch_group(journals: list[MigrationJournal], emit: EventHandler) -> list[dict]:
+    """Switch verified migrations as one consistency group: every map held, every path moved, every map resumed.
+
+    All sources go out and all destinations are mapped and scanned before any joins, so a
+    failure up to there reverts the whole group. Joining is the point of no
+    return (multipathd adds a processed disk by itself, and its reload resumes
+    the map), so a member that then fails to join is reverted alone and the group
+    is split: each volume still has all its acknowledged writes on the device the
+    host uses, the failed ones copy again on resume. A joined map is suspended
+    again until the last member has joined, and filesystems stay frozen until then.
+    Marks the step `switch` in every journal; returns each member's facts in order.
+    """
+    switches = [HostSwitch(journal, emit) for journal in journals]
+    pending = [switch for switch in switches if not switch.journal.is_done("switch")]
+    for switch in pending:
+        switch.journal.mark_started("switch")
+    for switch in pending:
+        if switch.facts.get("destination_joined"):  # killed after it joined: end its hold first
+            switch.end_hold()
+        elif not switch.facts.get("prepared"):
+            switch.prepare()
+    moving = [switch for switch in pending if not switch.facts.get("destination_joined")]
+    failures: dict[str, BlockmigError] = {}
+    with contextlib.ExitStack() as holds:
+        for switch in moving:
+            holds.enter_context(switch.host_io_held())
+        try:
+            for switch in moving:
+                switch.take_source_out()
+            for switch in moving:
+                switch.attach_destination()
+            for switch in moving:  # while udev processes the new disks
+                switch.finish_source_removal()
+        except BlockmigError as exc:
+            failures = {switch.journal.id: exc for switch in moving}
+        else:
+            for switch in moving:
+                try:
+                    switch.join_destination()
+                except BlockmigError as exc:
+                    failures[switch.journal.id] = exc
+                else:
+                    if len(moving) > 1 and not multipath.is_suspended(switch.map_name):
+                        multipath.suspend_map(switch.map_name, lockfs=False, flush=False)
+        for switch in moving:
+            if switch.journal.id in failures and not switch.facts.get("destination_joined"):
+                try:
+                    switch.revert_in_hold()
+                except BlockmigError as exc:  # its destination took IO meanwhile: finished forward on resume
+                    failures[switch.journal.id] = exc
+    results = []
+    for switch in switches:
+        if switch.journal.is_done("switch"):
+            results.append(switch.journal.facts("switch"))
+        elif switch.facts.get("reverted") and switch.journal.id in failures:
+            switch.after_revert()
+            switch.journal.data["switch_reverts"] = switch.journal.data.get("switch_reverts", 0) + 1
+            switch.journal.forget_copy()  # the host writes the source again: fence and copy anew
+        elif switch.journal.id not in failures:
+            if "io_held_seconds" not in switch.facts:
+                switch._record_io_held()
+            switch.after_switch()
+            facts = {"io_held_seconds": switch.facts.get("io_held_seconds"), "host_disk": switch.facts.get("host_disk")}
+            switch.journal.mark_done("switch", **facts)
+            results.append(facts)
+    if failures:
+        on_destination = [s.journal.id for s in switches if s.journal.is_done("switch")]
+        details = "; ".join(f"{member}: {error}" for member, error in failures.items())
+        raise MigrationError(
+            f"group switch failed ({details}); on the destination: {', '.join(on_destination) or 'none'}; "
+            "reverted members copy again on resume"
+        )
+    return results
 
 
 # ---------------------------------------------------------------------------

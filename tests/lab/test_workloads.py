@@ -18,6 +18,7 @@ from workloads import (
     XFS_SMALL_ENV,
     XFS_SMALL_SIZE,
     FsAppender,
+    OrderedPairWriter,
     RawReader,
     RawWriter,
     device_reader,
@@ -129,6 +130,29 @@ def test_raw_check_fails_on_a_lost_corrupt_or_misplaced_block(lab_env):
     untouched = next(o for o in range(0, SMALL, 4096) if o not in writer.acked and o not in writer.failed)
     assert_check_fails(os.urandom(4096), f"block at {untouched}, never written by the host, changed", at=untouched)
     writer.check(read, expected=data)  # restored: it passes again
+
+
+
+def test_ordered_pair_check_fails_on_a_lost_write_or_a_volume_ahead(lab_env):
+    device = source_map().device
+    with OrderedPairWriter(device, device, blocks=64, bases=(0, MiB)) as writer:
+        time.sleep(2)
+    writer.check()
+    print(f"\n[{runner()}] {writer.summary()}")
+    last = writer.done[1]
+    index = last % 64
+    for volume, forged, match in ((1, last - 64, f"volume 1 .*block {index} holds seq {last - 64}, not {last}"),
+                                  (0, last + 64, f"volume 0 .*block {index} holds seq {last + 64}, not {last}")):
+        at = writer.bases[volume] + index * 4096
+        good = read_direct(device, at, 4096)
+        write_direct(device, at, writer.stamp(forged, volume))
+        try:
+            with pytest.raises(AssertionError, match=match):
+                writer.check()
+        finally:
+            write_direct(device, at, good)
+    writer.check()
+    assert last > 20
 
 
 def test_raw_workloads_record_errors_when_the_array_refuses_writes(lab_env):
