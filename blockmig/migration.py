@@ -397,6 +397,13 @@ class Migration:
                 thaw_filesystems(self.journal, map_name)
             self.emit({"event": "io_resumed", "map": map_name, "after_failure_in": step})
 
+    def release_fence(self) -> None:
+        """Host IO flows on the source again before the switch (a consistency group that cannot switch now):
+        the source may change from here on, so resume fences and copies again."""
+        with CONTROL_PLANE:
+            self._lift_fence()
+            self._forget_copy()
+
     def _forget_copy(self) -> None:
         self.journal.forget_copy()
 

@@ -376,16 +376,21 @@ def _switch_and_finish_group(plan: PlanJournal, journals: list[MigrationJournal]
 
     waiting = [journal for journal in journals if not journal.is_done("switch")]
     if any(outcomes[journal.id]["outcome"] == "failed" for journal in journals):
+        # The group cannot switch now: no member keeps the host's IO held (or writes refused) meanwhile.
         for journal in waiting:
-            if outcomes[journal.id]["outcome"] != "failed":
-                outcomes[journal.id] = {"outcome": "waiting",
-                                        "error": f"verified; the group switches when every member is (blockmig "
-                                                 f"resume {plan.id})"}
+            if outcomes[journal.id]["outcome"] == "failed":
+                continue
+            try:
+                Migration(journal, _tagged(emit, journal)).release_fence()
+                why = "a member failed, so the group did not switch; fence lifted, copies again on resume"
+            except BlockmigError as exc:
+                why = f"a member failed, so the group did not switch; lifting the fence failed too: {exc}"
+            outcomes[journal.id] = {"outcome": "waiting", "error": f"{why} (blockmig resume {plan.id})"}
         return
     if waiting:
         try:
             with CONTROL_PLANE:
-                switch_group(waiting, emit)
+                switch_group(waiting, lambda event: emit({"id": plan.id, **event}))
         except BlockmigError as exc:
             for journal in waiting:
                 outcomes[journal.id] = {"outcome": "failed", "error": f"group switch: {exc}"}

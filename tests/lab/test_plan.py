@@ -27,7 +27,7 @@ from migrate_support import (
     start_blockmig,
     wait_until_stopped,
 )
-from workloads import FsAppender, RawReader, RawWriter, device_reader, lab_of_size, run_during
+from workloads import FsAppender, OrderedPairWriter, RawReader, RawWriter, device_reader, lab_of_size, run_during
 
 from blockmig import lab, plan
 from blockmig.array import lio
@@ -317,3 +317,68 @@ def test_one_member_failing_leaves_the_others_to_finish(host_volumes, backing_di
     assert summary["rolled_back"] == ["one-fails-2"] and summary["on_destination"] == ["one-fails-1", "one-fails-3"]
     assert list(host_disks_by_target(volumes[1].map_name).values()) == [lab.SOURCE_IQN]
     assert read_direct(volumes[1].device, 0, VOLUME) == volumes[1].data
+
+
+# -- --switch together through the plan --------------------------------------------------------
+
+
+def together_args(volumes, backing_dir, plan_id: str) -> list[str]:
+    return ["migrate", *(v.device for v in volumes), "--switch", "together", "--fence", "suspend",
+            "--to-target", lab.DESTINATION_IQN, "--to-portal", "{}:{}".format(*lab.DESTINATION_PORTAL),
+            "--backing-dir", backing_dir, "--chunk-size", "1M", "--id", plan_id, "--json"]
+
+
+def test_a_together_plan_switches_in_one_hold_under_an_ordered_writer(host_volumes, backing_dir, state_dir):
+    log, data = host_volumes(1)
+    writer = OrderedPairWriter(log.device, data.device, bases=(VOLUME // 2, VOLUME // 2))
+    with writer:
+        result = blockmig(*together_args([log, data], backing_dir, "grp"), timeout=600)
+    report = plan_report(result)
+    assert result.returncode == 0, [(v["map"], v["outcome"], v.get("error")) for v in report["volumes"]]
+    facts = [journal(member)["steps"]["switch"]["facts"] for member in ("grp-1", "grp-2")]
+    print(f"\ntogether plan of 2: IO held {[round(f['io_held_seconds'] * 1000) for f in facts]} ms, "
+          f"{report['wall_seconds']} s; {writer.summary()}")
+    assert max(f["suspended_at"] for f in facts) < min(f["io_flowing_at"] for f in facts), "not one hold"
+    writer.check()
+    for volume, entry in zip((log, data), report["volumes"]):
+        assert entry["outcome"] == "done"
+        assert_switched(volume, entry)
+        assert journal(entry["id"])["switch_group"] == "grp"
+
+
+def test_a_together_member_is_never_switched_alone(host_volumes, backing_dir, state_dir):
+    """Killed in the group switch's prepare: `resume MEMBER` stops before the switch; `resume PLAN` finishes."""
+    volumes = host_volumes(1)
+    process = start_blockmig(*together_args(volumes, backing_dir, "alone"), stop_at="switch:prepared")
+    wait_until_stopped(process, timeout=600)
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+    result = blockmig("resume", "alone-1")
+    assert result.returncode == 1 and "switches with its group: blockmig resume alone" in result.stderr, result.stderr
+    assert "destination_joined" not in journal("alone-1")["steps"]["switch"].get("facts", {})
+    result = blockmig("resume", "alone", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr
+    for volume, entry in zip(volumes, plan_report(result)["volumes"]):
+        assert_switched(volume, entry)
+        assert read_direct(volume.device, 0, VOLUME) == volume.data
+
+
+def test_a_together_plan_with_a_failed_member_lifts_every_fence(host_volumes, backing_dir, state_dir):
+    volumes = host_volumes(1)
+    process = start_blockmig(*together_args(volumes, backing_dir, "split"), stop_at="plan:destinations-created")
+    wait_until_stopped(process)
+    lio.remove_volume(lio.find_volume("blockmig-split-2"), remove_backing=False)
+    process.send_signal(signal.SIGCONT)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 1, stderr
+    report = plan_report(subprocess.CompletedProcess([], 1, stdout, stderr))
+    assert [v["outcome"] for v in report["volumes"]] == ["waiting", "failed"], report["volumes"]
+    assert "fence lifted" in report["volumes"][0]["error"]
+    for volume in volumes:
+        assert list(host_disks_by_target(volume.map_name).values()) == [lab.SOURCE_IQN]
+        assert not multipath.is_suspended(volume.map_name), "host IO is still held"
+        assert read_direct(volume.device, 0, VOLUME) == volume.data
+    assert "copy" not in journal("split-1")["steps"], "the waiting member's copy is still trusted"
+    result = blockmig("rollback", "split", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["rolled_back"] == ["split-1", "split-2"]
