@@ -337,12 +337,12 @@ class Migration:
 
     # -- running -----------------------------------------------------------------
     def run(self, until: str | None = None) -> dict | None:
-        """Run the steps not done yet; with `until`, stop before that step (and return None)."""
+        """Run the steps not done yet; with `until`, stop before that step or any after it (and return None)."""
         self.emit({"event": "migration", "id": self.journal.id, "state": self.journal.data["state"]})
         for name in STEPS:
             if self.journal.is_done(name):
                 continue
-            if name == until:
+            if until and STEPS.index(name) >= STEPS.index(until):
                 return None
             group = self.journal.data.get("switch_group")
             if name == "switch" and group:  # one of a consistency group: never switched alone
