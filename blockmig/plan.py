@@ -25,6 +25,7 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from blockmig.array import lio
 from blockmig.errors import BlockmigError, JournalError, MigrationError, UsageError
 from blockmig.faults import checkpoint
 from blockmig.migration import (
@@ -36,9 +37,12 @@ from blockmig.migration import (
     MigrationRequest,
     plan_migration,
     resolve_host_device,
+    rollback_migration,
 )
+from blockmig.host import iscsi, multipath
 from blockmig.state import MigrationJournal, PlanJournal, VolumeLock, migration_exists
-from blockmig.switch import parse_portal
+from blockmig import switch
+from blockmig.switch import parse_portal, switch_group
 
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}"
@@ -231,16 +235,13 @@ def _checked_options(options: dict, where: str) -> dict:
 def devices_of_target(target_iqn: str, include_bare_disks: bool) -> list[str]:
     """Every volume the host uses from `target_iqn`: maps with a path on a host session to it, and (for a
     relogin switch) its disks that no map holds. The migrator's own sessions (iface blockmig-*) do not count."""
-    from blockmig.host import iscsi, multipath
-    from blockmig.switch import map_disks
-
     disks = set()
     for session in iscsi.sessions():
         if session.target_iqn == target_iqn and not session.iface.startswith("blockmig-"):
             disks.update(iscsi.session_disks(session).values())
     devices, in_maps = [], set()
     for found in multipath.maps():
-        members = set(map_disks(found.name))
+        members = set(switch.map_disks(found.name))
         in_maps |= members
         if members & disks:
             devices.append(f"/dev/mapper/{found.name}")
@@ -302,8 +303,6 @@ def _refuse_one_volume_twice(labels: list[str], requests: list[MigrationRequest]
 
 def _check_room_for_all(labels: list[str], journals: list[MigrationJournal]) -> None:
     """Each member checked its own room; members sharing a backing directory need room for all of them."""
-    from blockmig.array import lio
-
     wanted: dict[str, int] = {}
     for journal in journals:
         if journal.data["destination"]["backing_created"]:
@@ -372,8 +371,6 @@ def run_plan(plan_id: str, on_event: EventHandler | None = None, after_chunk=Non
 
 def _switch_and_finish_group(plan: PlanJournal, journals: list[MigrationJournal], outcomes: dict, emit,
                              after_chunk) -> None:
-    from blockmig.switch import switch_group
-
     waiting = [journal for journal in journals if not journal.is_done("switch")]
     if any(outcomes[journal.id]["outcome"] == "failed" for journal in journals):
         # The group cannot switch now: no member keeps the host's IO held (or writes refused) meanwhile.
@@ -408,8 +405,6 @@ def rollback_plan(plan_id: str, on_event: EventHandler | None = None) -> dict:
     plan = PlanJournal.load(plan_id)
     emit = _serialised(on_event)
     result = {"id": plan_id, "rolled_back": [], "on_destination": [], "failed": {}}
-    from blockmig.migration import rollback_migration
-
     for member in plan.members:
         journal = MigrationJournal.load(member)
         if journal.data["state"] == "done" or journal.facts("switch").get("destination_joined"):
