@@ -24,6 +24,7 @@ from migrate_support import (
     host_disks_by_target,
     journal,
     release_held_io_and_migrator,
+    report_of,
     start_blockmig,
     wait_until_stopped,
 )
@@ -90,11 +91,19 @@ chunk_size = "1M"
 
 
 def plan_report(result: subprocess.CompletedProcess) -> dict:
-    for line in reversed(result.stdout.splitlines()):
-        event = json.loads(line)
-        if event.get("event") == "plan_report":
-            return event
-    raise AssertionError(f"no plan report (exit {result.returncode}); stderr: {result.stderr.strip()}")
+    return report_of(result, "plan_report")
+
+
+def run_with_a_destination_gone(args: list[str], volume_name: str) -> dict:
+    """Runs the plan, takes `volume_name` (a member's destination) away once every destination is made,
+    lets the plan go on; returns its report, after checking that it exits 1."""
+    process = start_blockmig(*args, stop_at="plan:destinations-created")
+    wait_until_stopped(process)
+    lio.remove_volume(lio.find_volume(volume_name), remove_backing=False)
+    process.send_signal(signal.SIGCONT)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 1, stderr
+    return plan_report(subprocess.CompletedProcess(args, 1, stdout, stderr))
 
 
 def plan_journal(state_dir, plan_id: str) -> dict:
@@ -299,13 +308,7 @@ def test_one_member_failing_leaves_the_others_to_finish(host_volumes, backing_di
     the exit code says so, and rolling back the plan puts the failed one back on its source."""
     volumes = host_volumes(2)
     path = write_plan(tmp_path, [v.device for v in volumes], backing_dir, "one-fails", parallel=2)
-    process = start_blockmig("migrate", "--plan", path, "--json", stop_at="plan:destinations-created")
-    wait_until_stopped(process)
-    lio.remove_volume(lio.find_volume("blockmig-one-fails-2"), remove_backing=False)
-    process.send_signal(signal.SIGCONT)
-    stdout, stderr = process.communicate(timeout=600)
-    assert process.returncode == 1, stderr
-    report = plan_report(subprocess.CompletedProcess([], 1, stdout, stderr))
+    report = run_with_a_destination_gone(["migrate", "--plan", path, "--json"], "blockmig-one-fails-2")
     assert [v["outcome"] for v in report["volumes"]] == ["done", "failed", "done"], report["volumes"]
     assert "destination volume blockmig-one-fails-2 is gone" in report["volumes"][1]["error"]
     for volume, entry in zip(volumes, report["volumes"]):
@@ -365,13 +368,7 @@ def test_a_together_member_is_never_switched_alone(host_volumes, backing_dir, st
 
 def test_a_together_plan_with_a_failed_member_lifts_every_fence(host_volumes, backing_dir, state_dir):
     volumes = host_volumes(1)
-    process = start_blockmig(*together_args(volumes, backing_dir, "split"), stop_at="plan:destinations-created")
-    wait_until_stopped(process)
-    lio.remove_volume(lio.find_volume("blockmig-split-2"), remove_backing=False)
-    process.send_signal(signal.SIGCONT)
-    stdout, stderr = process.communicate(timeout=600)
-    assert process.returncode == 1, stderr
-    report = plan_report(subprocess.CompletedProcess([], 1, stdout, stderr))
+    report = run_with_a_destination_gone(together_args(volumes, backing_dir, "split"), "blockmig-split-2")
     assert [v["outcome"] for v in report["volumes"]] == ["waiting", "failed"], report["volumes"]
     assert "fence lifted" in report["volumes"][0]["error"]
     for volume in volumes:
