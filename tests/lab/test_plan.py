@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from datetime import datetime
 
 import pytest
 from blockio import read_direct, read_file
@@ -126,6 +127,11 @@ def assert_switched(volume, report: dict) -> None:
             f"{volume.map_name}: the host reads other bytes than the destination holds at {offset}"
 
 
+def step_seconds(member_id: str, step: str) -> float:
+    entry = journal(member_id)["steps"][step]
+    return (datetime.fromisoformat(entry["done"]) - datetime.fromisoformat(entry["started"])).total_seconds()
+
+
 def assert_verified(member_id: str) -> None:
     data = journal(member_id)
     assert data["state"] == "done"
@@ -158,6 +164,10 @@ def test_four_volumes_with_workloads_in_one_plan(host_volumes, backing_dir, stat
               f"IO held {volume['io_held_seconds'] * 1000:.0f} ms")
     for workload in workloads:
         print(f"  {workload.summary()}" if hasattr(workload, "summary") else f"  {workload.name}")
+    print("  steps (s): " + "; ".join(f"{entry['map']} " + ", ".join(
+        f"{name} {step_seconds(entry['id'], name):.1f}" for name in ("plan", "create_destination", "fence", "copy",
+                                                                     "verify", "switch", "finish"))
+        for entry in report["volumes"]))
     assert [v["outcome"] for v in report["volumes"]] == ["done"] * 4
     events = [json.loads(line) for line in result.stdout.splitlines()]
     members = set(plan_journal(state_dir, "four")["members"])
