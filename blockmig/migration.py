@@ -454,7 +454,7 @@ class Migration:
 
     def _remove_blacklist(self) -> None:
         """No `multipathd reconfigure` here: the temporary WWID exists no more (the destination has the source's
-        serial, or is gone), and a reconfigure reloads every map, resuming any another migration holds suspended."""
+        serial, or is gone), and a reconfigure reloads every map, resuming any map another migration holds suspended."""
         path = self._multipath_drop_in()
         if os.path.exists(path):
             os.unlink(path)
