@@ -13,8 +13,6 @@ from blockmig import __version__
 from blockmig.datapath.copy import DEFAULT_JOURNAL_INTERVAL
 from blockmig.errors import BlockmigError
 
-SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
 
 class _OneLineErrorParser(argparse.ArgumentParser):
     """Bad arguments are one line on stderr too, like every other blockmig error."""
@@ -42,15 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_size(text: str) -> int:
     """'4M' -> 4194304; binary suffixes K, M, G, T (an optional trailing 'iB' or 'B' is accepted)."""
-    value = text.strip().upper().removesuffix("IB").removesuffix("B")
-    suffix = value[-1:] if value[-1:] in SIZE_SUFFIXES else ""
+    from blockmig.plan import parse_size as parse
+
     try:
-        number = float(value[: len(value) - len(suffix)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4M, 512K, 1G)") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return int(number * SIZE_SUFFIXES[suffix])
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_copy(sub) -> None:
@@ -116,10 +111,17 @@ def _cmd_verify(args) -> int:
 
 
 def _add_migrate(sub) -> None:
-    parser = sub.add_parser("migrate", help="move the host's volume to another array and switch the host over")
-    parser.add_argument("device", metavar="DEVICE", help="host device: /dev/mapper/NAME, /dev/dm-N, or /dev/sdX (relogin)")
-    parser.add_argument("--to-target", required=True, metavar="IQN", help="destination array's iSCSI target")
-    parser.add_argument("--to-portal", required=True, metavar="IP:PORT", help="destination array's portal")
+    parser = sub.add_parser("migrate", help="move the host's volumes to another array and switch the host over")
+    parser.add_argument("device", metavar="DEVICE", nargs="*",
+                        help="host device(s): /dev/mapper/NAME, /dev/dm-N, or /dev/sdX (relogin); several make a plan")
+    parser.add_argument("--plan", metavar="FILE", help="a JSON or TOML plan of several volumes (see README)")
+    parser.add_argument("--from-target", metavar="IQN",
+                        help="every volume the host uses from this source target (a plan)")
+    parser.add_argument("--parallel", type=int, metavar="N",
+                        help="a plan's volumes copied and verified at once (default 2, or the plan file's)")
+    # Options default to None here, so that only those given override a plan file's defaults.
+    parser.add_argument("--to-target", metavar="IQN", help="destination array's iSCSI target (required)")
+    parser.add_argument("--to-portal", metavar="IP:PORT", help="destination array's portal (required)")
     backing = parser.add_mutually_exclusive_group()
     backing.add_argument("--backing-dir", metavar="DIR", help="file-backed destination in DIR (default: the source's)")
     backing.add_argument("--backing-device", metavar="DEV", help="destination on this block device (exact size)")
@@ -127,39 +129,95 @@ def _add_migrate(sub) -> None:
                         help="online: the host keeps writing, changes are tracked on the maps stacked on its multipath "
                              "map (LVM) and copied in delta passes, IO is held only for the last delta; offline: a "
                              "fence for the whole copy (default: online where the host's writes can be tracked)")
-    parser.add_argument("--max-hold", type=float, default=1.0, metavar="SECONDS",
+    parser.add_argument("--max-hold", type=float, metavar="SECONDS",
                         help="online: hold host IO only once the last delta is estimated to copy in this long (default 1)")
     parser.add_argument("--fence", choices=("writeprotect", "suspend", "none"),
                         help="offline: keep the source unchanged during the copy: write-protect the host's mapping "
                              "(default), hold host IO on the map, or none (only if the host is quiesced)")
-    parser.add_argument("--switch", choices=("multipath", "relogin"), default="multipath",
-                        help="move the host by a multipath path switch (default) or iSCSI logout/login")
-    parser.add_argument("--switch-timeout", type=float, default=10.0, metavar="SECONDS",
+    parser.add_argument("--switch", choices=("multipath", "relogin", "together"),
+                        help="move the host by a multipath path switch (default) or iSCSI logout/login; "
+                             "together: a plan's maps switched as one consistency group")
+    parser.add_argument("--switch-timeout", type=float, metavar="SECONDS",
                         help="if the destination path is not in the map this long after the hold began, put the "
                              "source path back and stop (default 10)")
-    parser.add_argument("--worm", action="store_true", help="write-protect the destination for the host afterwards")
-    parser.add_argument("--chunk-size", type=parse_size, default=4 << 20, help="chunk length (default 4M)")
+    parser.add_argument("--worm", action="store_true", default=None,
+                        help="write-protect the destination for the host afterwards")
+    parser.add_argument("--chunk-size", type=parse_size, help="chunk length (default 4M)")
     parser.add_argument("--max-rate", type=parse_size, help="throttle the copy to this many bytes per second")
-    parser.add_argument("--id", dest="migration_id", help="migration id (default: time and WWID)")
+    parser.add_argument("--id", dest="migration_id", help="migration (or plan) id (default: time and WWID)")
     parser.add_argument("--json", action="store_true", help="one JSON event per line on stdout, then the report")
     parser.set_defaults(func=_cmd_migrate)
 
 
+MIGRATE_OPTIONS = ("to_target", "to_portal", "backing_dir", "backing_device", "fence", "switch", "switch_timeout",
+                   "chunk_size", "max_rate", "worm", "mode", "max_hold")
+
+
 def _cmd_migrate(args) -> int:
+    from blockmig.errors import UsageError
     from blockmig.migration import MigrationRequest, plan_migration, run_migration
 
-    request = MigrationRequest(
-        device=args.device, to_target=args.to_target, to_portal=args.to_portal,
-        backing_dir=args.backing_dir, backing_device=args.backing_device, fence=args.fence,
-        switch=args.switch, worm=args.worm, chunk_size=args.chunk_size, max_rate=args.max_rate,
-        migration_id=args.migration_id, switch_timeout=args.switch_timeout, mode=args.mode, max_hold=args.max_hold,
-    )
-    journal = plan_migration(request)
+    given = {key: getattr(args, key) for key in MIGRATE_OPTIONS if getattr(args, key) is not None}
+    if args.plan or args.from_target or len(args.device) > 1:
+        return _migrate_plan(args, given)
+    if not args.device:
+        raise UsageError("name the DEVICE to move, several, --from-target IQN, or --plan FILE")
+    if given.get("switch") == "together":
+        raise UsageError("--switch together groups several volumes; one volume switches alone (use multipath)")
+    if args.parallel is not None:
+        raise UsageError("--parallel is for several volumes (a plan)")
+    for required in ("to_target", "to_portal"):
+        if required not in given:
+            raise UsageError(f"--{required.replace('_', '-')} is required")
+    journal = plan_migration(MigrationRequest(device=args.device[0], migration_id=args.migration_id, **given))
     with _MigrationRenderer(args.json) as render:
         render({"event": "planned", "id": journal.id, "journal": journal.path})
         report = run_migration(journal.id, render)
     _print_report(report, args.json)
     return 0
+
+
+def _migrate_plan(args, given: dict) -> int:
+    from blockmig import plan
+    from blockmig.errors import UsageError
+
+    if args.parallel is not None and args.parallel < 1:
+        raise UsageError(f"--parallel must be at least 1, not {args.parallel}")
+    if args.plan:
+        if args.device or args.from_target:
+            raise UsageError("--plan FILE names the volumes: give no DEVICE and no --from-target with it")
+        spec = plan.load_plan_file(args.plan, given)
+        spec.plan_id = args.migration_id or spec.plan_id
+    else:
+        devices = list(args.device)
+        if args.from_target:
+            devices += plan.devices_of_target(args.from_target, include_bare_disks=given.get("switch") == "relogin")
+        entries = [(f"volume {n + 1} ({device})", device, None, {}) for n, device in enumerate(devices)]
+        spec = plan.build_plan(entries, given, args.migration_id, plan.DEFAULT_PARALLEL)
+    if args.parallel is not None:
+        spec.parallel = args.parallel
+    journal = plan.plan_volumes(spec)
+    with _PlanRenderer(args.json) as render:
+        render({"event": "planned", "id": journal.id, "members": journal.members, "journal": journal.path})
+        report = plan.run_plan(journal.id, render)
+    return _print_plan_report(report, args.json)
+
+
+def _print_plan_report(report: dict, as_json: bool) -> int:
+    """One line per volume and a total; exit 1 if any volume did not finish."""
+    if as_json:
+        print(json.dumps({"event": "plan_report", **report}), flush=True)
+    else:
+        print(f"plan {report['plan']} (switch {report['policy']}, parallel {report['parallel']}):")
+        for volume in report["volumes"]:
+            held = volume["io_held_seconds"]
+            print(f"  {volume['map']:<16} {volume['outcome']:<8} {volume['size']} bytes, copy "
+                  f"{'-' if volume['copy_seconds'] is None else volume['copy_seconds']} s, IO held "
+                  f"{'-' if held is None else f'{held * 1000:.0f} ms'}  ({volume['id']})"
+                  + (f": {volume['error']}" if volume.get("error") else ""))
+        print(f"  total {report['bytes']} bytes in {report['wall_seconds']} s, {report['mb_per_s']} MB/s; "
+              f"{len(report['volumes']) - report['failed']} of {len(report['volumes'])} volumes done")
+    return 1 if report["failed"] else 0
 
 
 def _add_resume(sub) -> None:
@@ -170,7 +228,13 @@ def _add_resume(sub) -> None:
 
 
 def _cmd_resume(args) -> int:
+    from blockmig import plan
     from blockmig.migration import resume_migration
+
+    if plan.is_plan(args.migration_id):
+        with _PlanRenderer(args.json) as render:
+            report = plan.run_plan(args.migration_id, render)
+        return _print_plan_report(report, args.json)
 
     with _MigrationRenderer(args.json) as render:
         report = resume_migration(args.migration_id, render)
@@ -186,7 +250,19 @@ def _add_rollback(sub) -> None:
 
 
 def _cmd_rollback(args) -> int:
+    from blockmig import plan
     from blockmig.migration import rollback_migration
+
+    if plan.is_plan(args.migration_id):
+        with _PlanRenderer(args.json) as render:
+            result = plan.rollback_plan(args.migration_id, render)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"plan {result['id']}: rolled back {', '.join(result['rolled_back']) or 'none'}; "
+                  f"left on the destination (already switched): {', '.join(result['on_destination']) or 'none'}"
+                  + "".join(f"; {member} failed: {error}" for member, error in result["failed"].items()))
+        return 1 if result["failed"] else 0
 
     with _MigrationRenderer(args.json) as render:
         summary = rollback_migration(args.migration_id, render)
@@ -206,12 +282,19 @@ def _add_status(sub) -> None:
 
 
 def _cmd_status(args) -> int:
+    from blockmig import plan
     from blockmig.migration import migration_status
 
+    if args.migration_id and plan.is_plan(args.migration_id):
+        _print_plan_status(plan.plan_status(args.migration_id), args.json)
+        return 0
+    plans = [] if args.migration_id else plan.list_plans()
     summaries = migration_status(args.migration_id)
     if args.json:
-        print(json.dumps(summaries if args.migration_id is None else summaries[0], indent=2))
+        print(json.dumps(summaries[0] if args.migration_id else {"plans": plans, "migrations": summaries}, indent=2))
         return 0
+    for found in plans:
+        print(f"plan {found['id']}: {found['state']}, switch {found['policy']}, members {', '.join(found['members'])}")
     if not summaries:
         print("no migrations")
     for summary in summaries:
@@ -233,6 +316,19 @@ def _cmd_status(args) -> int:
         for name, step in summary["steps"].items():
             print(f"  {name:<18} {step.get('state', '?'):<8} {step.get('done') or step.get('started') or ''}")
     return 0
+
+
+def _print_plan_status(status: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return
+    print(f"plan {status['id']}: {status['state']}, switch {status['policy']}, parallel {status['parallel']}")
+    for member in status["members"]:
+        print(f"  {member['id']}: {member['state']}"
+              + (f" in {member['current_step']}" if member.get("current_step") and member["state"] != "done" else "")
+              + (f", {member.get('map')}, {member.get('copied')} of {member.get('size')} bytes copied"
+                 if "size" in member else "")
+              + (f" ({member['error']})" if member.get("error") and member["state"] == "failed" else ""))
 
 
 def _print_report(report: dict, as_json: bool) -> None:
@@ -269,13 +365,20 @@ class _MigrationRenderer:
             return
         if event["event"] in ("done", "verify_done"):
             self._bars.close()
-        elif event["event"] == "step":
-            print(f"blockmig: {event['step']}: {event['state']}", file=sys.stderr, flush=True)
+        else:
+            self._print_line(event)
+
+    @staticmethod
+    def _print_line(event: dict) -> None:
+        """A step, the hold's length, or a notable event; prefixed by the volume when a plan runs several."""
+        who = f"{event['host_volume']}: " if "host_volume" in event else ""
+        if event["event"] == "step":
+            print(f"blockmig: {who}{event['step']}: {event['state']}", file=sys.stderr, flush=True)
         elif event["event"] == "io_resumed" and event.get("io_held_seconds") is not None:
-            print(f"blockmig: host IO held {event['io_held_seconds'] * 1000:.0f} ms", file=sys.stderr, flush=True)
-        elif event["event"] in ("copy_retry", "rollback", "planned", "switch_revert", "delta"):
-            details = ", ".join(f"{k} {v}" for k, v in event.items() if k != "event")
-            print(f"blockmig: {event['event'].replace('_', ' ')}: {details}", file=sys.stderr, flush=True)
+            print(f"blockmig: {who}host IO held {event['io_held_seconds'] * 1000:.0f} ms", file=sys.stderr, flush=True)
+        elif event["event"] in ("copy_retry", "rollback", "planned", "switch_revert", "member_failed", "delta"):
+            details = ", ".join(f"{k} {v}" for k, v in event.items() if k not in ("event", "host_volume"))
+            print(f"blockmig: {who}{event['event'].replace('_', ' ')}: {details}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "_MigrationRenderer":
         return self
@@ -284,12 +387,54 @@ class _MigrationRenderer:
         self._bars.close()
 
 
+class _PlanRenderer(_MigrationRenderer):
+    """Several volumes at once: on a terminal a bar per volume and a total bar (bytes copied of all volumes,
+    rate, ETA); step lines prefixed by the volume; with --json every event, each with its migration id."""
+
+    def __init__(self, as_json: bool):
+        super().__init__(as_json)
+        self._member_bars: dict[str, _ProgressRenderer] = {}
+        self._copied: dict[str, int] = {}
+        self._total = None
+
+    def __call__(self, event: dict) -> None:
+        if self._as_json:
+            print(json.dumps(event), flush=True)
+            return
+        kind = event["event"]
+        if kind == "plan" and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            for position, member in enumerate(event["members"]):
+                self._member_bars[member["id"]] = _ProgressRenderer(False, position, member["host_volume"])
+            self._total = tqdm(total=sum(m["size"] for m in event["members"]), unit="B", unit_scale=True,
+                               unit_divisor=1024, desc="all volumes", position=len(event["members"]), file=sys.stderr)
+        elif kind in ("start", "chunk", "verify_start", "verified_chunk", "done", "verify_done"):
+            bar = self._member_bars.get(event.get("id"))
+            if bar is not None:
+                bar.close() if kind in ("done", "verify_done") else bar(event)
+            if self._total is not None and kind in ("start", "chunk") and event.get("phase") == "copy":
+                done = event.get("reserved_address", event.get("resume_from", 0))
+                self._total.update(done - self._copied.get(event["id"], 0))
+                self._copied[event["id"]] = done
+        else:
+            self._print_line(event)
+
+    def __exit__(self, *exc_info) -> None:
+        for bar in self._member_bars.values():
+            bar.close()
+        if self._total is not None:
+            self._total.close()
+
+
 class _ProgressRenderer:
     """Turns engine events into a tqdm bar on a terminal, or JSON lines with --json."""
 
-    def __init__(self, as_json: bool):
+    def __init__(self, as_json: bool, position: int | None = None, label: str = ""):
         self._as_json = as_json
         self._bar = None
+        self._position = position
+        self._label = label
 
     def __call__(self, event: dict) -> None:
         if self._as_json:
@@ -301,8 +446,10 @@ class _ProgressRenderer:
         if kind in ("start", "verify_start"):
             from tqdm import tqdm
 
+            phase = event.get("phase") or ("copy" if kind == "start" else "verify")
             self._bar = tqdm(total=event["size"], initial=event.get("resume_from", 0), unit="B", unit_scale=True,
-                             unit_divisor=1024, desc="copy" if kind == "start" else "verify", file=sys.stderr)
+                             unit_divisor=1024, desc=f"{self._label} {phase}".strip(), file=sys.stderr,
+                             position=self._position, leave=self._position is None)
         elif self._bar is not None and kind in ("chunk", "verified_chunk"):
             self._bar.update(event.get("reserved_address", event.get("end")) - self._bar.n)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -46,6 +47,12 @@ COPY_RETRIES = 5  # a source path that fails during the copy gets this many resu
 COPY_RETRY_WAIT = 3.0  # seconds between them (replacement_timeout in the lab is 5 s)
 
 EventHandler = Callable[[dict], None]
+
+# Several migrations of one plan run in threads of one process. Their copies and verifies run side by
+# side; everything else (rtslib configfs writes, iscsiadm's node db, LIO's LUN numbering, multipathd,
+# udev) is not safe to race and runs under this one lock.
+CONTROL_PLANE = threading.RLock()
+DATA_STEPS = ("copy", "verify")
 
 
 @dataclass
@@ -189,7 +196,7 @@ def rollback_migration(migration_id: str, on_event: EventHandler | None = None) 
     journal = MigrationJournal.load(migration_id)
     if journal.data["state"] == "rolled_back":
         return journal.summary()
-    with VolumeLock(journal.data["source"]["wwid"], migration_id):
+    with VolumeLock(journal.data["source"]["wwid"], migration_id), CONTROL_PLANE:
         return Migration(journal, on_event).rollback()
 
 
@@ -340,17 +347,26 @@ class Migration:
         self.online = journal.data.get("mode") == "online"
 
     # -- running -----------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, until: str | None = None) -> dict | None:
+        """Run the steps not done yet; with `until`, stop before that step or any after it (and return None)."""
         self.emit({"event": "migration", "id": self.journal.id, "state": self.journal.data["state"]})
         for name in STEPS:
             if self.journal.is_done(name):
                 continue
+            if until and STEPS.index(name) >= STEPS.index(until):
+                return None
+            group = self.journal.data.get("switch_group")
+            if name == "switch" and group:  # one of a consistency group: never switched alone
+                raise MigrationError(f"migration {self.journal.id} is verified and switches with its group: "
+                                     f"blockmig resume {group}")
             self.emit({"event": "step", "step": name, "state": "started"})
             self.journal.mark_started(name)
             try:
-                facts = getattr(self, f"_step_{name}")() or {}
+                with contextlib.nullcontext() if name in DATA_STEPS else CONTROL_PLANE:
+                    facts = getattr(self, f"_step_{name}")() or {}
             except BaseException as exc:  # cleanup on anything; only our own errors are reworded
-                cleanup_error = self._after_failure(name)
+                with CONTROL_PLANE:
+                    cleanup_error = self._after_failure(name)
                 message = str(exc) or type(exc).__name__
                 if cleanup_error:
                     message += f"; cleaning up failed too: {cleanup_error}"
@@ -394,6 +410,16 @@ class Migration:
                     multipath.resume_map(map_name)
                 thaw_filesystems(self.journal, map_name)
             self.emit({"event": "io_resumed", "map": map_name, "after_failure_in": step})
+
+    def release_fence(self) -> None:
+        """Host IO flows on the source again before the switch (a consistency group that cannot switch now):
+        the source may change from here on, so resume fences and copies again. Online, nothing holds
+        the host and era goes on tracking: resume simply runs the delta passes again."""
+        if self.online:
+            return
+        with CONTROL_PLANE:
+            self._lift_fence()
+            self._forget_copy()
 
     def _forget_copy(self) -> None:
         self.journal.forget_copy()
@@ -444,10 +470,11 @@ class Migration:
             multipath.reconfigure()
 
     def _remove_blacklist(self) -> None:
+        """No `multipathd reconfigure` here: the temporary WWID exists no more (the destination has the source's
+        serial, or is gone), and a reconfigure reloads every map, resuming any map another migration holds suspended."""
         path = self._multipath_drop_in()
         if os.path.exists(path):
             os.unlink(path)
-            multipath.reconfigure()
 
     def _multipath_drop_in(self) -> str:
         return os.path.join(MULTIPATH_CONF_DIR, f"blockmig-{self.journal.id}.conf")
@@ -522,13 +549,15 @@ class Migration:
         return iscsi.find_session_disk(session, self.source["host_lun"], self.source["wwid"])
 
     def _step_copy(self) -> dict:
-        self._check_destination_is_the_migrators_alone()
-        destination = f"/dev/{self._migrator_disk()}"
+        with CONTROL_PLANE:
+            self._check_destination_is_the_migrators_alone()
+            destination = f"/dev/{self._migrator_disk()}"
         progress = _Progress(self.emit, "copy")
         if self.online:
             online.begin_pass_one(self.journal)
         for attempt in range(COPY_RETRIES + 1):
-            source = f"/dev/{self._source_disk()}"
+            with CONTROL_PLANE:
+                source = f"/dev/{self._source_disk()}"
             try:
                 manifest = copy_volume(
                     source,
@@ -575,8 +604,10 @@ class Migration:
         Online, the source changes: the deltas written meanwhile are copied and read back instead.
         """
         manifest = load_manifest(self.journal.manifest_path)
-        migrator_disk = self._migrator_disk()
-        self._check_geometry(migrator_disk)
+        with CONTROL_PLANE:
+            migrator_disk = self._migrator_disk()
+            self._check_geometry(migrator_disk)
+            source_disk = self._source_disk()
         progress = _Progress(self.emit, "verify")
         digest = verify_volume(f"/dev/{migrator_disk}", manifest, on_event=progress)
         if self.online:
@@ -584,7 +615,7 @@ class Migration:
             return {"volume_digest": manifest.volume_digest, "seconds": progress.seconds}
         source_progress = _Progress(self.emit, "verify-source")
         try:
-            verify_volume(f"/dev/{self._source_disk()}", manifest, on_event=source_progress)
+            verify_volume(f"/dev/{source_disk}", manifest, on_event=source_progress)
         except VerifyError as exc:
             self._forget_copy()
             raise MigrationError(

@@ -24,12 +24,18 @@ from blockmig.datapath.journal import write_json_atomically
 from blockmig.errors import JournalError, MigrationError
 
 FORMAT = "blockmig-migration/1"
+PLAN_FORMAT = "blockmig-plan/1"
 STEPS = ("plan", "create_destination", "fence", "copy", "verify", "switch", "finish")
 
 
 def state_root() -> str:
     """Where migrations live; BLOCKMIG_STATE_DIR moves it (unit tests, several labs on one box)."""
     return os.environ.get("BLOCKMIG_STATE_DIR", "/var/lib/blockmig/migrations")
+
+
+def plans_root() -> str:
+    """Plans live next to the migrations folder, so BLOCKMIG_STATE_DIR moves both."""
+    return os.path.join(os.path.dirname(os.path.abspath(state_root())), "plans")
 
 
 def lock_root() -> str:
@@ -40,17 +46,42 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-class MigrationJournal:
-    """The journal of one migration: a JSON document saved on every change."""
+def _read_journal(path: str, format_name: str, kind: str, journal_id: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise JournalError(f"no {kind} {journal_id} (no {path})") from None
+    except OSError as exc:
+        raise JournalError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise JournalError(f"{path} is not valid JSON ({exc})") from None
+    if data.get("format") != format_name or data.get("id") != journal_id:
+        raise JournalError(f"{path} is not the journal of {kind} {journal_id}")
+    return data
+
+
+class _Journal:
+    """A JSON document with an id, saved atomically on every change."""
+
+    path: str
 
     def __init__(self, data: dict):
         self.data = data
 
-    # -- identity and files ------------------------------------------------
     @property
     def id(self) -> str:
         return self.data["id"]
 
+    def save(self) -> None:
+        self.data["updated"] = _now()
+        write_json_atomically(self.path, self.data)
+
+
+class MigrationJournal(_Journal):
+    """The journal of one migration: a JSON document saved on every change."""
+
+    # -- identity and files ------------------------------------------------
     @property
     def directory(self) -> str:
         return os.path.join(state_root(), self.id)
@@ -84,24 +115,15 @@ class MigrationJournal:
         )
         if os.path.exists(journal.path):
             raise MigrationError(f"migration {migration_id} already exists ({journal.path})")
+        if PlanJournal.exists(migration_id):
+            raise MigrationError(f"{migration_id} is the id of a plan: choose another migration id")
         journal.save()
         return journal
 
     @classmethod
     def load(cls, migration_id: str) -> "MigrationJournal":
-        path = os.path.join(state_root(), migration_id, "journal.json")
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except FileNotFoundError:
-            raise JournalError(f"no migration {migration_id} (no {path})") from None
-        except OSError as exc:
-            raise JournalError(f"cannot read {path}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise JournalError(f"{path} is not valid JSON ({exc})") from None
-        if data.get("format") != FORMAT or data.get("id") != migration_id:
-            raise JournalError(f"{path} is not the journal of migration {migration_id}")
-        return cls(data)
+        return cls(_read_journal(os.path.join(state_root(), migration_id, "journal.json"), FORMAT, "migration",
+                                 migration_id))
 
     @classmethod
     def list_all(cls) -> list["MigrationJournal"]:
@@ -113,10 +135,6 @@ class MigrationJournal:
             if os.path.exists(os.path.join(root, name, "journal.json")):
                 journals.append(cls.load(name))
         return sorted(journals, key=lambda journal: journal.data["created"])
-
-    def save(self) -> None:
-        self.data["updated"] = _now()
-        write_json_atomically(self.path, self.data)
 
     # -- steps -----------------------------------------------------------------
     def step(self, name: str) -> dict:
@@ -187,6 +205,45 @@ class MigrationJournal:
             "steps": {name: self.step(name) for name in STEPS if self.step(name)},
             "report": self.data.get("report"),
         }
+
+
+class PlanJournal(_Journal):
+    """A plan: its member migrations (each an ordinary migration with its own journal) and its policy."""
+
+    @property
+    def path(self) -> str:
+        return os.path.join(plans_root(), self.id, "plan.json")
+
+    @property
+    def members(self) -> list[str]:
+        return self.data["members"]
+
+    @classmethod
+    def create(cls, plan_id: str, **fields) -> "PlanJournal":
+        plan = cls({"format": PLAN_FORMAT, "id": plan_id, "created": _now(), **fields})
+        if os.path.exists(plan.path):
+            raise MigrationError(f"plan {plan_id} already exists ({plan.path})")
+        plan.save()
+        return plan
+
+    @classmethod
+    def exists(cls, plan_id: str) -> bool:
+        return os.path.exists(os.path.join(plans_root(), plan_id, "plan.json"))
+
+    @classmethod
+    def load(cls, plan_id: str) -> "PlanJournal":
+        return cls(_read_journal(os.path.join(plans_root(), plan_id, "plan.json"), PLAN_FORMAT, "plan", plan_id))
+
+    @classmethod
+    def list_all(cls) -> list["PlanJournal"]:
+        root = plans_root()
+        names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        plans = [cls.load(name) for name in names if cls.exists(name)]
+        return sorted(plans, key=lambda plan: plan.data["created"])
+
+
+def migration_exists(migration_id: str) -> bool:
+    return os.path.exists(os.path.join(state_root(), migration_id, "journal.json"))
 
 
 class VolumeLock:

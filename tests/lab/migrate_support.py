@@ -128,12 +128,13 @@ def migrate_args(map_device: str, backing_dir: str, *extra: str) -> list[str]:
     ]
 
 
-def report_of(result: subprocess.CompletedProcess) -> dict:
+def report_of(result: subprocess.CompletedProcess, kind: str = "report") -> dict:
+    """The last `kind` event of a --json run ("plan_report" for a plan)."""
     for line in reversed(result.stdout.splitlines()):
         event = json.loads(line)
-        if event.get("event") == "report":
+        if event.get("event") == kind:
             return event
-    raise AssertionError(f"no report in the output; stderr: {result.stderr.strip()}")
+    raise AssertionError(f"no {kind} in the output (exit {result.returncode}); stderr: {result.stderr.strip()}")
 
 
 def journal(migration_id: str) -> dict:
