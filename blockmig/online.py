@@ -256,11 +256,25 @@ def _delta_chunks(journal: MigrationJournal, base: dict[str, int], map_name: str
     number = ":".join(map(str, usage.device_number(os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}")))))
     check_nothing_new_stacked(journal, map_name)
     chunks: set[int] = set()
+    all_segments = []
     for tracking in _trackings(journal):
         segments = linear_segments(tracking.original_table, number)
+        all_segments += segments
         blocks = era.written_since(tracking, base[tracking.map_name])
         chunks.update(chunks_of_blocks(blocks, tracking.block_sectors, segments, chunk_size, size))
-    return sorted(chunks)
+    return sorted(chunks | head_chunks(all_segments, chunk_size))
+
+
+def head_chunks(segments: list[Segment], chunk_size: int) -> set[int]:
+    """The chunks before the first holder segment: LVM's label and metadata area (or a partition table).
+
+    LVM commands write them straight to the multipath map, where era does not look
+    (a VG tag, an LV renamed), so every delta pass copies them again: one chunk or two.
+    """
+    if not segments:
+        return set()
+    first = min(segment.offset for segment in segments) * SECTOR
+    return set(range(0, -(-first // chunk_size)))
 
 
 def check_nothing_new_stacked(journal: MigrationJournal, map_name: str) -> None:

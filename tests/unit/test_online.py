@@ -102,3 +102,12 @@ def test_copy_delta_copies_the_listed_chunks_only_and_updates_their_digests(loop
         part = slice(index * chunk, (index + 1) * chunk)
         assert after[part] == (data[part] if index in listed else before[part]), index
         assert manifest.chunk_digests[index] == digest_chunk(after[part])
+
+
+def test_head_chunks_cover_what_lies_before_the_first_segment():
+    lvm = [online.Segment(0, 2048, 2048 + 65536), online.Segment(0, 2048, 2048)]  # pe_start 1 MiB
+    assert online.head_chunks(lvm, 1 << 20) == {0}
+    assert online.head_chunks(lvm, 512 << 10) == {0, 1}
+    assert online.head_chunks(lvm, 4 << 20) == {0}  # the chunk also holds the first extents: copied whole
+    assert online.head_chunks([online.Segment(0, 2048, 0)], 1 << 20) == set()
+    assert online.head_chunks([], 1 << 20) == set()

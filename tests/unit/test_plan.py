@@ -94,7 +94,7 @@ fence = "suspend"
     spec = plan.load_plan_file(path)
     assert (spec.plan_id, spec.parallel, spec.policy) == ("host1", 4, "together")
     assert [r.switch for r in spec.requests] == ["multipath", "multipath"]
-    assert [r.fence for r in spec.requests] == ["writeprotect", "suspend"]
+    assert [r.fence for r in spec.requests] == [None, "suspend"]  # None: chosen in plan_migration (online, or writeprotect offline)
     assert [r.chunk_size for r in spec.requests] == [1 << 20, 1 << 20]
 
 
@@ -126,6 +126,8 @@ def test_command_line_options_beat_the_files_defaults(tmp_path):
     ({"defaults": {**DEFAULTS, "worm": "yes"}}, ": defaults: worm: 'yes': must be true or false"),
     ({"defaults": {**DEFAULTS, "switch_timeout": 0.5}}, ": defaults: switch_timeout: 0.5: must be a number"),
     ({"defaults": {**DEFAULTS, "switch_timeout": "10"}}, ": defaults: switch_timeout: '10': must be a number"),
+    ({"defaults": {**DEFAULTS, "mode": "live"}}, ": defaults: mode: 'live': must be one of online, offline"),
+    ({"defaults": {**DEFAULTS, "max_hold": 0}}, ": defaults: max_hold: 0: must be a positive number"),
     ({"defaults": {**DEFAULTS, "to_portal": "nowhere"}}, ": defaults: to_portal: 'nowhere' is not IP:PORT"),
     ({"defaults": {**DEFAULTS, "to_target": 7}}, ": defaults: to_target: must be a non-empty string"),
     ({"defaults": {"to_portal": "127.0.0.2:3260"}}, ": volume 1 (/dev/mapper/mpatha): to_target: required"),
