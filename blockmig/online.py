@@ -249,8 +249,10 @@ def _resume(name: str) -> None:
     era.run(["dmsetup", "resume", "--noudevsync", name], f"cannot resume map {name}")
 
 
-def _delta_chunks(journal: MigrationJournal, base: dict[str, int], map_name: str) -> list[int]:
-    """Ascending chunk indexes of the host's map holding any block written on a holder since `base`."""
+def _delta_chunks(journal: MigrationJournal, base: dict[str, int], map_name: str, source: str,
+                  manifest: Manifest) -> list[int]:
+    """Ascending chunk indexes of the host's map holding any block written on a holder since `base`,
+    and the head chunks if LVM changed its metadata there meanwhile."""
     chunk_size = journal.data["chunk_size"]
     size = journal.data["source"]["size"]
     number = ":".join(map(str, usage.device_number(os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}")))))
@@ -262,14 +264,16 @@ def _delta_chunks(journal: MigrationJournal, base: dict[str, int], map_name: str
         all_segments += segments
         blocks = era.written_since(tracking, base[tracking.map_name])
         chunks.update(chunks_of_blocks(blocks, tracking.block_sectors, segments, chunk_size, size))
-    return sorted(chunks | head_chunks(all_segments, chunk_size))
+    head = head_chunks(all_segments, chunk_size) - chunks
+    return sorted(chunks | changed_chunks(source, sorted(head), manifest))
 
 
 def head_chunks(segments: list[Segment], chunk_size: int) -> set[int]:
     """The chunks before the first holder segment: LVM's label and metadata area (or a partition table).
 
     LVM commands write them straight to the multipath map, where era does not look
-    (a VG tag, an LV renamed), so every delta pass copies them again: one chunk or two.
+    (a VG tag, an LV renamed), so each pass reads them (a chunk or two) and copies them if they changed.
+    LVM commands during the hold itself are not covered: the README tells admins to leave the VG alone.
     """
     if not segments:
         return set()
@@ -336,7 +340,7 @@ def converge(journal: MigrationJournal, manifest: Manifest | None, source: Calla
     for _ in range(MAX_DELTA_PASSES):
         listed = time.monotonic()
         new_base = _drained_checkpoint(journal)
-        chunks = _delta_chunks(journal, state["base_era"], map_name)
+        chunks = _delta_chunks(journal, state["base_era"], map_name, source(), manifest)
         list_seconds = time.monotonic() - listed
         delta = _delta_bytes(chunks, manifest)
         # The hold also lists the delta (list_seconds, a fixed cost); --max-hold bounds the copy.
@@ -414,6 +418,26 @@ def copy_delta(source: str, destination: str, chunks: list[int], manifest: Manif
 
 def check_chunks(path: str, chunks: list[int], manifest: Manifest, buffer) -> None:
     """Re-read these chunks of the destination and compare each with the manifest."""
+    for index, found in _chunk_digests(path, chunks, manifest, buffer):
+        if found != manifest.chunk_digests[index]:
+            raise VerifyError(f"{path}: chunk {index} reads back with sha256 {found[:16]}..., "
+                              f"written as {manifest.chunk_digests[index][:16]}...")
+
+
+def changed_chunks(path: str, chunks: list[int], manifest: Manifest) -> set[int]:
+    """Those of these chunks of `path` that no longer match the manifest."""
+    if not chunks:
+        return set()
+    buffer = allocate_aligned_buffer(manifest.chunk_size)
+    try:
+        return {index for index, found in _chunk_digests(path, chunks, manifest, buffer)
+                if found != manifest.chunk_digests[index]}
+    finally:
+        buffer.close()
+
+
+def _chunk_digests(path: str, chunks: list[int], manifest: Manifest, buffer):
+    """(index, sha256) of each of these chunks of `path`, read with O_DIRECT."""
     volume = open_source(path)
     try:
         for index in chunks:
@@ -422,9 +446,7 @@ def check_chunks(path: str, chunks: list[int], manifest: Manifest, buffer) -> No
             _read_exactly(volume.fd, view, start, path)
             found = digest_chunk(view)
             view.release()
-            if found != manifest.chunk_digests[index]:
-                raise VerifyError(f"{path}: chunk {index} reads back with sha256 {found[:16]}..., "
-                                  f"written as {manifest.chunk_digests[index][:16]}...")
+            yield index, found
     finally:
         volume.close()
 
@@ -519,7 +541,7 @@ class OnlineSwitch(HostSwitch):
         began = time.monotonic()
         state = self.journal.data["online"]
         manifest = load_manifest(self.journal.manifest_path)
-        chunks = _delta_chunks(self.journal, state["base_era"], self.map_name)
+        chunks = _delta_chunks(self.journal, state["base_era"], self.map_name, self.source_disk(), manifest)
         copy_delta(self.source_disk(), self.destination_disk(), chunks, manifest)
         write_json_atomically(self.journal.manifest_path, manifest.to_dict())
         final = {"chunks": len(chunks), "bytes": _delta_bytes(chunks, manifest),
