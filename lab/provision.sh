@@ -124,7 +124,21 @@ if $vagrant; then
 else
     echo blockmig-lab >/etc/hostname
     : >/etc/fstab
-    # The image lives in RAM: drop what nobody reads there.
+    # The image lives in RAM: drop what nobody reads there. Debian's python3-fonttools (a dependency of
+    # python3-matplotlib) drags in scipy, sympy and pythran, and with them a C/C++ toolchain and Boost's
+    # headers: 550 MiB that nothing in the lab imports or runs (matplotlib draws without them).
+    unused="python3-scipy python3-sympy python3-mpmath python3-pythran python3-beniget python3-gast
+        g++ g++-12 gcc gcc-12 cpp cpp-12 libboost1.74-dev libboost-dev libopenblas-dev libopenblas-pthread-dev
+        libpython3.11-dev libpython3-dev python3-dev python3.11-dev python3-all-dev libpython3-all-dev
+        libstdc++-12-dev libgcc-12-dev binutils binutils-x86-64-linux-gnu binutils-common libbinutils
+        libgprofng0 libctf0 libctf-nobfd0 libasan8 libtsan2 liblsan0 libubsan1 libhwasan0 libitm1 libcc1-0
+        libisl23 libmpc3 libc6-dev linux-libc-dev libcrypt-dev libnsl-dev libtirpc-dev rpcsvc-proto
+        libexpat1-dev zlib1g-dev unicode-data python3-ufolib2 python3-fs python3-lxml libjs-jquery-ui"
+    # shellcheck disable=SC2086
+    installed=$(dpkg-query -W -f='${Package}\n' $unused 2>/dev/null || true)
+    [ -z "$installed" ] || dpkg --purge --force-depends $installed >/dev/null 2>&1 || {
+        echo "provision.sh: could not remove the unused packages" >&2; exit 1; }
+    python3 -c "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot"  # still draws
     rm -rf /usr/share/doc/* /usr/share/man/* /usr/share/info/* /usr/share/locale/* \
         /var/cache/apt/archives/*.deb /var/lib/apt/lists/*
 fi
