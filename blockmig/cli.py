@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_size(text: str) -> int:
     """'4M' -> 4194304; binary suffixes K, M, G, T (an optional trailing 'iB' or 'B' is accepted)."""
-    from blockmig.plan import parse_size as parse
+    from blockmig.sizes import parse_size as parse
 
     try:
         return parse(text)

@@ -4,11 +4,11 @@ A plan is a list of ordinary migrations (each with its own journal, guard and
 VolumeLock, so `status/resume/rollback MEMBER_ID` work per volume) plus a plan
 journal, <state root>/../plans/<PLAN_ID>/plan.json, that `status/resume/rollback
 PLAN_ID` work from. Members' copies and verifies run in threads of this process,
-up to `parallel` at once; their control-plane steps take migration.CONTROL_PLANE.
+up to `parallel` at once; their control-plane steps take the orchestrator's CONTROL_PLANE.
 
 Switch policies: "each" (default) switches every volume as soon as it is
 verified; "together" (a consistency group, `--switch together`) runs every member
-up to verify, then switches all of them in one hold (switch.switch_group), then
+up to verify, then switches all of them in one hold (migration.switch_members), then
 finishes each. A group needs multipath maps (a path switch) and two volumes at least.
 """
 
@@ -28,24 +28,23 @@ from dataclasses import dataclass, field, replace
 from blockmig.array import lio
 from blockmig.errors import BlockmigError, JournalError, MigrationError, UsageError
 from blockmig.faults import checkpoint
+from blockmig.host import iscsi, multipath
+from blockmig.host.devices import map_disks, resolve_host_device
 from blockmig.migration import (
-    CONTROL_PLANE,
     FENCES,
     SWITCHES,
     EventHandler,
-    Migration,
     MigrationRequest,
     plan_migration,
-    resolve_host_device,
+    release_fence,
     rollback_migration,
+    run_until,
+    switch_members,
 )
-from blockmig.host import iscsi, multipath
-from blockmig.online import MODES
+from blockmig.orchestrator.online import MODES
+from blockmig.sizes import parse_size
 from blockmig.state import MigrationJournal, PlanJournal, VolumeLock, migration_exists
-from blockmig import switch
-from blockmig.switch import parse_portal, switch_group
 
-SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}"
 POLICIES = ("each", "together")
 DEFAULT_PARALLEL = 2
@@ -53,25 +52,7 @@ DEFAULT_PARALLEL = 2
 VOLUME_OPTIONS = ("to_target", "to_portal", "backing_dir", "backing_device", "fence", "switch", "switch_timeout",
                   "chunk_size", "max_rate", "worm", "mode", "max_hold")
 PLAN_KEYS = ("id", "parallel", "defaults", "volumes")
-
-
-def parse_size(text: str | int) -> int:
-    """'4M' -> 4194304 (binary suffixes K, M, G, T; a trailing 'iB' or 'B' is accepted); ints pass."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text <= 0:
-            raise ValueError(f"size must be positive: {text}")
-        return text
-    if not isinstance(text, str):
-        raise ValueError(f"not a size: {text!r} (use e.g. 4M, 512K, 1G)")
-    value = text.strip().upper().removesuffix("IB").removesuffix("B")
-    suffix = value[-1:] if value[-1:] in SIZE_SUFFIXES else ""
-    try:
-        number = float(value[: len(value) - len(suffix)])
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 4M, 512K, 1G)") from None
-    if number <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return int(number * SIZE_SUFFIXES[suffix])
+__all__ = ["parse_size"]  # plan files and the CLI share the size parser (blockmig/sizes.py)
 
 
 @dataclass
@@ -201,7 +182,7 @@ def _checked_options(options: dict, where: str) -> dict:
             try:
                 if not isinstance(value, str) or ":" not in value:
                     raise MigrationError(value)
-                parse_portal(value)
+                iscsi.parse_portal(value)
             except MigrationError:
                 problem = f"{value!r} is not IP:PORT"
         elif key == "fence" and value not in FENCES:
@@ -249,7 +230,7 @@ def devices_of_target(target_iqn: str, include_bare_disks: bool) -> list[str]:
             disks.update(iscsi.session_disks(session).values())
     devices, in_maps = [], set()
     for found in multipath.maps():
-        members = set(switch.map_disks(found.name))
+        members = set(map_disks(found.name))
         in_maps |= members
         if members & disks:
             devices.append(f"/dev/mapper/{found.name}")
@@ -354,7 +335,7 @@ def run_plan(plan_id: str, on_event: EventHandler | None = None, after_chunk=Non
                 return
             member_emit = _tagged(emit, journal)
             try:
-                Migration(journal, member_emit, after_chunk).run(until=until)
+                run_until(journal, until, member_emit, after_chunk)
                 outcomes[journal.id] = {"outcome": "done" if journal.data["state"] == "done" else "verified"}
             except BlockmigError as exc:
                 outcomes[journal.id] = {"outcome": "failed", "error": str(exc)}
@@ -386,7 +367,7 @@ def _switch_and_finish_group(plan: PlanJournal, journals: list[MigrationJournal]
             if outcomes[journal.id]["outcome"] == "failed":
                 continue
             try:
-                Migration(journal, _tagged(emit, journal)).release_fence()
+                release_fence(journal, _tagged(emit, journal))
                 why = "a member failed, so the group did not switch; fence lifted, copies again on resume"
             except BlockmigError as exc:
                 why = f"a member failed, so the group did not switch; lifting the fence failed too: {exc}"
@@ -394,15 +375,14 @@ def _switch_and_finish_group(plan: PlanJournal, journals: list[MigrationJournal]
         return
     if waiting:
         try:
-            with CONTROL_PLANE:
-                switch_group([Migration(journal, _tagged(emit, journal)).host_switch() for journal in waiting])
+            switch_members([(journal, _tagged(emit, journal)) for journal in waiting])
         except BlockmigError as exc:
             for journal in waiting:
                 outcomes[journal.id] = {"outcome": "failed", "error": f"group switch: {exc}"}
             return
     for journal in journals:
         try:
-            Migration(journal, _tagged(emit, journal), after_chunk).run()
+            run_until(journal, None, _tagged(emit, journal), after_chunk)
             outcomes[journal.id] = {"outcome": "done"}
         except BlockmigError as exc:
             outcomes[journal.id] = {"outcome": "failed", "error": str(exc)}

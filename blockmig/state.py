@@ -13,7 +13,6 @@ so a resume after kill -9 can take it at once.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -167,13 +166,10 @@ class MigrationJournal(_Journal):
         entry["done"] = _now()
         self.save()
 
-    def forget_copy(self) -> None:
-        """The source may have changed since its fence was lifted: fence and copy again from byte 0."""
-        for name in ("fence", "copy", "verify", "switch"):
-            self.data["steps"].pop(name, None)
-        self.save()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.copy_journal_path)
+    @property
+    def frozen(self) -> list[str]:
+        """Mountpoints blockmig froze (each journaled before its freeze), for whoever thaws them."""
+        return self.data.setdefault("frozen", [])
 
     def mark_failed(self, error: str) -> None:
         self.data["state"] = "failed"

@@ -13,7 +13,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from blockmig.errors import HostError
+from blockmig.errors import HostError, MigrationError
 from blockmig.host.udev import DEFAULT_TIMEOUT, disk_wwid, wait_for_path, wait_until
 from blockmig.sysfs import read_attribute
 
@@ -248,6 +248,34 @@ def sessions() -> list[Session]:
             state=read_attribute(f"{session_dir}/state"),
         ))
     return found
+
+
+def parse_portal(portal: str) -> tuple[str, int]:
+    """'IP:PORT' (or a bare IP: port 3260) -> (ip, port)."""
+    ip, _, port = portal.rpartition(":") if ":" in portal else (portal, "", "3260")
+    if not ip or not port.isdigit():
+        raise MigrationError(f"portal {portal!r} is not IP:PORT")
+    return ip, int(port)
+
+
+def find_portal_session(target_iqn: str, portal: str, iface: str | None = None) -> Session | None:
+    """The session to `target_iqn` at 'IP:PORT' through `iface`, None if there is none."""
+    ip, port = parse_portal(portal)
+    return find_session(target_iqn, ip, port, iface)
+
+
+def login_portal(target_iqn: str, portal: str, iface: str | None = None) -> Session:
+    """login() to 'IP:PORT'."""
+    ip, port = parse_portal(portal)
+    return login(target_iqn, ip, port, iface=iface)
+
+
+def session_of_disk(disk: str) -> Session | None:
+    """The session a SCSI disk (sdX) belongs to, None for a disk of no iSCSI session."""
+    for session in sessions():
+        if disk in session_disks(session).values():
+            return session
+    return None
 
 
 def find_session(target_iqn: str, portal_ip: str, port: int = 3260, iface: str | None = None) -> Session | None:

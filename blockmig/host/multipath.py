@@ -313,7 +313,7 @@ class QueueHold:
     queueing: bool  # the table queued when no path was left before the hold
 
 
-def hold_queueing(name: str) -> QueueHold:
+def hold_queueing(name: str, known_to_queue: bool = False) -> QueueHold:
     """Make IO on the map wait, whatever multipathd's no_path_retry countdown does, until the map has a path again.
 
     Measured on multipath-tools 0.9.4 in the lab (LIO's built-in entry:
@@ -327,8 +327,10 @@ def hold_queueing(name: str) -> QueueHold:
     the hold turns queueing on in the table and suspends the map without
     lockfs and without flush (IO queued in the target stays queued); call
     it after the last path is gone (multipathd's `del path` resumes the map).
+    `known_to_queue`: the table is known to queue (checked earlier), so it is not asked: a
+    suspended map refuses the message and hides the setting.
     """
-    hold = QueueHold(name, queues_if_no_path(name))
+    hold = QueueHold(name, known_to_queue or queues_if_no_path(name))
     if not hold.queueing:
         _run(["dmsetup", "message", name, "0", "queue_if_no_path"], f"cannot turn on queueing of map {name}")
     if not is_suspended(name):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockmig import online
+from blockmig.orchestrator import online
 from blockmig.datapath.digest import Manifest, digest_chunk
 from blockmig.errors import HostError, UsageError
 

@@ -241,7 +241,7 @@ def test_from_target_names_the_maps_and_bare_disks_of_that_target(monkeypatch):
     monkeypatch.setattr(iscsi, "sessions", lambda: sessions)
     monkeypatch.setattr(iscsi, "session_disks", lambda session: session.disks)
     monkeypatch.setattr(multipath, "maps", lambda: [SimpleNamespace(name=name) for name in maps])
-    monkeypatch.setattr(switch, "map_disks", lambda name: maps[name])
+    monkeypatch.setattr(plan, "map_disks", lambda name: maps[name])
     assert plan.devices_of_target("iqn.src", include_bare_disks=False) == ["/dev/mapper/mpatha", "/dev/mapper/mpathb"]
     assert plan.devices_of_target("iqn.src", include_bare_disks=True) == [
         "/dev/mapper/mpatha", "/dev/mapper/mpathb", "/dev/sde"]

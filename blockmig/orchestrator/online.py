@@ -59,9 +59,9 @@ from blockmig.datapath.journal import write_json_atomically
 from blockmig.errors import DeviceError, HostError, MigrationError, UsageError, VerifyError
 from blockmig.faults import checkpoint
 from blockmig.host import era, multipath, usage
+from blockmig.host.devices import freeze_filesystems, holder_maps
 from blockmig.state import MigrationJournal
-from blockmig.switch import HostSwitch, freeze_filesystems
-from blockmig.sysfs import read_attribute
+from blockmig.orchestrator.host_switch import HostSwitch
 
 MODES = ("online", "offline")
 DEFAULT_MAX_HOLD = 1.0
@@ -83,14 +83,6 @@ class Segment:
     start: int
     length: int
     offset: int
-
-
-def holder_maps(map_name: str) -> list[str]:
-    """dm names of the maps stacked directly on the host's map (LVs, partitions, linear maps)."""
-    dm = os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}"))
-    holders = f"/sys/block/{dm}/holders"
-    names = os.listdir(holders) if os.path.isdir(holders) else []
-    return sorted(read_attribute(f"/sys/block/{name}/dm/name") if name.startswith("dm-") else name for name in names)
 
 
 def linear_segments(table_text: str, device_number: str) -> list[Segment]:
@@ -474,6 +466,8 @@ class OnlineSwitch(HostSwitch):
     until the last delta is in; only then does it take the source's serial.
     """
 
+    revert_invalidates = "copy"  # era went on tracking while the host wrote the source: deltas again, pass 1 stays
+
     def __init__(self, journal: MigrationJournal, emit: EventHandler, source: Callable[[], str],
                  destination: Callable[[], str]):
         super().__init__(journal, emit)
@@ -495,19 +489,12 @@ class OnlineSwitch(HostSwitch):
         self.logout_migrator()
         stop_tracking(self.journal)  # outside the hold: each holder gets its linear table back
 
-    def record_revert(self) -> None:
-        """era went on tracking while the host wrote the source again: delta passes again, pass 1 stays."""
-        self.journal.data["switch_reverts"] = self.journal.data.get("switch_reverts", 0) + 1
-        for name in ("copy", "verify", "switch"):
-            self.journal.data["steps"].pop(name, None)
-        self.journal.save()
-
     @contextlib.contextmanager
     def host_io_held(self):
         try:
             if "suspended_at" not in self.facts:
                 self._record(suspended_at=time.time())
-            freeze_filesystems(self.journal, self.map_name, self.facts.get("mountpoints"))
+            freeze_filesystems(self.map_name, self.journal.frozen, self.journal.save, self.facts.get("mountpoints"))
             self.journal.data["online"]["holding"] = True  # intent: whoever comes next resumes them
             self.journal.save()
             for tracking in _trackings(self.journal):

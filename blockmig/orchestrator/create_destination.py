@@ -1,0 +1,117 @@
+"""The create_destination step: the destination volume (the source's size and geometry, a serial of its own),
+exported to the migrator alone, whose disk of it is where the copy writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from blockmig.array import lio
+from blockmig.errors import ArrayError, MigrationError
+from blockmig.host import iscsi, multipath, udev
+from blockmig.orchestrator.host_switch import HostSwitch, existing_destination_volume
+from blockmig.orchestrator.sequencer import BaseStep
+from blockmig.sysfs import read_attribute
+
+MULTIPATH_CONF_DIR = "/etc/multipath/conf.d"
+
+
+class CreateDestinationStep(BaseStep):
+    name = "create_destination"
+
+    def run(self, migration) -> dict:
+        volume = destination_volume(migration, create=True)
+        disk = migrator_disk(migration)
+        return {"volume": volume.name, "lun": volume.lun, "serial": volume.serial, "migrator_disk": disk}
+
+    def after_failure(self, migration, failed: str) -> None:
+        """A destination that could not be made or reached goes again: a refused login or a full array
+        leaves both arrays as they were."""
+        if failed == self.name:
+            self.undo(migration)
+
+    def undo(self, migration) -> None:
+        """The migrator's session and iface, the destination volume and its backing file, the blacklist."""
+        HostSwitch(migration.journal, migration.emit).logout_migrator()
+        ours = bool(migration.journal.facts(self.name).get("backing_made"))
+        with contextlib.suppress(ArrayError):
+            lio.remove_volume(lio.find_volume(migration.destination["volume"]), remove_backing=ours)
+        if ours and os.path.exists(migration.destination["backing"]):
+            os.unlink(migration.destination["backing"])
+        remove_blacklist(migration)
+
+
+def destination_volume(migration, create: bool = False) -> lio.Volume:
+    """The destination volume; made (and its backing file) with `create`, else a MigrationError if it is gone."""
+    if not create:
+        return existing_destination_volume(migration.journal)
+    destination = migration.destination
+    with contextlib.suppress(ArrayError):
+        return lio.find_volume(destination["volume"])
+    volume = lio.create_volume(
+        destination["target"],
+        destination["volume"],
+        migration.source["size"],
+        destination["backing"],
+        serial=destination["temporary_serial"],
+        geometry=migration.source.get("geometry"),
+    )
+    destination["lun"] = volume.lun
+    migration.journal.record(CreateDestinationStep.name, backing_made=destination["backing_created"])
+    return volume
+
+
+def migrator_disk(migration) -> str:
+    """The migrator's disk of the destination (its own mapped LUN, WWID checked); logs in if needed."""
+    destination, migrator = migration.destination, migration.migrator
+    volume = destination_volume(migration)
+    mapping = lio.find_mapping(volume, migrator["initiator"])
+    if mapping is None:
+        if volume.serial != destination["temporary_serial"]:
+            volume = lio.change_volume_serial(volume, destination["temporary_serial"])
+        mapping = lio.export_volume(volume, migrator["initiator"])
+    _blacklist_temporary_wwid(migration)
+    iscsi.create_iface(migrator["iface"], migrator["initiator"])
+    session = iscsi.login_portal(destination["target"], destination["portal"], migrator["iface"])
+    if mapping.mapped_lun not in iscsi.session_disks(session):
+        iscsi.scan_session_lun(session, mapping.mapped_lun)
+    disk = iscsi.find_session_disk(session, mapping.mapped_lun, destination["temporary_wwid"])
+    udev.settle()
+    return disk
+
+
+def check_destination_is_the_migrators_alone(migration) -> None:
+    """Exclusive receiving: before a byte is copied, only the migrator may see the destination."""
+    others = [m.initiator_iqn for m in lio.list_mappings(destination_volume(migration))
+              if m.initiator_iqn != migration.migrator["initiator"]]
+    if others:
+        raise MigrationError(
+            f"destination {migration.destination['volume']} is also mapped to {', '.join(others)}: "
+            "only the migrator may write it during the copy"
+        )
+
+
+def _blacklist_temporary_wwid(migration) -> None:
+    """Keep multipathd off the migrator's disk: a map on it would hold it (no O_EXCL open)."""
+    path = _multipath_drop_in(migration)
+    text = (f"# blockmig migration {migration.journal.id}: the migrator's destination disk\n"
+            f'blacklist {{\n    wwid "{migration.destination["temporary_wwid"]}"\n}}\n')
+    if read_attribute(path) != text.strip():
+        os.makedirs(MULTIPATH_CONF_DIR, exist_ok=True)
+        with open(path + ".tmp", "w") as handle:
+            handle.write(text)
+        os.replace(path + ".tmp", path)
+        multipath.reconfigure()
+
+
+def remove_blacklist(migration) -> None:
+    """No `multipathd reconfigure` here: the temporary WWID exists no more (the destination has the source's
+    serial, or is gone), and a reconfigure reloads every map, resuming any map another migration holds
+    suspended."""
+    path = _multipath_drop_in(migration)
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def _multipath_drop_in(migration) -> str:
+    return os.path.join(MULTIPATH_CONF_DIR, f"blockmig-{migration.journal.id}.conf")

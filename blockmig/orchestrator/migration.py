@@ -1,0 +1,144 @@
+"""One migration: the table of its steps, and the public API (plan, run = resume, rollback, status).
+
+  step                module                 what it does
+  plan                plan.py                check everything, write the journal; on resume re-check the source
+  create_destination  create_destination.py  the destination volume, exported to the migrator alone
+  fence               fence.py               the source cannot change (offline) or era tracks it (online.py)
+  copy                copy.py                source -> guard -> destination, chunk by chunk (datapath/)
+  verify              verify.py              the destination (and the source again) against the manifest
+  switch              switch.py              the host's path moves (host_switch.py; online.py's last delta)
+  finish              finish.py              WORM, leftovers removed, the report
+
+The sequencer (sequencer.py) runs, resumes, cleans up after a failure, invalidates and rolls
+back from what each step declares; host and array work is in host/ and array/.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from blockmig.errors import MigrationError
+from blockmig.orchestrator import fence
+from blockmig.orchestrator.copy import CopyStep
+from blockmig.orchestrator.create_destination import CreateDestinationStep
+from blockmig.orchestrator.fence import FenceStep
+from blockmig.orchestrator.finish import FinishStep
+from blockmig.orchestrator.host_switch import HostSwitch, switch_group
+from blockmig.orchestrator.plan import MigrationRequest, PlanStep, host_source_disk, plan_migration
+from blockmig.orchestrator.progress import EventHandler
+from blockmig.orchestrator.sequencer import Sequencer
+from blockmig.orchestrator.switch import SwitchStep, host_switch_of
+from blockmig.orchestrator.verify import VerifyStep
+from blockmig.state import MigrationJournal, VolumeLock
+
+STEPS = [PlanStep(), CreateDestinationStep(), FenceStep(), CopyStep(), VerifyStep(), SwitchStep(), FinishStep()]
+
+# Several migrations of one plan run in threads of one process. Their copies and verifies run side by
+# side; everything else (rtslib configfs writes, iscsiadm's node db, LIO's LUN numbering, multipathd,
+# udev) is not safe to race and runs under this one lock.
+CONTROL_PLANE = threading.RLock()
+
+
+class Migration:
+    """What every step gets: the journal and the parts of it each step reads, the event sink, the lock."""
+
+    def __init__(self, journal: MigrationJournal, on_event: EventHandler | None = None, after_chunk=None,
+                 steps=None):
+        self.journal = journal
+        self.emit = on_event or (lambda event: None)
+        self.after_chunk = after_chunk
+        self.source = journal.data["source"]
+        self.destination = journal.data["destination"]
+        self.migrator = journal.data["migrator"]
+        self.online = journal.data.get("mode") == "online"
+        self.control_plane = CONTROL_PLANE
+        self.sequencer = Sequencer(STEPS if steps is None else steps, journal, CONTROL_PLANE)
+
+    def run(self, until: str | None = None) -> dict | None:
+        """Run the steps not done yet; with `until`, stop before that step (and return None)."""
+        self.emit({"event": "migration", "id": self.journal.id, "state": self.journal.data["state"]})
+        if self.sequencer.run(self, until, refuse=self._refuse_alone):
+            return self.journal.data["report"]
+        return None
+
+    def _refuse_alone(self, step: str) -> None:
+        group = self.journal.data.get("switch_group")
+        if step == SwitchStep.name and group:  # one of a consistency group: never switched alone
+            raise MigrationError(f"migration {self.journal.id} is verified and switches with its group: "
+                                 f"blockmig resume {group}")
+
+    def rollback(self) -> dict:
+        self.sequencer.rollback(self)
+        return self.journal.summary()
+
+    def invalidate(self, step: str) -> None:
+        self.sequencer.invalidate(self, step)
+
+    def source_device(self) -> str:
+        return f"/dev/{host_source_disk(self)}"
+
+
+# ---------------------------------------------------------------------------
+# public API
+
+
+def migrate(request: MigrationRequest, on_event: EventHandler | None = None, after_chunk=None) -> dict:
+    """Plan and run a migration; return the final report."""
+    journal = plan_migration(request)
+    return run_migration(journal.id, on_event, after_chunk)
+
+
+def run_migration(migration_id: str, on_event: EventHandler | None = None, after_chunk=None) -> dict:
+    """Run the steps not done yet (this is also `resume`); return the final report."""
+    journal = MigrationJournal.load(migration_id)
+    if journal.data["state"] == "done":
+        return journal.data["report"]
+    if journal.data["state"] == "rolled_back":
+        raise MigrationError(f"migration {migration_id} was rolled back; start a new one")
+    with VolumeLock(journal.data["source"]["wwid"], migration_id):
+        return Migration(journal, on_event, after_chunk).run()
+
+
+resume_migration = run_migration
+
+
+def rollback_migration(migration_id: str, on_event: EventHandler | None = None) -> dict:
+    """Put the host back on the source and remove what blockmig made; refused once the destination is in use."""
+    journal = MigrationJournal.load(migration_id)
+    if journal.data["state"] == "rolled_back":
+        return journal.summary()
+    with VolumeLock(journal.data["source"]["wwid"], migration_id), CONTROL_PLANE:
+        return Migration(journal, on_event).rollback()
+
+
+def migration_status(migration_id: str | None = None) -> list[dict]:
+    if migration_id:
+        return [MigrationJournal.load(migration_id).summary()]
+    return [journal.summary() for journal in MigrationJournal.list_all()]
+
+
+# ---------------------------------------------------------------------------
+# what plans use: run up to a step, a group's switch, a fence lifted
+
+
+def run_until(journal: MigrationJournal, step: str | None, on_event: EventHandler | None = None,
+              after_chunk=None) -> dict | None:
+    """Run the member's steps before `step` (all of them with None); the caller holds its VolumeLock."""
+    return Migration(journal, on_event, after_chunk).run(until=step)
+
+
+def release_fence(journal: MigrationJournal, on_event: EventHandler | None = None) -> None:
+    """A verified member whose group cannot switch now: host IO flows on the source again (copies again)."""
+    with CONTROL_PLANE:
+        fence.release_fence(Migration(journal, on_event))
+
+
+def switch_members(members: list[tuple[MigrationJournal, EventHandler]]) -> list[dict]:
+    """Switch verified migrations as one consistency group (host_switch.switch_group)."""
+    with CONTROL_PLANE:
+        return switch_group([host_switch_of(Migration(journal, emit)) for journal, emit in members])
+
+
+__all__ = ["CONTROL_PLANE", "STEPS", "HostSwitch", "Migration", "MigrationRequest", "migrate", "migration_status",
+           "plan_migration", "release_fence", "resume_migration", "rollback_migration", "run_migration",
+           "run_until", "switch_members"]

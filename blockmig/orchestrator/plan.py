@@ -1,0 +1,252 @@
+"""The plan step: check everything and write the journal (plan_migration), and re-check the source on resume.
+
+Planning changes nothing on either array or the host; every refusal is one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+from blockmig.array import lio
+from blockmig.datapath.copy import DEFAULT_CHUNK_SIZE
+from blockmig.errors import ArrayError, DeviceError, HostError, MigrationError, UsageError
+from blockmig.host import iscsi, multipath, usage
+from blockmig.host.devices import HostDevice, resolve_host_device
+from blockmig.orchestrator import online
+from blockmig.orchestrator.host_switch import DEFAULT_SWITCH_TIMEOUT
+from blockmig.orchestrator.sequencer import BaseStep
+from blockmig.state import MigrationJournal, VolumeLock
+
+FENCES = ("writeprotect", "suspend", "none")
+SWITCHES = ("multipath", "relogin")
+MIGRATOR_IQN_PREFIX = "iqn.2026-11.io.blockmig:migrator"
+
+
+@dataclass
+class MigrationRequest:
+    device: str  # /dev/mapper/NAME, /dev/dm-N, or /dev/sdX (relogin only)
+    to_target: str
+    to_portal: str  # IP:PORT
+    backing_dir: str | None = None
+    backing_device: str | None = None
+    fence: str | None = None  # None: writeprotect in offline mode (a fence given means offline)
+    switch: str = "multipath"
+    worm: bool = False
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    max_rate: float | None = None
+    migration_id: str | None = None
+    switch_timeout: float = DEFAULT_SWITCH_TIMEOUT
+    mode: str | None = None  # online | offline; None: online where the host's writes can be tracked
+    max_hold: float = online.DEFAULT_MAX_HOLD
+
+
+
+
+class PlanStep(BaseStep):
+    """Re-check, on resume, that the host still sees the source as planned."""
+
+    name = "plan"
+
+    def run(self, migration) -> dict:
+        if migration.journal.is_done("switch"):
+            return {}
+        source = migration.source
+        host_device = resolve_host_device(source["device"])
+        if host_device.wwid != source["wwid"]:
+            raise MigrationError(f"{source['device']} now has WWID {host_device.wwid}, not {source['wwid']}")
+        return {"wwid": host_device.wwid, "disks": host_device.disks}
+
+
+def host_source_disk(migration) -> str:
+    """The host's own path to the source LUN (a member of its map, found by the host's LUN, WWID checked)."""
+    source = migration.source
+    session = iscsi.find_portal_session(source["target"], source["portal"], source["host_iface"])
+    if session is None:
+        raise HostError(f"the host has no session to the source {source['target']} at {source['portal']}")
+    return iscsi.find_session_disk(session, source["host_lun"], source["wwid"])
+
+
+def plan_migration(request: MigrationRequest) -> MigrationJournal:
+    """Check everything and write the journal; changes nothing on either array or the host."""
+    _check_request(request)
+    host_device = resolve_host_device(request.device)
+    if host_device.map_name is None and request.switch == "multipath":
+        raise UsageError(
+            f"{request.device} is not a multipath map: use --switch relogin for a host without multipath"
+        )
+    if host_device.map_name is None and request.fence == "suspend":
+        raise UsageError(f"{request.device} is not a multipath map: --fence suspend needs one to hold IO on")
+    if host_device.map_name and not multipath.queues_if_no_path(host_device.map_name):
+        # The switch holds IO on the map while it has no path (dm turns this off while suspended).
+        raise HostError(
+            f"map {host_device.map_name} does not queue IO while it has no path "
+            "(set no_path_retry queue, or a number, in multipath.conf)"
+        )
+    mode = online.choose_mode(request.mode, request.fence is not None, host_device.map_name, request.device)
+    if mode == "online" and request.switch != "multipath":
+        raise UsageError("--mode online switches the host by its multipath map: use --switch multipath")
+    fence = "none" if mode == "online" else request.fence or "writeprotect"  # online: era tracks, nothing fences
+    if mode == "offline":
+        _refuse_a_fence_that_breaks_writers(host_device, fence)
+    source = _describe_source(host_device)
+    portal_ip, port = iscsi.parse_portal(request.to_portal)
+    destination_array = lio.find_array(request.to_target)
+    if (portal_ip, port) not in destination_array.portals:
+        offered = ", ".join(f"{ip}:{p}" for ip, p in destination_array.portals) or "none"
+        raise ArrayError(f"target {request.to_target} has no portal {portal_ip}:{port} (it has: {offered})")
+    if request.to_target == source["target"]:
+        raise UsageError(f"{request.to_target} is the source's own target")
+    if request.chunk_size % int(source["geometry"].get("block_size", 512)):
+        raise UsageError(
+            f"chunk size {request.chunk_size} is not a multiple of the volume's block size "
+            f"{source['geometry']['block_size']}"
+        )
+    migration_id = request.migration_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{source['wwid'][-6:]}"
+    volume_name = f"blockmig-{migration_id}"
+    if request.backing_device:
+        backing = os.path.realpath(request.backing_device)
+        _check_backing_device(backing, source["size"])
+        lio.check_backing_device_geometry(backing, source["geometry"])
+        backing_created = False
+    else:
+        if not request.backing_dir and source["backing"].startswith("/dev/"):
+            raise UsageError("the source is on a block device: give --backing-dir or --backing-device")
+        backing_dir = os.path.abspath(request.backing_dir or os.path.dirname(source["backing"]))
+        if not os.path.isdir(backing_dir):
+            raise UsageError(f"backing directory {backing_dir} does not exist")
+        backing = os.path.join(backing_dir, f"{volume_name}.img")
+        if os.path.lexists(backing):
+            raise UsageError(f"{backing} already exists")
+        lio.check_free_space(backing_dir, source["size"])
+        backing_created = True
+    temporary_serial = str(uuid.uuid4())
+    with VolumeLock(source["wwid"], migration_id):
+        _refuse_unfinished_migration_of(source["wwid"])
+        return MigrationJournal.create(
+            migration_id,
+            source=source,
+            destination={
+                "target": request.to_target,
+                "portal": f"{portal_ip}:{port}",
+                "volume": volume_name,
+                "backing": backing,
+                "backing_created": backing_created,
+                "temporary_serial": temporary_serial,
+                "temporary_wwid": lio.wwid_for_serial(temporary_serial),
+                "lun": None,
+            },
+            migrator={
+                "iface": f"blockmig-{migration_id}",
+                "initiator": f"{MIGRATOR_IQN_PREFIX}-{re.sub(r'[^a-z0-9.-]', '-', migration_id.lower())}",
+            },
+            fence=fence,
+            mode=mode,
+            online=online.new_state(host_device.map_name, request.max_hold) if mode == "online" else None,
+            switch=request.switch,
+            switch_timeout=request.switch_timeout,
+            worm=request.worm,
+            chunk_size=request.chunk_size,
+            max_rate=request.max_rate,
+        )
+
+
+
+def _check_request(request: MigrationRequest) -> None:
+    if request.fence not in (None, *FENCES):
+        raise UsageError(f"--fence must be one of {', '.join(FENCES)}")
+    if request.switch not in SWITCHES:
+        raise UsageError(f"--switch must be one of {', '.join(SWITCHES)}")
+    if request.backing_dir and request.backing_device:
+        raise UsageError("give --backing-dir or --backing-device, not both")
+    if request.chunk_size <= 0 or request.chunk_size % 4096:
+        raise UsageError(f"chunk size {request.chunk_size} must be a positive multiple of 4096")
+    if not 1 <= request.switch_timeout <= 600:
+        raise UsageError(f"switch timeout {request.switch_timeout:g} s must be between 1 and 600 s")
+    if request.migration_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", request.migration_id):
+        raise UsageError(f"migration id {request.migration_id!r}: use letters, digits, '.', '_', '-' (max 41)")
+
+
+def _refuse_a_fence_that_breaks_writers(host_device: HostDevice, fence: str) -> None:
+    """A volume being written cannot be write-protected (every write fails) nor copied unfenced."""
+    if fence == "suspend":
+        return
+    users = usage.volume_users(host_device.device)
+    if not (users.mounted_rw or users.writers):
+        return
+    if fence == "writeprotect":
+        raise UsageError(
+            f"{host_device.device} is in use for writing ({users.describe()}): --fence writeprotect would fail "
+            "every write for the whole copy; use --fence suspend (host IO waits during the copy) or stop the writers"
+        )
+    raise UsageError(
+        f"{host_device.device} is in use for writing ({users.describe()}): --fence none would copy a volume "
+        "that changes; use --fence suspend (host IO waits during the copy) or stop the writers"
+    )
+
+
+def _describe_source(host_device: HostDevice) -> dict:
+    """The source LUN behind the host device: array volume, the host's mapping and session, geometry."""
+    volume = lio.find_volume_by_wwid(host_device.wwid)
+    if volume.target_iqn is None:
+        raise ArrayError(f"volume {volume.name} (WWID {host_device.wwid}) is not exported by any target")
+    session = None
+    for disk in host_device.disks:
+        found = iscsi.session_of_disk(disk)
+        if found and found.target_iqn == volume.target_iqn:
+            session = found
+            break
+    if session is None:
+        raise HostError(
+            f"the host is not logged in to {volume.target_iqn} for {host_device.device}: no iSCSI path to the source"
+        )
+    mapping = lio.find_mapping(volume, session.initiator_iqn)
+    if mapping is None:
+        raise ArrayError(f"volume {volume.name} is not mapped to the host's initiator {session.initiator_iqn}")
+    others = [m.initiator_iqn for m in lio.list_mappings(volume) if m.initiator_iqn != session.initiator_iqn]
+    if others:
+        raise UsageError(
+            f"volume {volume.name} is also mapped to {', '.join(others)}: another initiator could write the source "
+            "during the copy and would be left on it after the switch; unmap it first"
+        )
+    return {
+        "device": host_device.device,
+        "map": host_device.map_name,
+        "wwid": host_device.wwid,
+        "serial": volume.serial,
+        "volume": volume.name,
+        "size": volume.size,
+        "backing": volume.backing,
+        "target": volume.target_iqn,
+        "lun": volume.lun,
+        "host_lun": mapping.mapped_lun,
+        "geometry": lio.volume_geometry(volume),
+        "portal": f"{session.portal_ip}:{session.port}",
+        "host_initiator": session.initiator_iqn,
+        "host_iface": session.iface,
+    }
+
+
+def _refuse_unfinished_migration_of(wwid: str) -> None:
+    for journal in MigrationJournal.list_all():
+        if journal.data["source"]["wwid"] == wwid and journal.data["state"] not in ("done", "rolled_back"):
+            raise MigrationError(
+                f"migration {journal.id} of this volume is unfinished ({journal.data['state']}): "
+                f"blockmig resume {journal.id} or blockmig rollback {journal.id}"
+            )
+
+
+def _check_backing_device(path: str, size: int) -> None:
+    if not os.path.exists(path):
+        raise DeviceError(f"no such device {path}")
+    with open(path, "rb") as device:
+        device_size = device.seek(0, os.SEEK_END)
+    if device_size < size:
+        raise ArrayError(f"{path} holds {device_size} bytes: no room for the {size}-byte volume")
+    if device_size != size:
+        raise ArrayError(f"{path} holds {device_size} bytes; the destination must be exactly {size} bytes")
+
+

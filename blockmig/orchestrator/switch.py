@@ -1,0 +1,63 @@
+"""The switch step: the host moves from the source LUN to the destination LUN (host_switch.HostSwitch;
+online.OnlineSwitch copies the last delta inside the hold). Once the destination has joined the host's
+map, the migration can no longer be rolled back, only finished."""
+
+from __future__ import annotations
+
+import contextlib
+
+from blockmig.errors import MigrationError
+from blockmig.host import multipath
+from blockmig.orchestrator import online
+from blockmig.orchestrator.create_destination import migrator_disk
+from blockmig.orchestrator.fence import STEPS_BEFORE_THE_SWITCH, release_online_hold, resume_and_thaw
+from blockmig.orchestrator.host_switch import HostSwitch
+from blockmig.orchestrator.sequencer import BaseStep
+
+
+class SwitchStep(BaseStep):
+    name = "switch"
+
+    def run(self, migration) -> dict:
+        switch = host_switch_of(migration)
+        try:
+            return switch.run()
+        except MigrationError:
+            if switch.facts.get("reverted"):
+                switch.record_revert()
+            raise
+
+    def after_failure(self, migration, failed: str) -> None:
+        """Leave no host IO held past our exit (the hold ends by itself; this is for what an error skipped)."""
+        if failed in STEPS_BEFORE_THE_SWITCH:
+            return  # the fence's after_failure deals with those
+        release_online_hold(migration)
+        map_name = migration.source["map"]
+        if map_name and (multipath.is_suspended(map_name) or migration.journal.data.get("frozen")):
+            resume_and_thaw(migration)
+            migration.emit({"event": "io_resumed", "map": map_name, "after_failure_in": failed})
+
+    def check_undo(self, migration) -> None:
+        if migration.journal.facts(self.name).get("destination_joined") or migration.journal.data["state"] == "done":
+            raise MigrationError(
+                f"migration {migration.journal.id} has already moved the host to the destination; "
+                f"finish it with blockmig resume {migration.journal.id}"
+            )
+
+    def undo(self, migration) -> None:
+        """Killed inside the hold: the source path comes back first; then the host's destination session goes."""
+        switch = host_switch_of(migration)
+        if switch.facts.get("source_removed") or switch.facts.get("source_fencing"):
+            with switch.host_io_held():
+                switch.revert_in_hold()
+        if migration.journal.is_done("create_destination") or switch.facts.get("prepared"):
+            with contextlib.suppress(MigrationError):
+                switch.release_host_destination_session()
+
+
+def host_switch_of(migration) -> HostSwitch:
+    """The migration's switch: an online one copies the last delta in the hold."""
+    if migration.online:
+        return online.OnlineSwitch(migration.journal, migration.emit, migration.source_device,
+                                   lambda: f"/dev/{migrator_disk(migration)}")
+    return HostSwitch(migration.journal, migration.emit)
