@@ -17,6 +17,23 @@ from blockmig.orchestrator.migration import (
 from blockmig.orchestrator.plan import FENCES, SWITCHES, MigrationRequest, plan_migration
 from blockmig.orchestrator.progress import EventHandler
 
-__all__ = ["CONTROL_PLANE", "FENCES", "STEPS", "SWITCHES", "EventHandler", "HostDevice", "Migration",
-           "MigrationRequest", "migrate", "migration_status", "plan_migration", "release_fence", "resolve_host_device",
-           "resume_migration", "rollback_migration", "run_migration", "run_until", "switch_members"]
+__all__ = [
+    "CONTROL_PLANE",
+    "FENCES",
+    "STEPS",
+    "SWITCHES",
+    "EventHandler",
+    "HostDevice",
+    "Migration",
+    "MigrationRequest",
+    "migrate",
+    "migration_status",
+    "plan_migration",
+    "release_fence",
+    "resolve_host_device",
+    "resume_migration",
+    "rollback_migration",
+    "run_migration",
+    "run_until",
+    "switch_members",
+]

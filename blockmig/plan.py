@@ -49,8 +49,20 @@ ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}"
 POLICIES = ("each", "together")
 DEFAULT_PARALLEL = 2
 # What a plan's `defaults` and each volume may set, and the MigrationRequest field it fills.
-VOLUME_OPTIONS = ("to_target", "to_portal", "backing_dir", "backing_device", "fence", "switch", "switch_timeout",
-                  "chunk_size", "max_rate", "worm", "mode", "max_hold")
+VOLUME_OPTIONS = (
+    "to_target",
+    "to_portal",
+    "backing_dir",
+    "backing_device",
+    "fence",
+    "switch",
+    "switch_timeout",
+    "chunk_size",
+    "max_rate",
+    "worm",
+    "mode",
+    "max_hold",
+)
 PLAN_KEYS = ("id", "parallel", "defaults", "volumes")
 __all__ = ["parse_size"]  # plan files and the CLI share the size parser (blockmig/sizes.py)
 
@@ -71,7 +83,8 @@ class PlanSpec:
 
 
 def load_plan_file(path: str, overrides: dict | None = None) -> PlanSpec:
-    """Read and check a JSON or TOML plan; `overrides` (options given on the command line) beat its defaults."""
+    """Read and check a JSON or TOML plan; `overrides` (options given on the command line) beat its
+    defaults."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
@@ -82,7 +95,10 @@ def load_plan_file(path: str, overrides: dict | None = None) -> PlanSpec:
             document = tomllib.loads(raw.decode("utf-8"))
         else:
             document = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+    except (
+        ValueError,
+        UnicodeDecodeError,
+    ) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
         kind = "TOML" if path.endswith(".toml") else "JSON"
         raise UsageError(f"{path}: not valid {kind}: {exc}") from None
     return plan_from_document(document, path, overrides)
@@ -118,37 +134,53 @@ def plan_from_document(document, where: str, overrides: dict | None = None) -> P
             raise UsageError(f"{label}: device: required, the host's device (e.g. /dev/mapper/mpatha)")
         if "id" in volume:
             _check_id(volume["id"], f"{label}: id")
-        entries.append((label, volume["device"], volume.get("id"), _checked_options(
-            {k: v for k, v in volume.items() if k not in ("device", "id")}, label)))
+        entries.append(
+            (
+                label,
+                volume["device"],
+                volume.get("id"),
+                _checked_options({k: v for k, v in volume.items() if k not in ("device", "id")}, label),
+            )
+        )
     return build_plan(entries, defaults, plan_id, parallel)
 
 
-def build_plan(entries: list[tuple[str, str, str | None, dict]], defaults: dict, plan_id: str | None,
-               parallel: int) -> PlanSpec:
-    """Requests from (label, device, id, options) per volume over the plan's defaults; checks what spans volumes."""
+def build_plan(
+    entries: list[tuple[str, str, str | None, dict]], defaults: dict, plan_id: str | None, parallel: int
+) -> PlanSpec:
+    """Requests from (label, device, id, options) per volume over the plan's defaults; checks what spans
+    volumes."""
     policy = "together" if defaults.get("switch") == "together" else "each"
     if policy == "together" and len(entries) < 2:
-        raise UsageError(f"{entries[0][0]}: switch: 'together' groups several volumes; one volume switches alone "
-                         "(use multipath)")
+        raise UsageError(
+            f"{entries[0][0]}: switch: 'together' groups several volumes; one volume switches alone "
+            "(use multipath)"
+        )
     seen: dict[str, str] = {}
     requests = []
     for label, device, migration_id, options in entries:
         merged = dict(defaults)
-        if "backing_dir" in options or "backing_device" in options:  # the volume's own choice replaces the default's
+        if (
+            "backing_dir" in options or "backing_device" in options
+        ):  # the volume's own choice replaces the default's
             merged.pop("backing_dir", None)
             merged.pop("backing_device", None)
         merged.update(options)
         if policy == "together":
             if merged.get("switch", "together") not in ("together", "multipath"):
-                raise UsageError(f"{label}: switch: {merged['switch']!r} in a plan that switches together "
-                                 "(a group switch moves multipath paths)")
+                raise UsageError(
+                    f"{label}: switch: {merged['switch']!r} in a plan that switches together "
+                    "(a group switch moves multipath paths)"
+                )
             merged["switch"] = "multipath"
         elif merged.get("switch") == "together":
             raise UsageError(f"{label}: switch: 'together' is a plan's policy: set it in the plan's defaults")
         for required in ("to_target", "to_portal"):
             if not merged.get(required):
-                raise UsageError(f"{label}: {required}: required (in the volume, the plan's defaults, "
-                                 f"or --{required.replace('_', '-')})")
+                raise UsageError(
+                    f"{label}: {required}: required (in the volume, the plan's defaults, "
+                    f"or --{required.replace('_', '-')})"
+                )
         if merged.get("backing_dir") and merged.get("backing_device"):
             raise UsageError(f"{label}: backing_dir and backing_device: give one, not both")
         real = os.path.realpath(device)
@@ -223,7 +255,8 @@ def _checked_options(options: dict, where: str) -> dict:
 
 def devices_of_target(target_iqn: str, include_bare_disks: bool) -> list[str]:
     """Every volume the host uses from `target_iqn`: maps with a path on a host session to it, and (for a
-    relogin switch) its disks that no map holds. The migrator's own sessions (iface blockmig-*) do not count."""
+    relogin switch) its disks that no map holds. The migrator's own sessions (iface blockmig-*) do not
+    count."""
     disks = set()
     for session in iscsi.sessions():
         if session.target_iqn == target_iqn and not session.iface.startswith("blockmig-"):
@@ -246,12 +279,15 @@ def devices_of_target(target_iqn: str, include_bare_disks: bool) -> list[str]:
 
 
 def plan_volumes(spec: PlanSpec) -> PlanJournal:
-    """Plan every volume (nothing changes on arrays or host) and write the plan journal; one refusal plans none."""
+    """Plan every volume (nothing changes on arrays or host) and write the plan journal; one refusal plans
+    none."""
     plan_id = spec.plan_id or f"plan-{time.strftime('%Y%m%d-%H%M%S')}"
     if PlanJournal.exists(plan_id) or migration_exists(plan_id):
         raise UsageError(f"plan id {plan_id} is taken (by a plan or a migration): choose another with --id")
-    requests = [replace(request, migration_id=request.migration_id or f"{plan_id}-{number + 1}")
-                for number, request in enumerate(spec.requests)]
+    requests = [
+        replace(request, migration_id=request.migration_id or f"{plan_id}-{number + 1}")
+        for number, request in enumerate(spec.requests)
+    ]
     for label, request in zip(spec.labels, requests):
         if request.migration_id == plan_id or PlanJournal.exists(request.migration_id):
             raise UsageError(f"{label}: id: {request.migration_id} is a plan's id")
@@ -269,8 +305,13 @@ def plan_volumes(spec: PlanSpec) -> PlanJournal:
             if spec.policy == "together":
                 journal.data["switch_group"] = plan_id
             journal.save()
-        return PlanJournal.create(plan_id, members=[j.id for j in journals], policy=spec.policy,
-                                  parallel=spec.parallel, state="planned")
+        return PlanJournal.create(
+            plan_id,
+            members=[j.id for j in journals],
+            policy=spec.policy,
+            parallel=spec.parallel,
+            state="planned",
+        )
     except BaseException:
         for journal in journals:
             shutil.rmtree(journal.directory, ignore_errors=True)
@@ -286,7 +327,9 @@ def _refuse_one_volume_twice(labels: list[str], requests: list[MigrationRequest]
         except BlockmigError as exc:
             raise type(exc)(f"{label}: {exc}") from None
         if wwid in seen:
-            raise UsageError(f"{label}: device: {request.device} is the same volume as {seen[wwid]} (WWID {wwid})")
+            raise UsageError(
+                f"{label}: device: {request.device} is the same volume as {seen[wwid]} (WWID {wwid})"
+            )
         seen[wwid] = request.device
 
 
@@ -320,9 +363,22 @@ def run_plan(plan_id: str, on_event: EventHandler | None = None, after_chunk=Non
     if any(journal.data["state"] == "rolled_back" for journal in journals):
         raise MigrationError(f"plan {plan_id} was rolled back; start a new one")
     together = plan.data["policy"] == "together"
-    emit({"event": "plan", "id": plan_id, "policy": plan.data["policy"], "parallel": plan.data["parallel"],
-          "members": [{"id": j.id, "host_volume": j.data["source"].get("map") or j.data["source"]["device"],
-                       "size": j.data["source"]["size"]} for j in journals]})
+    emit(
+        {
+            "event": "plan",
+            "id": plan_id,
+            "policy": plan.data["policy"],
+            "parallel": plan.data["parallel"],
+            "members": [
+                {
+                    "id": j.id,
+                    "host_volume": j.data["source"].get("map") or j.data["source"]["device"],
+                    "size": j.data["source"]["size"],
+                }
+                for j in journals
+            ],
+        }
+    )
     outcomes: dict[str, dict] = {}
     with contextlib.ExitStack() as locks:
         for journal in journals:
@@ -358,8 +414,9 @@ def run_plan(plan_id: str, on_event: EventHandler | None = None, after_chunk=Non
     return report
 
 
-def _switch_and_finish_group(plan: PlanJournal, journals: list[MigrationJournal], outcomes: dict, emit,
-                             after_chunk) -> None:
+def _switch_and_finish_group(
+    plan: PlanJournal, journals: list[MigrationJournal], outcomes: dict, emit, after_chunk
+) -> None:
     waiting = [journal for journal in journals if not journal.is_done("switch")]
     if any(outcomes[journal.id]["outcome"] == "failed" for journal in journals):
         # The group cannot switch now: no member keeps the host's IO held (or writes refused) meanwhile.
@@ -389,7 +446,8 @@ def _switch_and_finish_group(plan: PlanJournal, journals: list[MigrationJournal]
 
 
 def rollback_plan(plan_id: str, on_event: EventHandler | None = None) -> dict:
-    """Roll back every member not yet on the destination; those already switched stay there (and are listed)."""
+    """Roll back every member not yet on the destination; those already switched stay there (and are
+    listed)."""
     plan = PlanJournal.load(plan_id)
     emit = _serialised(on_event)
     result = {"id": plan_id, "rolled_back": [], "on_destination": [], "failed": {}}
@@ -403,7 +461,9 @@ def rollback_plan(plan_id: str, on_event: EventHandler | None = None) -> dict:
             result["rolled_back"].append(member)
         except BlockmigError as exc:
             result["failed"][member] = str(exc)
-    plan.data["state"] = "rolled_back" if not result["failed"] and not result["on_destination"] else "partly_rolled_back"
+    plan.data["state"] = (
+        "rolled_back" if not result["failed"] and not result["on_destination"] else "partly_rolled_back"
+    )
     plan.save()
     return result
 
@@ -418,17 +478,32 @@ def plan_status(plan_id: str) -> dict:
         except JournalError as exc:
             members.append({"id": member, "state": "missing", "error": str(exc)})
             continue
-        members.append({"id": member, "state": journal.data["state"], "current_step": journal.data.get("current_step"),
-                        "map": journal.data["source"].get("map") or journal.data["source"].get("device"),
-                        "size": journal.data["source"]["size"], "copied": _copied_bytes(journal),
-                        "error": journal.data.get("error")})
-    return {key: plan.data.get(key) for key in ("id", "state", "policy", "parallel", "created", "updated")} | {
-        "members": members}
+        members.append(
+            {
+                "id": member,
+                "state": journal.data["state"],
+                "current_step": journal.data.get("current_step"),
+                "map": journal.data["source"].get("map") or journal.data["source"].get("device"),
+                "size": journal.data["source"]["size"],
+                "copied": _copied_bytes(journal),
+                "error": journal.data.get("error"),
+            }
+        )
+    return {
+        key: plan.data.get(key) for key in ("id", "state", "policy", "parallel", "created", "updated")
+    } | {"members": members}
 
 
 def list_plans() -> list[dict]:
-    return [{"id": plan.id, "state": plan.data.get("state"), "policy": plan.data["policy"],
-             "members": plan.members} for plan in PlanJournal.list_all()]
+    return [
+        {
+            "id": plan.id,
+            "state": plan.data.get("state"),
+            "policy": plan.data["policy"],
+            "members": plan.members,
+        }
+        for plan in PlanJournal.list_all()
+    ]
 
 
 def is_plan(identifier: str) -> bool:
@@ -450,14 +525,31 @@ def _plan_report(plan: PlanJournal, journals: list[MigrationJournal], outcomes: 
     for journal in journals:
         report = journal.data.get("report") or {}
         copy, switch = journal.facts("copy"), journal.facts("switch")
-        outcome = outcomes.get(journal.id, {"outcome": "done" if journal.data["state"] == "done" else "not run"})
-        volumes.append({"id": journal.id, "map": journal.data["source"].get("map") or journal.data["source"]["device"],
-                        "size": journal.data["source"]["size"], "copy_seconds": copy.get("seconds"),
-                        "io_held_seconds": switch.get("io_held_seconds"), "report": report or None, **outcome})
+        outcome = outcomes.get(
+            journal.id, {"outcome": "done" if journal.data["state"] == "done" else "not run"}
+        )
+        volumes.append(
+            {
+                "id": journal.id,
+                "map": journal.data["source"].get("map") or journal.data["source"]["device"],
+                "size": journal.data["source"]["size"],
+                "copy_seconds": copy.get("seconds"),
+                "io_held_seconds": switch.get("io_held_seconds"),
+                "report": report or None,
+                **outcome,
+            }
+        )
     size = sum(volume["size"] for volume in volumes)
-    return {"plan": plan.id, "policy": plan.data["policy"], "parallel": plan.data["parallel"], "volumes": volumes,
-            "bytes": size, "wall_seconds": round(wall, 3), "mb_per_s": round(size / wall / 1e6, 1) if wall else None,
-            "failed": sum(1 for volume in volumes if volume["outcome"] != "done")}
+    return {
+        "plan": plan.id,
+        "policy": plan.data["policy"],
+        "parallel": plan.data["parallel"],
+        "volumes": volumes,
+        "bytes": size,
+        "wall_seconds": round(wall, 3),
+        "mb_per_s": round(size / wall / 1e6, 1) if wall else None,
+        "failed": sum(1 for volume in volumes if volume["outcome"] != "done"),
+    }
 
 
 def _serialised(on_event: EventHandler | None) -> EventHandler:

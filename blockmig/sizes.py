@@ -1,4 +1,4 @@
-"""Sizes as people write them ('4M', '512K'): shared by the data path's CLI and plan files, imports nothing."""
+"""Sizes as people write them ('4M', '512K'): for the data path's CLI and plan files; imports nothing."""
 
 from __future__ import annotations
 

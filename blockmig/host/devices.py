@@ -1,4 +1,5 @@
-"""The host's view of one volume: the device it uses, the map's disks, what is stacked on it, its filesystems."""
+"""The host's view of one volume: the device it uses, the map's disks, what is stacked on it, its
+filesystems."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def resolve_host_device(device: str) -> HostDevice:
         raise DeviceError(f"{device} is a device-mapper device but not a multipath map (uuid {uuid_text!r})")
     map_name = read_attribute(f"/sys/block/{name}/dm/name")
     disks = sorted(os.listdir(f"/sys/block/{name}/slaves"))
-    return HostDevice(device, uuid_text[len("mpath-"):], map_name, disks)
+    return HostDevice(device, uuid_text[len("mpath-") :], map_name, disks)
 
 
 def map_disks(map_name: str) -> list[str]:
@@ -55,12 +56,14 @@ def holder_maps(map_name: str) -> list[str]:
     dm = os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}"))
     holders = f"/sys/block/{dm}/holders"
     names = os.listdir(holders) if os.path.isdir(holders) else []
-    return sorted(read_attribute(f"/sys/block/{name}/dm/name") if name.startswith("dm-") else name
-                  for name in names)
+    return sorted(
+        read_attribute(f"/sys/block/{name}/dm/name") if name.startswith("dm-") else name for name in names
+    )
 
 
-def freeze_filesystems(map_name: str, frozen: list[str], save: Callable[[], None],
-                       mountpoints: list[str] | None = None) -> None:
+def freeze_filesystems(
+    map_name: str, frozen: list[str], save: Callable[[], None], mountpoints: list[str] | None = None
+) -> None:
     """FIFREEZE every filesystem mounted read-write on the map (or on what is stacked on it), once.
 
     Each mountpoint is added to `frozen` and saved before its freeze, so whoever comes
@@ -80,7 +83,9 @@ def thaw_filesystems(map_name: str, frozen: list[str], save: Callable[[], None])
     if not frozen:
         return False
     if not any(path.usable for path in multipath.paths_of_map(map_name)):
-        raise HostError(f"map {map_name} has no usable path: its filesystems stay frozen until blockmig resume")
+        raise HostError(
+            f"map {map_name} has no usable path: its filesystems stay frozen until blockmig resume"
+        )
     for mountpoint in list(frozen):
         with contextlib.suppress(HostError):  # EINVAL: not frozen (any more), e.g. thawed by hand
             multipath.thaw_filesystem(mountpoint)

@@ -70,7 +70,7 @@ def run_iscsiadm(args: list[str], ok: tuple[int, ...] = (0,)) -> subprocess.Comp
     except subprocess.TimeoutExpired:
         raise HostError(f"iscsiadm {' '.join(args)} did not finish within 300 s") from None
     if result.returncode not in ok:
-        lines = [l.strip() for l in (result.stderr + result.stdout).splitlines() if l.strip()]
+        lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
         message = lines[-1] if lines else "no message"
         meaning = _EXIT_MEANINGS.get(result.returncode, "see iscsiadm(8)")
         raise HostError(f"iscsiadm {' '.join(args)}: exit {result.returncode} ({meaning}): {message}")
@@ -268,14 +268,6 @@ def login_portal(target_iqn: str, portal: str, iface: str | None = None) -> Sess
     """login() to 'IP:PORT'."""
     ip, port = parse_portal(portal)
     return login(target_iqn, ip, port, iface=iface)
-
-
-def session_of_disk(disk: str) -> Session | None:
-    """The session a SCSI disk (sdX) belongs to, None for a disk of no iSCSI session."""
-    for session in sessions():
-        if disk in session_disks(session).values():
-            return session
-    return None
 
 
 def find_session(target_iqn: str, portal_ip: str, port: int = 3260, iface: str | None = None) -> Session | None:

@@ -27,7 +27,9 @@ COPY_RETRY_WAIT = 3.0  # seconds between them (replacement_timeout in the lab is
 
 class CopyStep(BaseStep):
     name = "copy"
-    needs_control_plane = False  # copies of a plan's members run side by side; control-plane parts take the lock
+    needs_control_plane = (
+        False  # copies of a plan's members run side by side; control-plane parts take the lock
+    )
     invalidates = ("verify", "switch")
 
     def run(self, migration) -> dict:
@@ -60,8 +62,9 @@ class CopyStep(BaseStep):
                 time.sleep(COPY_RETRY_WAIT)
         check_suspend_fence_held(migration)
         if migration.online:
-            manifest = online.converge(journal, manifest, migration.source_device, destination, migration.emit,
-                                       progress.seconds)
+            manifest = online.converge(
+                journal, manifest, migration.source_device, destination, migration.emit, progress.seconds
+            )
         write_json_atomically(journal.manifest_path, manifest.to_dict())
         return {
             "source_disk": source,
@@ -72,7 +75,8 @@ class CopyStep(BaseStep):
         }
 
     def forget(self, migration) -> None:
-        """Offline, the copy starts again from byte 0; online, era tracks what changed since pass 1, which stays."""
+        """Offline, the copy starts again from byte 0; online, era tracks what changed since pass 1, which
+        stays."""
         if not migration.online:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(migration.journal.copy_journal_path)

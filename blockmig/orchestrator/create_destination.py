@@ -42,7 +42,8 @@ class CreateDestinationStep(BaseStep):
 
 
 def destination_volume(migration, create: bool = False) -> lio.Volume:
-    """The destination volume; made (and its backing file) with `create`, else a MigrationError if it is gone."""
+    """The destination volume; made (and its backing file) with `create`, else a MigrationError if it is
+    gone."""
     if not create:
         return existing_destination_volume(migration.journal)
     destination = migration.destination
@@ -82,8 +83,11 @@ def migrator_disk(migration) -> str:
 
 def check_destination_is_the_migrators_alone(migration) -> None:
     """Exclusive receiving: before a byte is copied, only the migrator may see the destination."""
-    others = [m.initiator_iqn for m in lio.list_mappings(destination_volume(migration))
-              if m.initiator_iqn != migration.migrator["initiator"]]
+    others = [
+        m.initiator_iqn
+        for m in lio.list_mappings(destination_volume(migration))
+        if m.initiator_iqn != migration.migrator["initiator"]
+    ]
     if others:
         raise MigrationError(
             f"destination {migration.destination['volume']} is also mapped to {', '.join(others)}: "
@@ -94,8 +98,10 @@ def check_destination_is_the_migrators_alone(migration) -> None:
 def _blacklist_temporary_wwid(migration) -> None:
     """Keep multipathd off the migrator's disk: a map on it would hold it (no O_EXCL open)."""
     path = _multipath_drop_in(migration)
-    text = (f"# blockmig migration {migration.journal.id}: the migrator's destination disk\n"
-            f'blacklist {{\n    wwid "{migration.destination["temporary_wwid"]}"\n}}\n')
+    text = (
+        f"# blockmig migration {migration.journal.id}: the migrator's destination disk\n"
+        f'blacklist {{\n    wwid "{migration.destination["temporary_wwid"]}"\n}}\n'
+    )
     if read_attribute(path) != text.strip():
         os.makedirs(MULTIPATH_CONF_DIR, exist_ok=True)
         with open(path + ".tmp", "w") as handle:

@@ -39,7 +39,8 @@ class FenceStep(BaseStep):
                 multipath.flush_buffers(map_name)  # the host's dirty pages land before the fence
             lio.set_mapping_write_protect(_source_volume(migration), migration.source["host_initiator"], True)
         elif fence == "suspend":
-            # Filesystems frozen (FIFREEZE survives multipathd's reloads), IO drained, while the source takes writes.
+            # Filesystems frozen (FIFREEZE survives multipathd's reloads), IO drained, while the source
+            # takes writes.
             freeze_filesystems(map_name, migration.journal.frozen, migration.journal.save)
             if not multipath.is_suspended(map_name):
                 multipath.suspend_map(map_name, lockfs=False)

@@ -39,8 +39,10 @@ def report(migration) -> dict:
         "chunk_size": journal.data["chunk_size"],
         "chunks": copy.get("chunks"),
         "source": {key: source[key] for key in ("target", "portal", "volume", "backing", "host_lun")},
-        "destination": {**{key: destination[key] for key in ("target", "portal", "volume", "backing")},
-                        "host_lun": switch.get("destination_host_lun")},
+        "destination": {
+            **{key: destination[key] for key in ("target", "portal", "volume", "backing")},
+            "host_lun": switch.get("destination_host_lun"),
+        },
         "volume_digest": switch.get("volume_digest") or verify.get("volume_digest"),
         "copy_seconds": copy.get("seconds"),
         "verify_seconds": verify.get("seconds"),

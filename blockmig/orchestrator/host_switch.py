@@ -90,7 +90,9 @@ class HostSwitch:
                     failure = exc
             if failure is not None:
                 self.after_revert()  # outside the hold: the host already works on the source again
-                raise MigrationError(f"switch reverted, the host is on the source again: {failure}") from failure
+                raise MigrationError(
+                    f"switch reverted, the host is on the source again: {failure}"
+                ) from failure
             self._record_io_held()
         else:  # killed after the destination joined: what the hold left is undone, then the rest
             disk = self.facts.get("host_disk")
@@ -130,16 +132,20 @@ class HostSwitch:
         lio.change_volume_serial(volume, self.source["serial"])
 
     def prepare_host_side(self) -> None:
-        """The host's ACL and session on the destination portal, no LUN mapped yet; what the hold will freeze."""
+        """The host's ACL and session on the destination portal, no LUN mapped yet; what the hold will
+        freeze."""
         self._record(host_acl_ready=True)  # intent first: rollback removes it again if it stays empty
         lio.ensure_node_acl(self.destination["target"], self.source["host_initiator"])
         if self.map_name:
             # Read before the hold (a walk of /proc is slow): what the hold will freeze.
             self._record(mountpoints=list(usage.volume_users(f"/dev/mapper/{self.map_name}").rw_mountpoints))
-        existing = iscsi.find_portal_session(self.destination["target"], self.destination["portal"],
-                                             self.source["host_iface"])
+        existing = iscsi.find_portal_session(
+            self.destination["target"], self.destination["portal"], self.source["host_iface"]
+        )
         if existing is None:
-            iscsi.login_portal(self.destination["target"], self.destination["portal"], self.source["host_iface"])
+            iscsi.login_portal(
+                self.destination["target"], self.destination["portal"], self.source["host_iface"]
+            )
         self._record(prepared=True, host_session_existed=existing is not None)
         self._phase("prepared")
 
@@ -147,8 +153,9 @@ class HostSwitch:
         return existing_destination_volume(self.journal)
 
     def logout_migrator(self) -> None:
-        session = iscsi.find_portal_session(self.destination["target"], self.destination["portal"],
-                                            self.migrator["iface"])
+        session = iscsi.find_portal_session(
+            self.destination["target"], self.destination["portal"], self.migrator["iface"]
+        )
         if session is not None:
             iscsi.logout_safely(session)
         if self.migrator["iface"] in iscsi.list_ifaces():
@@ -157,7 +164,8 @@ class HostSwitch:
     # -- the hold ------------------------------------------------------------------
     @contextlib.contextmanager
     def host_io_held(self):
-        """Freeze filesystems and suspend the map (draining IO in flight); resume and thaw at the end, whatever happens.
+        """Freeze filesystems and suspend the map (draining IO in flight); resume and thaw at the end,
+        whatever happens.
 
         Filesystems are frozen with FIFREEZE, not by dm's lockfs: multipathd's
         reloads resume the map, and a dm resume would thaw a lockfs freeze
@@ -174,7 +182,9 @@ class HostSwitch:
             if "suspended_at" not in self.facts:
                 self._record(suspended_at=time.time())
             # The source still takes writes here: the freeze and the drain can write.
-            freeze_filesystems(self.map_name, self.journal.frozen, self.journal.save, self.facts.get("mountpoints"))
+            freeze_filesystems(
+                self.map_name, self.journal.frozen, self.journal.save, self.facts.get("mountpoints")
+            )
             if not multipath.is_suspended(self.map_name):
                 # A flushing suspend of a path-less map (resumed after kill -9) would fail its queued IO.
                 multipath.suspend_map(self.map_name, lockfs=False, flush=bool(map_disks(self.map_name)))
@@ -197,7 +207,7 @@ class HostSwitch:
             self._record(thawed_at=time.time())
 
     def hold_again_after_join(self) -> None:
-        """multipathd's reload resumed the map when the destination joined; a group holds it until all have."""
+        """multipathd's reload resumed the map when the destination joined; a group holds it till all have."""
         if not multipath.is_suspended(self.map_name):
             multipath.suspend_map(self.map_name, lockfs=False, flush=False)
 
@@ -218,7 +228,8 @@ class HostSwitch:
     def _host_source_sessions(self) -> list[iscsi.Session]:
         """Every session of the host to the source target (a map may have a path per portal)."""
         return [
-            s for s in iscsi.sessions()
+            s
+            for s in iscsi.sessions()
             if s.target_iqn == self.source["target"] and s.initiator_iqn == self.source["host_initiator"]
         ]
 
@@ -226,7 +237,8 @@ class HostSwitch:
         return lio.find_volume(self.source["volume"])
 
     def take_source_out(self) -> None:
-        """Fence the source and take this volume's disk out of the map (found by the host's LUN, WWID checked).
+        """Fence the source and take this volume's disk out of the map (found by the host's LUN, WWID
+        checked).
 
         The disk itself is deleted by finish_source_removal, while udev works on the destination's new disk.
         """
@@ -238,7 +250,9 @@ class HostSwitch:
         for session in self._host_source_sessions():
             disk = iscsi.session_disks(session).get(self.source["host_lun"])
             if disk is not None:
-                iscsi.check_disk_wwid(disk, self.source["wwid"], f"LUN {self.source['host_lun']} of session {session.sid}")
+                iscsi.check_disk_wwid(
+                    disk, self.source["wwid"], f"LUN {self.source['host_lun']} of session {session.sid}"
+                )
                 if self.map_name and disk in map_disks(self.map_name):
                     multipath.del_path(disk)
         self._record(source_removed=True)
@@ -258,7 +272,8 @@ class HostSwitch:
         self._phase("source disk deleted")
 
     def _logout_source_session(self, session: iscsi.Session) -> None:
-        """relogin: the session goes too, unless it carries other volumes; journaled first, so revert logs back in."""
+        """relogin: the session goes too, unless it carries other volumes; journaled first, so revert logs
+        back in."""
         if iscsi.session_disks(session):
             return
         address = [session.target_iqn, session.portal_ip, session.port, session.iface]
@@ -293,8 +308,9 @@ class HostSwitch:
         """The new disk, WWID checked, into the map: from here on the host's IO can reach the destination."""
         deadline = self._deadline or time.monotonic() + self.timeout
         session = self._host_destination_session(login=True)
-        disk = iscsi.find_session_disk(session, self.facts["destination_host_lun"], self.source["wwid"],
-                                       self._left(deadline))
+        disk = iscsi.find_session_disk(
+            session, self.facts["destination_host_lun"], self.source["wwid"], self._left(deadline)
+        )
         self._phase("destination disk present")
         if self.map_name:
             multipath.add_path_now(self.map_name, disk, self._left(deadline))
@@ -304,11 +320,13 @@ class HostSwitch:
         return disk
 
     def _host_destination_session(self, login: bool = False) -> iscsi.Session | None:
-        session = iscsi.find_portal_session(self.destination["target"], self.destination["portal"],
-                                            self.source["host_iface"])
+        session = iscsi.find_portal_session(
+            self.destination["target"], self.destination["portal"], self.source["host_iface"]
+        )
         if session is None and login:
-            session = iscsi.login_portal(self.destination["target"], self.destination["portal"],
-                                         self.source["host_iface"])
+            session = iscsi.login_portal(
+                self.destination["target"], self.destination["portal"], self.source["host_iface"]
+            )
         return session
 
     def _destination_path_took_io(self) -> bool:
@@ -328,7 +346,9 @@ class HostSwitch:
     def _left(self, deadline: float) -> float:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise HostError(f"the destination path did not join within the switch timeout ({self.timeout:g} s)")
+            raise HostError(
+                f"the destination path did not join within the switch timeout ({self.timeout:g} s)"
+            )
         return left
 
     # -- back to the source ---------------------------------------------------------
@@ -423,7 +443,8 @@ def existing_destination_volume(journal: MigrationJournal) -> lio.Volume:
 
 
 def switch_group(switches: list[HostSwitch]) -> list[dict]:
-    """Switch verified migrations as one consistency group: every map held, every path moved, every map resumed.
+    """Switch verified migrations as one consistency group: every map held, every path moved, every map
+    resumed.
 
     All sources go out and all destinations are mapped and scanned before any joins, so a
     failure up to there reverts the whole group. Joining is the point of no
@@ -483,7 +504,10 @@ def switch_group(switches: list[HostSwitch]) -> list[dict]:
             if "io_held_seconds" not in switch.facts:
                 switch._record_io_held()
             switch.after_switch()
-            facts = {"io_held_seconds": switch.facts.get("io_held_seconds"), "host_disk": switch.facts.get("host_disk")}
+            facts = {
+                "io_held_seconds": switch.facts.get("io_held_seconds"),
+                "host_disk": switch.facts.get("host_disk"),
+            }
             switch.journal.mark_done("switch", **facts)
             results.append(facts)
     if failures:

@@ -1,7 +1,7 @@
 """One migration: the table of its steps, and the public API (plan, run = resume, rollback, status).
 
   step                module                 what it does
-  plan                plan.py                check everything, write the journal; on resume re-check the source
+  plan                plan.py                check everything, write the journal; on resume, the source
   create_destination  create_destination.py  the destination volume, exported to the migrator alone
   fence               fence.py               the source cannot change (offline) or era tracks it (online.py)
   copy                copy.py                source -> guard -> destination, chunk by chunk (datapath/)
@@ -23,7 +23,7 @@ from blockmig.orchestrator.copy import CopyStep
 from blockmig.orchestrator.create_destination import CreateDestinationStep
 from blockmig.orchestrator.fence import FenceStep
 from blockmig.orchestrator.finish import FinishStep
-from blockmig.orchestrator.host_switch import HostSwitch, switch_group
+from blockmig.orchestrator.host_switch import switch_group
 from blockmig.orchestrator.plan import MigrationRequest, PlanStep, host_source_disk, plan_migration
 from blockmig.orchestrator.progress import EventHandler
 from blockmig.orchestrator.sequencer import Sequencer
@@ -31,7 +31,15 @@ from blockmig.orchestrator.switch import SwitchStep, host_switch_of
 from blockmig.orchestrator.verify import VerifyStep
 from blockmig.state import MigrationJournal, VolumeLock
 
-STEPS = [PlanStep(), CreateDestinationStep(), FenceStep(), CopyStep(), VerifyStep(), SwitchStep(), FinishStep()]
+STEPS = [
+    PlanStep(),
+    CreateDestinationStep(),
+    FenceStep(),
+    CopyStep(),
+    VerifyStep(),
+    SwitchStep(),
+    FinishStep(),
+]
 
 # Several migrations of one plan run in threads of one process. Their copies and verifies run side by
 # side; everything else (rtslib configfs writes, iscsiadm's node db, LIO's LUN numbering, multipathd,
@@ -42,8 +50,9 @@ CONTROL_PLANE = threading.RLock()
 class Migration:
     """What every step gets: the journal and the parts of it each step reads, the event sink, the lock."""
 
-    def __init__(self, journal: MigrationJournal, on_event: EventHandler | None = None, after_chunk=None,
-                 steps=None):
+    def __init__(
+        self, journal: MigrationJournal, on_event: EventHandler | None = None, after_chunk=None, steps=None
+    ):
         self.journal = journal
         self.emit = on_event or (lambda event: None)
         self.after_chunk = after_chunk
@@ -64,8 +73,10 @@ class Migration:
     def _refuse_alone(self, step: str) -> None:
         group = self.journal.data.get("switch_group")
         if step == SwitchStep.name and group:  # one of a consistency group: never switched alone
-            raise MigrationError(f"migration {self.journal.id} is verified and switches with its group: "
-                                 f"blockmig resume {group}")
+            raise MigrationError(
+                f"migration {self.journal.id} is verified and switches with its group: "
+                f"blockmig resume {group}"
+            )
 
     def rollback(self) -> dict:
         self.sequencer.rollback(self)
@@ -103,7 +114,8 @@ resume_migration = run_migration
 
 
 def rollback_migration(migration_id: str, on_event: EventHandler | None = None) -> dict:
-    """Put the host back on the source and remove what blockmig made; refused once the destination is in use."""
+    """Put the host back on the source and remove what blockmig made; refused once the destination is in
+    use."""
     journal = MigrationJournal.load(migration_id)
     if journal.data["state"] == "rolled_back":
         return journal.summary()
@@ -121,8 +133,9 @@ def migration_status(migration_id: str | None = None) -> list[dict]:
 # what plans use: run up to a step, a group's switch, a fence lifted
 
 
-def run_until(journal: MigrationJournal, step: str | None, on_event: EventHandler | None = None,
-              after_chunk=None) -> dict | None:
+def run_until(
+    journal: MigrationJournal, step: str | None, on_event: EventHandler | None = None, after_chunk=None
+) -> dict | None:
     """Run the member's steps before `step` (all of them with None); the caller holds its VolumeLock."""
     return Migration(journal, on_event, after_chunk).run(until=step)
 
@@ -138,7 +151,3 @@ def switch_members(members: list[tuple[MigrationJournal, EventHandler]]) -> list
     with CONTROL_PLANE:
         return switch_group([host_switch_of(Migration(journal, emit)) for journal, emit in members])
 
-
-__all__ = ["CONTROL_PLANE", "STEPS", "HostSwitch", "Migration", "MigrationRequest", "migrate", "migration_status",
-           "plan_migration", "release_fence", "resume_migration", "rollback_migration", "run_migration",
-           "run_until", "switch_members"]

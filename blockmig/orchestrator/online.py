@@ -60,8 +60,8 @@ from blockmig.errors import DeviceError, HostError, MigrationError, UsageError, 
 from blockmig.faults import checkpoint
 from blockmig.host import era, multipath, usage
 from blockmig.host.devices import freeze_filesystems, holder_maps
-from blockmig.state import MigrationJournal
 from blockmig.orchestrator.host_switch import HostSwitch
+from blockmig.state import MigrationJournal
 
 MODES = ("online", "offline")
 DEFAULT_MAX_HOLD = 1.0
@@ -78,7 +78,8 @@ EventHandler = Callable[[dict], None]
 
 @dataclass(frozen=True)
 class Segment:
-    """One `linear` line of a holder's table: holder sectors [start, start+length) are map sectors from offset."""
+    """One `linear` line of a holder's table: holder sectors [start, start+length) are map sectors from
+    offset."""
 
     start: int
     length: int
@@ -91,7 +92,9 @@ def linear_segments(table_text: str, device_number: str) -> list[Segment]:
     for line in table_text.splitlines():
         fields = line.split()
         if len(fields) != 5 or fields[2] != "linear" or fields[3] != device_number:
-            raise HostError(f"its table has a segment that is not linear on {device_number}: {line.strip()!r}")
+            raise HostError(
+                f"its table has a segment that is not linear on {device_number}: {line.strip()!r}"
+            )
         segments.append(Segment(int(fields[0]), int(fields[1]), int(fields[4])))
     return segments
 
@@ -134,8 +137,10 @@ def choose_mode(requested: str | None, fence_given: bool, map_name: str | None, 
         return "online"
     if requested == "online":
         raise UsageError(
-            f"--mode online cannot track writes here: {refusal}; the kernel never lets a multipath map be reloaded "
-            "as a tracking target, so online mode needs the volume used through maps stacked on it (LVM on the map); "
+            f"--mode online cannot track writes here: {refusal}; the kernel never lets a multipath map be "
+            "reloaded "
+            "as a tracking target, so online mode needs the volume used through maps stacked on it (LVM "
+            "on the map); "
             "use --mode offline"
         )
     return "offline"
@@ -145,8 +150,16 @@ def new_state(map_name: str, max_hold: float) -> dict:
     """The journal's `online` record at plan time."""
     if not 0 < max_hold <= 60:
         raise UsageError(f"--max-hold {max_hold:g} s must be above 0 and at most 60 s")
-    return {"max_hold": max_hold, "holders": holder_maps(map_name), "trackings": {}, "base_era": None,
-            "pass1_done": False, "pass": 0, "passes": [], "holding": False}
+    return {
+        "max_hold": max_hold,
+        "holders": holder_maps(map_name),
+        "trackings": {},
+        "base_era": None,
+        "pass1_done": False,
+        "pass": 0,
+        "passes": [],
+        "holding": False,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -206,7 +219,8 @@ def resume_era_maps(journal: MigrationJournal) -> None:
 def resume_private_maps(journal: MigrationJournal) -> bool:
     """End the hold's suspend of the private maps (before any thaw: the thaw writes through them).
 
-    Only `holding` suspends them; no state query first (each dmsetup call costs ~80 ms of held IO in the lab VM).
+    Only `holding` suspends them; no state query first (each dmsetup call costs ~80 ms of held IO in the lab
+    VM).
     """
     if not journal.data["online"]["holding"]:
         return False
@@ -222,7 +236,8 @@ def resume_private_maps(journal: MigrationJournal) -> bool:
 
 
 def _drained_checkpoint(journal: MigrationJournal) -> dict[str, int]:
-    """A new era on every holder, then a flushing suspend + resume: every write recorded before it has completed."""
+    """A new era on every holder, then a flushing suspend + resume: every write recorded before it has
+    completed."""
     eras = {}
     for tracking in _trackings(journal):
         eras[tracking.map_name] = era.checkpoint(tracking)
@@ -241,13 +256,16 @@ def _resume(name: str) -> None:
     era.run(["dmsetup", "resume", "--noudevsync", name], f"cannot resume map {name}")
 
 
-def _delta_chunks(journal: MigrationJournal, base: dict[str, int], map_name: str, source: str,
-                  manifest: Manifest) -> list[int]:
+def _delta_chunks(
+    journal: MigrationJournal, base: dict[str, int], map_name: str, source: str, manifest: Manifest
+) -> list[int]:
     """Ascending chunk indexes of the host's map holding any block written on a holder since `base`,
     and the head chunks if LVM changed its metadata there meanwhile."""
     chunk_size = journal.data["chunk_size"]
     size = journal.data["source"]["size"]
-    number = ":".join(map(str, usage.device_number(os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}")))))
+    number = ":".join(
+        map(str, usage.device_number(os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}"))))
+    )
     check_nothing_new_stacked(journal, map_name)
     chunks: set[int] = set()
     all_segments = []
@@ -278,13 +296,15 @@ def check_nothing_new_stacked(journal: MigrationJournal, map_name: str) -> None:
     untracked = [name for name in holder_maps(map_name) if not name.startswith(era.PRIVATE_PREFIX)]
     if untracked:
         raise MigrationError(
-            f"{', '.join(untracked)} was stacked on /dev/mapper/{map_name} during the migration and its writes are "
+            f"{', '.join(untracked)} was stacked on /dev/mapper/{map_name} during the migration and its "
+            "writes are "
             "not tracked: roll this migration back and start again"
         )
 
 
-def chunks_of_blocks(blocks: list[int], block_sectors: int, segments: list[Segment], chunk_size: int,
-                     size: int) -> set[int]:
+def chunks_of_blocks(
+    blocks: list[int], block_sectors: int, segments: list[Segment], chunk_size: int, size: int
+) -> set[int]:
     """Era blocks (holder address space) -> chunk indexes of the map, through the holder's linear segments."""
     chunks = set()
     for block in blocks:
@@ -313,8 +333,14 @@ def begin_pass_one(journal: MigrationJournal) -> None:
         journal.save()
 
 
-def converge(journal: MigrationJournal, manifest: Manifest | None, source: Callable[[], str], destination: str,
-             emit: EventHandler, pass1_seconds: float | None = None) -> Manifest:
+def converge(
+    journal: MigrationJournal,
+    manifest: Manifest | None,
+    source: Callable[[], str],
+    destination: str,
+    emit: EventHandler,
+    pass1_seconds: float | None = None,
+) -> Manifest:
     """Delta passes until the next delta fits --max-hold; the writer outpacing the copy stops the migration.
 
     `manifest`: pass 1's (ignored once pass 1 is recorded: manifest.json then holds the newer digests).
@@ -337,10 +363,20 @@ def converge(journal: MigrationJournal, manifest: Manifest | None, source: Calla
         delta = _delta_bytes(chunks, manifest)
         # The hold also lists the delta (list_seconds, a fixed cost); --max-hold bounds the copy.
         estimate = delta / _delta_rate(state)
-        state.update(delta_bytes=delta, estimated_hold=round(estimate, 3), list_seconds=round(list_seconds, 3))
+        state.update(
+            delta_bytes=delta, estimated_hold=round(estimate, 3), list_seconds=round(list_seconds, 3)
+        )
         history.append(delta)
-        emit({"event": "delta", "pass": state["pass"] + 1, "chunks": len(chunks), "bytes": delta,
-              "estimated_hold": round(estimate, 3), "list_seconds": round(list_seconds, 3)})
+        emit(
+            {
+                "event": "delta",
+                "pass": state["pass"] + 1,
+                "chunks": len(chunks),
+                "bytes": delta,
+                "estimated_hold": round(estimate, 3),
+                "list_seconds": round(list_seconds, 3),
+            }
+        )
         measured = any(done["bytes"] and done["seconds"] for done in state["passes"])
         if not chunks or (measured and estimate <= state["max_hold"]):  # pass 1's pipelined rate says little
             journal.save()
@@ -353,13 +389,22 @@ def converge(journal: MigrationJournal, manifest: Manifest | None, source: Calla
         seconds = copy_delta(source(), destination, chunks, manifest, journal.data["max_rate"])
         write_json_atomically(journal.manifest_path, manifest.to_dict())
         state["base_era"] = new_base
-        state["passes"].append({"pass": state["pass"], "chunks": len(chunks), "bytes": delta,
-                                "seconds": round(seconds, 3), "list_seconds": round(list_seconds, 3)})
+        state["passes"].append(
+            {
+                "pass": state["pass"],
+                "chunks": len(chunks),
+                "bytes": delta,
+                "seconds": round(seconds, 3),
+                "list_seconds": round(list_seconds, 3),
+            }
+        )
         journal.save()
     trend = ", ".join(f"{size / 2**20:.1f}" for size in history)
     raise MigrationError(
-        f"the host writes faster than the delta copy: deltas of {trend} MiB in {len(history)} rounds, the next "
-        f"would hold host IO about {state['estimated_hold']:g} s (--max-hold {state['max_hold']:g}); host IO was "
+        f"the host writes faster than the delta copy: deltas of {trend} MiB in {len(history)} rounds, the "
+        "next "
+        f"would hold host IO about {state['estimated_hold']:g} s (--max-hold {state['max_hold']:g}); host "
+        "IO was "
         "never held: lower the write load, raise --max-rate or --max-hold, or use --mode offline"
     )
 
@@ -376,9 +421,11 @@ def _delta_rate(state: dict) -> float:
     return state.get("pass1_rate") or 50e6
 
 
-def copy_delta(source: str, destination: str, chunks: list[int], manifest: Manifest,
-               max_rate: float | None = None) -> float:
-    """Copy these chunks through the delta guard (source O_DIRECT, digest, guarded write), then read them back.
+def copy_delta(
+    source: str, destination: str, chunks: list[int], manifest: Manifest, max_rate: float | None = None
+) -> float:
+    """Copy these chunks through the delta guard (source O_DIRECT, digest, guarded write), then read them
+    back.
 
     The manifest gets each chunk's new digest; returns the seconds taken.
     """
@@ -392,7 +439,7 @@ def copy_delta(source: str, destination: str, chunks: list[int], manifest: Manif
         with DeltaGuard.open(destination, [index * chunk_size for index in chunks], chunk_size) as guard:
             for done, index in enumerate(chunks, 1):
                 start, end = manifest.chunk_range(index)
-                view = memoryview(buffer)[:end - start]
+                view = memoryview(buffer)[: end - start]
                 _read_exactly(reader.fd, view, start, source)
                 manifest.chunk_digests[index] = digest_chunk(view)
                 guard.write(start, view)
@@ -412,8 +459,10 @@ def check_chunks(path: str, chunks: list[int], manifest: Manifest, buffer) -> No
     """Re-read these chunks of the destination and compare each with the manifest."""
     for index, found in _chunk_digests(path, chunks, manifest, buffer):
         if found != manifest.chunk_digests[index]:
-            raise VerifyError(f"{path}: chunk {index} reads back with sha256 {found[:16]}..., "
-                              f"written as {manifest.chunk_digests[index][:16]}...")
+            raise VerifyError(
+                f"{path}: chunk {index} reads back with sha256 {found[:16]}..., "
+                f"written as {manifest.chunk_digests[index][:16]}..."
+            )
 
 
 def changed_chunks(path: str, chunks: list[int], manifest: Manifest) -> set[int]:
@@ -422,8 +471,11 @@ def changed_chunks(path: str, chunks: list[int], manifest: Manifest) -> set[int]
         return set()
     buffer = allocate_aligned_buffer(manifest.chunk_size)
     try:
-        return {index for index, found in _chunk_digests(path, chunks, manifest, buffer)
-                if found != manifest.chunk_digests[index]}
+        return {
+            index
+            for index, found in _chunk_digests(path, chunks, manifest, buffer)
+            if found != manifest.chunk_digests[index]
+        }
     finally:
         buffer.close()
 
@@ -434,7 +486,7 @@ def _chunk_digests(path: str, chunks: list[int], manifest: Manifest, buffer):
     try:
         for index in chunks:
             start, end = manifest.chunk_range(index)
-            view = memoryview(buffer)[:end - start]
+            view = memoryview(buffer)[: end - start]
             _read_exactly(volume.fd, view, start, path)
             found = digest_chunk(view)
             view.release()
@@ -466,10 +518,17 @@ class OnlineSwitch(HostSwitch):
     until the last delta is in; only then does it take the source's serial.
     """
 
-    revert_invalidates = "copy"  # era went on tracking while the host wrote the source: deltas again, pass 1 stays
+    revert_invalidates = (
+        "copy"  # era went on tracking while the host wrote the source: deltas again, pass 1 stays
+    )
 
-    def __init__(self, journal: MigrationJournal, emit: EventHandler, source: Callable[[], str],
-                 destination: Callable[[], str]):
+    def __init__(
+        self,
+        journal: MigrationJournal,
+        emit: EventHandler,
+        source: Callable[[], str],
+        destination: Callable[[], str],
+    ):
         super().__init__(journal, emit)
         self.source_disk = source
         self.destination_disk = destination
@@ -479,7 +538,11 @@ class OnlineSwitch(HostSwitch):
 
     def run(self) -> dict:
         facts = super().run()
-        return {**facts, "final_delta": self.facts.get("final_delta"), "volume_digest": self.facts.get("volume_digest")}
+        return {
+            **facts,
+            "final_delta": self.facts.get("final_delta"),
+            "volume_digest": self.facts.get("volume_digest"),
+        }
 
     def hold_again_after_join(self) -> None:
         """Nothing to do: the private maps above the multipath map hold IO until end_hold."""
@@ -494,7 +557,9 @@ class OnlineSwitch(HostSwitch):
         try:
             if "suspended_at" not in self.facts:
                 self._record(suspended_at=time.time())
-            freeze_filesystems(self.map_name, self.journal.frozen, self.journal.save, self.facts.get("mountpoints"))
+            freeze_filesystems(
+                self.map_name, self.journal.frozen, self.journal.save, self.facts.get("mountpoints")
+            )
             self.journal.data["online"]["holding"] = True  # intent: whoever comes next resumes them
             self.journal.save()
             for tracking in _trackings(self.journal):
@@ -524,15 +589,19 @@ class OnlineSwitch(HostSwitch):
         super().take_source_out()
 
     def copy_final_delta(self) -> None:
-        """In the hold: what was written since the last drained checkpoint, copied, read back, in the manifest."""
+        """In the hold: what was written since the last drained checkpoint, copied, read back, in the
+        manifest."""
         began = time.monotonic()
         state = self.journal.data["online"]
         manifest = load_manifest(self.journal.manifest_path)
         chunks = _delta_chunks(self.journal, state["base_era"], self.map_name, self.source_disk(), manifest)
         copy_delta(self.source_disk(), self.destination_disk(), chunks, manifest)
         write_json_atomically(self.journal.manifest_path, manifest.to_dict())
-        final = {"chunks": len(chunks), "bytes": _delta_bytes(chunks, manifest),
-                 "seconds": round(time.monotonic() - began, 3)}
+        final = {
+            "chunks": len(chunks),
+            "bytes": _delta_bytes(chunks, manifest),
+            "seconds": round(time.monotonic() - began, 3),
+        }
         self._record(final_delta=final, volume_digest=manifest.volume_digest)
         self._phase("final delta copied")
 
@@ -542,4 +611,7 @@ def summary(journal: MigrationJournal) -> dict | None:
     state = journal.data.get("online")
     if not state:
         return None
-    return {key: state.get(key) for key in ("pass", "delta_bytes", "estimated_hold", "max_hold", "holders", "passes")}
+    return {
+        key: state.get(key)
+        for key in ("pass", "delta_bytes", "estimated_hold", "max_hold", "holders", "passes")
+    }

@@ -44,8 +44,6 @@ class MigrationRequest:
     max_hold: float = online.DEFAULT_MAX_HOLD
 
 
-
-
 class PlanStep(BaseStep):
     """Re-check, on resume, that the host still sees the source as planned."""
 
@@ -89,7 +87,9 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
     mode = online.choose_mode(request.mode, request.fence is not None, host_device.map_name, request.device)
     if mode == "online" and request.switch != "multipath":
         raise UsageError("--mode online switches the host by its multipath map: use --switch multipath")
-    fence = "none" if mode == "online" else request.fence or "writeprotect"  # online: era tracks, nothing fences
+    fence = (
+        "none" if mode == "online" else request.fence or "writeprotect"
+    )  # online: era tracks, nothing fences
     if mode == "offline":
         _refuse_a_fence_that_breaks_writers(host_device, fence)
     source = _describe_source(host_device)
@@ -154,7 +154,6 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
         )
 
 
-
 def _check_request(request: MigrationRequest) -> None:
     if request.fence not in (None, *FENCES):
         raise UsageError(f"--fence must be one of {', '.join(FENCES)}")
@@ -166,8 +165,12 @@ def _check_request(request: MigrationRequest) -> None:
         raise UsageError(f"chunk size {request.chunk_size} must be a positive multiple of 4096")
     if not 1 <= request.switch_timeout <= 600:
         raise UsageError(f"switch timeout {request.switch_timeout:g} s must be between 1 and 600 s")
-    if request.migration_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", request.migration_id):
-        raise UsageError(f"migration id {request.migration_id!r}: use letters, digits, '.', '_', '-' (max 41)")
+    if request.migration_id is not None and not re.fullmatch(
+        r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", request.migration_id
+    ):
+        raise UsageError(
+            f"migration id {request.migration_id!r}: use letters, digits, '.', '_', '-' (max 41)"
+        )
 
 
 def _refuse_a_fence_that_breaks_writers(host_device: HostDevice, fence: str) -> None:
@@ -179,8 +182,10 @@ def _refuse_a_fence_that_breaks_writers(host_device: HostDevice, fence: str) -> 
         return
     if fence == "writeprotect":
         raise UsageError(
-            f"{host_device.device} is in use for writing ({users.describe()}): --fence writeprotect would fail "
-            "every write for the whole copy; use --fence suspend (host IO waits during the copy) or stop the writers"
+            f"{host_device.device} is in use for writing ({users.describe()}): --fence writeprotect would "
+            "fail "
+            "every write for the whole copy; use --fence suspend (host IO waits during the copy) or stop "
+            "the writers"
         )
     raise UsageError(
         f"{host_device.device} is in use for writing ({users.describe()}): --fence none would copy a volume "
@@ -201,15 +206,19 @@ def _describe_source(host_device: HostDevice) -> dict:
             break
     if session is None:
         raise HostError(
-            f"the host is not logged in to {volume.target_iqn} for {host_device.device}: no iSCSI path to the source"
+            f"the host is not logged in to {volume.target_iqn} for {host_device.device}: no iSCSI path to "
+            "the source"
         )
     mapping = lio.find_mapping(volume, session.initiator_iqn)
     if mapping is None:
-        raise ArrayError(f"volume {volume.name} is not mapped to the host's initiator {session.initiator_iqn}")
+        raise ArrayError(
+            f"volume {volume.name} is not mapped to the host's initiator {session.initiator_iqn}"
+        )
     others = [m.initiator_iqn for m in lio.list_mappings(volume) if m.initiator_iqn != session.initiator_iqn]
     if others:
         raise UsageError(
-            f"volume {volume.name} is also mapped to {', '.join(others)}: another initiator could write the source "
+            f"volume {volume.name} is also mapped to {', '.join(others)}: another initiator could write "
+            "the source "
             "during the copy and would be left on it after the switch; unmap it first"
         )
     return {
@@ -248,5 +257,3 @@ def _check_backing_device(path: str, size: int) -> None:
         raise ArrayError(f"{path} holds {device_size} bytes: no room for the {size}-byte volume")
     if device_size != size:
         raise ArrayError(f"{path} holds {device_size} bytes; the destination must be exactly {size} bytes")
-
-

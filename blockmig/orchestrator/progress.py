@@ -1,4 +1,4 @@
-"""Progress events of the copy and the verify: phase, bytes done, rate and ETA added to the engine's events."""
+"""Progress of the copy and the verify: phase, bytes done, rate and ETA added to the engine's events."""
 
 from __future__ import annotations
 
@@ -29,9 +29,13 @@ class Progress:
             done = event["reserved_address"] if kind == "chunk" else event["end"]
             elapsed = time.monotonic() - self.began
             rate = (done - self.start_bytes) / elapsed if elapsed > 0 else None
-            event = {**event, "bytes": done, "total": self.total, "rate": rate,
-                     "eta": (self.total - done) / rate if rate else None}
+            event = {
+                **event,
+                "bytes": done,
+                "total": self.total,
+                "rate": rate,
+                "eta": (self.total - done) / rate if rate else None,
+            }
         elif kind in ("done", "verify_done"):
             self.seconds = round(time.monotonic() - self.began, 3)
         self.emit({**event, "phase": self.phase})
-

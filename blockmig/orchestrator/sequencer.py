@@ -4,7 +4,7 @@ Each step declares what it is; the sequencer only reads those declarations:
   name                 its key in the journal (`steps.<name>`: state, attempts, facts)
   needs_control_plane  runs under the process-wide control-plane lock (else it runs beside other migrations)
   invalidates          steps whose result stops holding when this one is undone or redone
-  run(migration)       does the step (again after a crash: it finds what a previous attempt did); returns facts
+  run(migration)       does the step (again after a crash: it finds what an attempt did); returns facts
   after_failure(migration, failed)   called for every step, last first, once any step failed: leave
                        nothing half made, no host IO held
   check_undo(migration)  rollback is refused (nothing changed) if any step says it cannot be undone
@@ -119,7 +119,8 @@ class Sequencer:
         ) from exc
 
     def after_failure(self, migration, failed: str) -> str | None:
-        """Every step's after_failure, last first; returns what went wrong meanwhile (reported, not swallowed)."""
+        """Every step's after_failure, last first; returns what went wrong meanwhile (reported, not
+        swallowed)."""
         try:
             for step in reversed(self.steps):
                 step.after_failure(migration, failed)

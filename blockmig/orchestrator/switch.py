@@ -28,7 +28,7 @@ class SwitchStep(BaseStep):
             raise
 
     def after_failure(self, migration, failed: str) -> None:
-        """Leave no host IO held past our exit (the hold ends by itself; this is for what an error skipped)."""
+        """Leave no host IO held past our exit (the hold ends by itself; this is for what an error skips)."""
         if failed in STEPS_BEFORE_THE_SWITCH:
             return  # the fence's after_failure deals with those
         release_online_hold(migration)
@@ -38,14 +38,18 @@ class SwitchStep(BaseStep):
             migration.emit({"event": "io_resumed", "map": map_name, "after_failure_in": failed})
 
     def check_undo(self, migration) -> None:
-        if migration.journal.facts(self.name).get("destination_joined") or migration.journal.data["state"] == "done":
+        if (
+            migration.journal.facts(self.name).get("destination_joined")
+            or migration.journal.data["state"] == "done"
+        ):
             raise MigrationError(
                 f"migration {migration.journal.id} has already moved the host to the destination; "
                 f"finish it with blockmig resume {migration.journal.id}"
             )
 
     def undo(self, migration) -> None:
-        """Killed inside the hold: the source path comes back first; then the host's destination session goes."""
+        """Killed inside the hold: the source path comes back first; then the host's destination session
+        goes."""
         switch = host_switch_of(migration)
         if switch.facts.get("source_removed") or switch.facts.get("source_fencing"):
             with switch.host_io_held():
@@ -58,6 +62,10 @@ class SwitchStep(BaseStep):
 def host_switch_of(migration) -> HostSwitch:
     """The migration's switch: an online one copies the last delta in the hold."""
     if migration.online:
-        return online.OnlineSwitch(migration.journal, migration.emit, migration.source_device,
-                                   lambda: f"/dev/{migrator_disk(migration)}")
+        return online.OnlineSwitch(
+            migration.journal,
+            migration.emit,
+            migration.source_device,
+            lambda: f"/dev/{migrator_disk(migration)}",
+        )
     return HostSwitch(migration.journal, migration.emit)

@@ -1,5 +1,6 @@
 """The verify step: the destination read back against the manifest, then the source again, so a broken
-fence is caught, not trusted. Online the source changes: the deltas written meanwhile are copied and read back."""
+fence is caught, not trusted. Online the source changes: the deltas written meanwhile are copied and read
+back."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ class VerifyStep(BaseStep):
         progress = Progress(migration.emit, "verify")
         digest = verify_volume(f"/dev/{destination_disk}", manifest, on_event=progress)
         if migration.online:
-            manifest = online.converge(migration.journal, None, migration.source_device, f"/dev/{destination_disk}",
-                                       migration.emit)
+            manifest = online.converge(
+                migration.journal, None, migration.source_device, f"/dev/{destination_disk}", migration.emit
+            )
             return {"volume_digest": manifest.volume_digest, "seconds": progress.seconds}
         source_progress = Progress(migration.emit, "verify-source")
         try:
@@ -44,7 +46,11 @@ class VerifyStep(BaseStep):
                 "the copy starts again on resume"
             ) from None
         check_suspend_fence_held(migration)
-        return {"volume_digest": digest, "seconds": progress.seconds, "source_seconds": source_progress.seconds}
+        return {
+            "volume_digest": digest,
+            "seconds": progress.seconds,
+            "source_seconds": source_progress.seconds,
+        }
 
 
 def check_geometry(migration, destination_disk: str) -> None:
@@ -52,7 +58,10 @@ def check_geometry(migration, destination_disk: str) -> None:
     source = migration.source
     host_device = source["map"] and f"/dev/mapper/{source['map']}" or source["device"]
     wanted = (multipath.logical_block_size(host_device), _device_size(host_device))
-    found = (multipath.logical_block_size(f"/dev/{destination_disk}"), _device_size(f"/dev/{destination_disk}"))
+    found = (
+        multipath.logical_block_size(f"/dev/{destination_disk}"),
+        _device_size(f"/dev/{destination_disk}"),
+    )
     if wanted != found:
         raise MigrationError(
             f"destination disk {destination_disk} has {found[1]} bytes in {found[0]}-byte blocks, "

@@ -12,14 +12,13 @@ import sys
 import time
 
 import pytest
-
 from blockio import read_direct
 from host_support import HOST_IQN, fs_volume_map, source_session
+
 from blockmig import lab
 from blockmig.array import lio
 from blockmig.errors import HostError
 from blockmig.host import iscsi, multipath, udev
-
 
 
 @pytest.fixture

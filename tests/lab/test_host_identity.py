@@ -12,7 +12,6 @@ from blockmig.errors import HostError
 from blockmig.host import iscsi, multipath, udev
 
 
-
 def export_to_host(backing_dir, name, tpg_lun, mapped_lun, target=lab.SOURCE_IQN, size=16 * MIB):
     volume = lio.create_volume(target, name, size, os.path.join(backing_dir, name + ".img"), lun=tpg_lun)
     lio.export_volume(volume, HOST_IQN, mapped_lun=mapped_lun)

@@ -6,8 +6,8 @@ import sys
 import uuid
 
 import pytest
-
 from blockio import read_direct, read_file, write_direct
+
 from blockmig import lab
 from blockmig.array import lio
 from blockmig.errors import ArrayError

@@ -9,9 +9,9 @@ from blockio import read_direct, read_file
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
     HostReader,
     add_host_volume,
-    destination_backing_file,
     blockmig,
     copied_bytes,
+    destination_backing_file,
     journal,
     migration_lab,
     report_of,

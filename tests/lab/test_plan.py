@@ -17,8 +17,8 @@ from datetime import datetime
 import pytest
 from blockio import read_direct, read_file
 from migrate_support import (
-    MigrationLab,
     MiB,
+    MigrationLab,
     add_host_volume,
     blockmig,
     copied_bytes,
@@ -29,7 +29,15 @@ from migrate_support import (
     start_blockmig,
     wait_until_stopped,
 )
-from workloads import FsAppender, OrderedPairWriter, RawReader, RawWriter, device_reader, lab_of_size, run_during
+from workloads import (
+    FsAppender,
+    OrderedPairWriter,
+    RawReader,
+    RawWriter,
+    device_reader,
+    lab_of_size,
+    run_during,
+)
 
 from blockmig import lab, plan
 from blockmig.array import lio

@@ -4,13 +4,13 @@ import os
 import uuid
 
 import pytest
-
 from blockio import read_direct, read_file, write_direct
+from conftest import MIGRATOR_IQN
+
 from blockmig import lab
 from blockmig.array import lio
 from blockmig.errors import ArrayError, HostError
 from blockmig.host import iscsi, multipath, udev
-from conftest import MIGRATOR_IQN
 
 HOST_IQN = "iqn.2026-11.lab.blockmig:host"
 MIB = 1024 * 1024

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import fcntl
+import os
 import pty
 import struct
 import subprocess
@@ -12,11 +12,10 @@ import sys
 import termios
 
 import pytest
+from datapath_helpers import REPO, MiB, json_events, run_blockmig, write_random_file
 
 from blockmig.cli import parse_size
 from blockmig.datapath import default_journal_path, load_manifest
-
-from datapath_helpers import REPO, MiB, json_events, run_blockmig, write_random_file
 
 
 @pytest.mark.parametrize("text, expected", [("4M", 4 * MiB), ("512k", 512 * 1024), ("1G", 1 << 30),

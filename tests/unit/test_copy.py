@@ -7,13 +7,12 @@ import subprocess
 import threading
 
 import pytest
+from datapath_helpers import MiB, json_events, read_volume, run_blockmig, write_random_file
 
 from blockmig.datapath import copy_volume, load_manifest, verify_volume
 from blockmig.datapath.digest import Manifest
 from blockmig.datapath.journal import CopyJournal
 from blockmig.errors import GuardRefusedWrite, JournalError, VerifyError
-
-from datapath_helpers import MiB, json_events, read_volume, run_blockmig, write_random_file
 
 
 def test_copy_between_files_with_odd_size_gives_identical_bytes_and_digests(tmp_path):

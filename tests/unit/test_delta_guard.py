@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from datapath_helpers import LoopDevices, read_volume
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockmig.datapath.blockdev import allocate_aligned_buffer
 from blockmig.datapath.guard import DeltaGuard
 from blockmig.errors import DeviceError, GuardRefusedWrite
-
-from datapath_helpers import LoopDevices, read_volume
 
 CHUNK = 4096
 CHUNKS = 16

@@ -6,14 +6,13 @@ The tracking, the hold and the switch run on the real stack in tests/lab/test_on
 from __future__ import annotations
 
 import pytest
+from datapath_helpers import read_volume
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockmig.orchestrator import online
 from blockmig.datapath.digest import Manifest, digest_chunk
 from blockmig.errors import HostError, UsageError
-
-from datapath_helpers import read_volume
+from blockmig.orchestrator import online
 
 SECTOR = 512
 

@@ -231,7 +231,6 @@ def test_from_target_names_the_maps_and_bare_disks_of_that_target(monkeypatch):
     """Fakes the host's sessions and maps; tests/lab/test_plan.py runs it on real ones."""
     from types import SimpleNamespace
 
-    from blockmig import switch
     from blockmig.host import iscsi, multipath
 
     sessions = [SimpleNamespace(target_iqn="iqn.src", iface="default", disks={0: "sda", 1: "sdb", 2: "sde"}),

@@ -11,13 +11,12 @@ import subprocess
 import sys
 
 import pytest
+from datapath_helpers import REPO, MiB, write_random_file
 
 from blockmig import cli, lab
 from blockmig.datapath import copy_volume, readahead
 from blockmig.datapath.blockdev import allocate_aligned_buffer, open_source
 from blockmig.errors import DeviceError
-
-from datapath_helpers import REPO, MiB, write_random_file
 
 CHUNK = 256 * 1024
 

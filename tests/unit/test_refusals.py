@@ -6,11 +6,10 @@ import os
 import subprocess
 
 import pytest
+from datapath_helpers import MiB, attach_loop_device, run_blockmig, volume_sha256, write_random_file
 
 from blockmig.datapath.blockdev import check_destination_unused
 from blockmig.errors import UsageError
-
-from datapath_helpers import MiB, attach_loop_device, run_blockmig, volume_sha256, write_random_file
 
 NOBODY = 65534
 

@@ -11,12 +11,11 @@ import sys
 import time
 
 import pytest
+from datapath_helpers import REPO, MiB, read_volume, write_random_file
 
 from blockmig.datapath import copy_volume, load_manifest, verify_volume
 from blockmig.datapath.journal import CopyJournal
 from blockmig.errors import UsageError
-
-from datapath_helpers import REPO, MiB, read_volume, write_random_file
 
 KILLS = 12
 
