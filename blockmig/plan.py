@@ -41,6 +41,7 @@ from blockmig.migration import (
     run_until,
     switch_members,
 )
+from blockmig.orchestrator.host_switch import SwitchFacts
 from blockmig.orchestrator.online import MODES
 from blockmig.sizes import parse_size
 from blockmig.state import MigrationJournal, PlanJournal, VolumeLock, migration_exists
@@ -453,7 +454,7 @@ def rollback_plan(plan_id: str, on_event: EventHandler | None = None) -> dict:
     result = {"id": plan_id, "rolled_back": [], "on_destination": [], "failed": {}}
     for member in plan.members:
         journal = MigrationJournal.load(member)
-        if journal.data["state"] == "done" or journal.facts("switch").get("destination_joined"):
+        if journal.data["state"] == "done" or SwitchFacts.load(journal).destination_joined:
             result["on_destination"].append(member)
             continue
         try:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from blockmig.array import lio
@@ -42,6 +43,42 @@ from blockmig.state import MigrationJournal
 DEFAULT_SWITCH_TIMEOUT = 10.0
 
 EventHandler = Callable[[dict], None]
+
+
+@dataclass
+class SwitchFacts:
+    """What the switch journals (`steps.switch.facts`), each fact before the act it makes possible to undo;
+    resume and rollback read them back. A fact renamed here is renamed for every reader."""
+
+    prepared: bool = False  # migrator out, destination has the source's serial, host ACL and session made
+    host_acl_ready: bool = False  # intent: rollback removes the host's ACL on the destination if it is empty
+    host_session_existed: bool = False  # the host's session to the destination portal was there before us
+    mountpoints: list[str] | None = None  # what the hold freezes (read before it: a walk of /proc is slow)
+    suspended_at: float | None = None  # the hold began (time.time())
+    source_fencing: bool = False  # intent: the host's mapping of the source is (being) write-protected
+    source_removed: bool = False  # the source's path is out of the host's map
+    source_logged_out: list = field(default_factory=list)  # relogin: [target, ip, port, iface] logged out
+    queueing_held: bool = False  # the path-less map is held suspended past multipathd's countdown
+    destination_host_lun: int | None = None  # the host's LUN of the destination (intent: revert unmaps it)
+    destination_joined: bool = False  # the destination path is in the host's map: no way back
+    host_disk: str | None = None  # the host's disk of the destination
+    io_flowing_at: float | None = None  # host IO flows again
+    thawed_at: float | None = None
+    io_held_seconds: float | None = None
+    reverted: bool = False  # the source path was put back (the copy is invalid: the host wrote the source)
+    final_delta: dict | None = None  # online: the last delta, copied in the hold
+    volume_digest: str | None = None  # online: the manifest's digest after the last delta
+
+    @classmethod
+    def load(cls, journal: MigrationJournal) -> SwitchFacts:
+        recorded = journal.facts("switch")
+        return cls(**{f.name: recorded[f.name] for f in fields(cls) if f.name in recorded})
+
+    @classmethod
+    def check_names(cls, facts: dict) -> None:
+        unknown = set(facts) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"not a switch fact: {', '.join(sorted(unknown))}")
 
 
 class HostSwitch:
@@ -61,30 +98,31 @@ class HostSwitch:
 
     # -- journal ---------------------------------------------------------------
     @property
-    def facts(self) -> dict:
-        return self.journal.facts("switch")
+    def facts(self) -> SwitchFacts:
+        return SwitchFacts.load(self.journal)
 
     def _record(self, **facts) -> None:
+        SwitchFacts.check_names(facts)
         self.journal.record("switch", **facts)
 
     def _phase(self, phase: str) -> None:
         """Where the hold's time goes (events), and a point where tests can stop us."""
-        since = time.time() - self.facts.get("suspended_at", time.time())
+        since = time.time() - (self.facts.suspended_at or time.time())
         self.emit({"event": "switch_phase", "phase": phase, "seconds_since_hold": round(since, 3)})
         checkpoint(f"switch:{phase}")
 
     # -- the whole switch ---------------------------------------------------------
     def run(self) -> dict:
-        if not self.facts.get("prepared"):
+        if not self.facts.prepared:
             self.prepare()
-        if not self.facts.get("destination_joined"):
+        if not self.facts.destination_joined:
             failure = None
             with self.host_io_held():
                 try:
                     self.take_source_out()
                     disk = self.bring_destination_in()
                 except BlockmigError as exc:
-                    if self.facts.get("destination_joined"):
+                    if self.facts.destination_joined:
                         raise
                     self.revert_in_hold()
                     failure = exc
@@ -95,23 +133,23 @@ class HostSwitch:
                 ) from failure
             self._record_io_held()
         else:  # killed after the destination joined: what the hold left is undone, then the rest
-            disk = self.facts.get("host_disk")
+            disk = self.facts.host_disk
             if self.map_name:
                 self.end_hold()
-            if "io_held_seconds" not in self.facts:
+            if self.facts.io_held_seconds is None:
                 self._record_io_held()
         self.after_switch()
-        return {"io_held_seconds": self.facts.get("io_held_seconds"), "host_disk": disk}
+        return {"io_held_seconds": self.facts.io_held_seconds, "host_disk": disk}
 
     def _record_io_held(self) -> None:
         """From the first held IO to the moment IO flows again: multipathd's reload resumed the map with
         the destination path in it, or our own resume and thaw, whichever came later."""
         if not self.map_name:
             return
-        flowing = self.facts.get("io_flowing_at") or time.time()
-        if self.facts.get("thawed_at"):
-            flowing = max(flowing, self.facts["thawed_at"])
-        held = round(flowing - self.facts["suspended_at"], 3)
+        flowing = self.facts.io_flowing_at or time.time()
+        if self.facts.thawed_at:
+            flowing = max(flowing, self.facts.thawed_at)
+        held = round(flowing - self.facts.suspended_at, 3)
         self._record(io_held_seconds=held)
         self.emit({"event": "io_resumed", "map": self.map_name, "io_held_seconds": held})
 
@@ -179,11 +217,11 @@ class HostSwitch:
         except OSError as exc:
             raise HostError(f"cannot open /dev/mapper/{self.map_name}: {exc.strerror}") from None
         try:
-            if "suspended_at" not in self.facts:
+            if self.facts.suspended_at is None:
                 self._record(suspended_at=time.time())
             # The source still takes writes here: the freeze and the drain can write.
             freeze_filesystems(
-                self.map_name, self.journal.frozen, self.journal.save, self.facts.get("mountpoints")
+                self.map_name, self.journal.frozen, self.journal.save, self.facts.mountpoints
             )
             if not multipath.is_suspended(self.map_name):
                 # A flushing suspend of a path-less map (resumed after kill -9) would fail its queued IO.
@@ -218,7 +256,7 @@ class HostSwitch:
         multipath.hold_queueing(self.map_name, known_to_queue=True)
 
     def _end_queueing_hold(self) -> None:
-        if self.facts.get("queueing_held") and self._map_has_a_usable_path():
+        if self.facts.queueing_held and self._map_has_a_usable_path():
             multipath.restore_queueing(multipath.QueueHold(self.map_name, True))
             self._record(queueing_held=False)
 
@@ -242,7 +280,7 @@ class HostSwitch:
 
         The disk itself is deleted by finish_source_removal, while udev works on the destination's new disk.
         """
-        if self.facts.get("source_removed"):
+        if self.facts.source_removed:
             return
         self._record(source_fencing=True)  # intent: revert must lift the protection
         lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], True)
@@ -277,7 +315,7 @@ class HostSwitch:
         if iscsi.session_disks(session):
             return
         address = [session.target_iqn, session.portal_ip, session.port, session.iface]
-        logged_out = self.facts.get("source_logged_out", [])
+        logged_out = self.facts.source_logged_out
         if address not in logged_out:
             self._record(source_logged_out=[*logged_out, address])
         iscsi.logout_if_unused(session)
@@ -309,7 +347,7 @@ class HostSwitch:
         deadline = self._deadline or time.monotonic() + self.timeout
         session = self._host_destination_session(login=True)
         disk = iscsi.find_session_disk(
-            session, self.facts["destination_host_lun"], self.source["wwid"], self._left(deadline)
+            session, self.facts.destination_host_lun, self.source["wwid"], self._left(deadline)
         )
         self._phase("destination disk present")
         if self.map_name:
@@ -336,7 +374,7 @@ class HostSwitch:
         resumes a suspended map; after kill -9 nobody knows whether that happened
         before a later suspend, so being in the table is what counts.
         """
-        lun = self.facts.get("destination_host_lun")
+        lun = self.facts.destination_host_lun
         if not self.map_name or lun is None:
             return False
         session = self._host_destination_session()
@@ -368,7 +406,7 @@ class HostSwitch:
         self._detach_host_from_destination_lun()
         with contextlib.suppress(ArrayError):
             lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], False)
-        for target, ip, port, iface in self.facts.get("source_logged_out", []):
+        for target, ip, port, iface in self.facts.source_logged_out:
             iscsi.login(target, ip, port, iface=iface)
         for session in self._host_source_sessions():
             if self.source["host_lun"] not in iscsi.session_disks(session):
@@ -414,9 +452,9 @@ class HostSwitch:
     def release_host_destination_session(self) -> None:
         """The host's session to the destination goes if it carries nothing (it was made for this switch)."""
         session = self._host_destination_session()
-        if session is not None and not self.facts.get("host_session_existed"):
+        if session is not None and not self.facts.host_session_existed:
             iscsi.logout_if_unused(session)
-        if self.facts.get("host_acl_ready"):
+        if self.facts.host_acl_ready:
             lio.remove_node_acl_if_empty(self.destination["target"], self.source["host_initiator"])
         self._record(prepared=False, host_acl_ready=False)
 
@@ -428,7 +466,6 @@ class HostSwitch:
             iscsi.logout_if_unused(session)
         if lio.find_mapping(source, self.source["host_initiator"]) is not None:
             lio.unexport_volume(source, self.source["host_initiator"])
-        self._record(source_unmapped=True)
 
 
 def existing_destination_volume(journal: MigrationJournal) -> lio.Volume:
@@ -460,11 +497,11 @@ def switch_group(switches: list[HostSwitch]) -> list[dict]:
     for switch in pending:
         switch.journal.mark_started("switch")
     for switch in pending:
-        if switch.facts.get("destination_joined"):  # killed after it joined: end its hold first
+        if switch.facts.destination_joined:  # killed after it joined: end its hold first
             switch.end_hold()
-        elif not switch.facts.get("prepared"):
+        elif not switch.facts.prepared:
             switch.prepare()
-    moving = [switch for switch in pending if not switch.facts.get("destination_joined")]
+    moving = [switch for switch in pending if not switch.facts.destination_joined]
     failures: dict[str, BlockmigError] = {}
     with contextlib.ExitStack() as holds:
         for switch in moving:
@@ -488,7 +525,7 @@ def switch_group(switches: list[HostSwitch]) -> list[dict]:
                     if len(moving) > 1:
                         switch.hold_again_after_join()
         for switch in moving:
-            if switch.journal.id in failures and not switch.facts.get("destination_joined"):
+            if switch.journal.id in failures and not switch.facts.destination_joined:
                 try:
                     switch.revert_in_hold()
                 except BlockmigError as exc:  # its destination took IO meanwhile: finished forward on resume
@@ -497,16 +534,16 @@ def switch_group(switches: list[HostSwitch]) -> list[dict]:
     for switch in switches:
         if switch.journal.is_done("switch"):
             results.append(switch.journal.facts("switch"))
-        elif switch.facts.get("reverted") and switch.journal.id in failures:
+        elif switch.facts.reverted and switch.journal.id in failures:
             switch.after_revert()
             switch.record_revert()
         elif switch.journal.id not in failures:
-            if "io_held_seconds" not in switch.facts:
+            if switch.facts.io_held_seconds is None:
                 switch._record_io_held()
             switch.after_switch()
             facts = {
-                "io_held_seconds": switch.facts.get("io_held_seconds"),
-                "host_disk": switch.facts.get("host_disk"),
+                "io_held_seconds": switch.facts.io_held_seconds,
+                "host_disk": switch.facts.host_disk,
             }
             switch.journal.mark_done("switch", **facts)
             results.append(facts)

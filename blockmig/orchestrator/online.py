@@ -540,8 +540,8 @@ class OnlineSwitch(HostSwitch):
         facts = super().run()
         return {
             **facts,
-            "final_delta": self.facts.get("final_delta"),
-            "volume_digest": self.facts.get("volume_digest"),
+            "final_delta": self.facts.final_delta,
+            "volume_digest": self.facts.volume_digest,
         }
 
     def hold_again_after_join(self) -> None:
@@ -555,10 +555,10 @@ class OnlineSwitch(HostSwitch):
     @contextlib.contextmanager
     def host_io_held(self):
         try:
-            if "suspended_at" not in self.facts:
+            if self.facts.suspended_at is None:
                 self._record(suspended_at=time.time())
             freeze_filesystems(
-                self.map_name, self.journal.frozen, self.journal.save, self.facts.get("mountpoints")
+                self.map_name, self.journal.frozen, self.journal.save, self.facts.mountpoints
             )
             self.journal.data["online"]["holding"] = True  # intent: whoever comes next resumes them
             self.journal.save()
@@ -576,12 +576,12 @@ class OnlineSwitch(HostSwitch):
         if resumed_at:
             self._phase("private maps resumed")
         super().end_hold()
-        if resumed_at and resumed_at > (self.facts.get("io_flowing_at") or 0):
+        if resumed_at and resumed_at > (self.facts.io_flowing_at or 0):
             self._record(io_flowing_at=resumed_at)
         self._phase("hold ended")
 
     def take_source_out(self) -> None:
-        if not self.facts.get("source_removed") and not self.facts.get("source_fencing"):
+        if not self.facts.source_removed and not self.facts.source_fencing:
             self.copy_final_delta()
             # The migrator's session logs out after the hold (run); its disk has no LUN behind it meanwhile.
             self.give_destination_the_source_identity()

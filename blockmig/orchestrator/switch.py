@@ -11,7 +11,7 @@ from blockmig.host import multipath
 from blockmig.orchestrator import online
 from blockmig.orchestrator.create_destination import migrator_disk
 from blockmig.orchestrator.fence import STEPS_BEFORE_THE_SWITCH, release_online_hold, resume_and_thaw
-from blockmig.orchestrator.host_switch import HostSwitch
+from blockmig.orchestrator.host_switch import HostSwitch, SwitchFacts
 from blockmig.orchestrator.sequencer import BaseStep
 
 
@@ -23,7 +23,7 @@ class SwitchStep(BaseStep):
         try:
             return switch.run()
         except MigrationError:
-            if switch.facts.get("reverted"):
+            if switch.facts.reverted:
                 switch.record_revert()
             raise
 
@@ -39,7 +39,7 @@ class SwitchStep(BaseStep):
 
     def check_undo(self, migration) -> None:
         if (
-            migration.journal.facts(self.name).get("destination_joined")
+            SwitchFacts.load(migration.journal).destination_joined
             or migration.journal.data["state"] == "done"
         ):
             raise MigrationError(
@@ -51,10 +51,10 @@ class SwitchStep(BaseStep):
         """Killed inside the hold: the source path comes back first; then the host's destination session
         goes."""
         switch = host_switch_of(migration)
-        if switch.facts.get("source_removed") or switch.facts.get("source_fencing"):
+        if switch.facts.source_removed or switch.facts.source_fencing:
             with switch.host_io_held():
                 switch.revert_in_hold()
-        if migration.journal.is_done("create_destination") or switch.facts.get("prepared"):
+        if migration.journal.is_done("create_destination") or switch.facts.prepared:
             with contextlib.suppress(MigrationError):
                 switch.release_host_destination_session()
 
