@@ -291,3 +291,23 @@ def test_an_online_revert_copies_the_deltas_again_but_keeps_pass_one():
         "fence",
     ]
     assert os.path.exists(migration.journal.copy_journal_path)
+
+
+def test_a_journal_written_by_the_previous_layout_loads_and_its_switch_facts_read_back():
+    """Same format (blockmig-migration/1) and fact names; `source_unmapped`, no longer written, is ignored."""
+    from blockmig.orchestrator.host_switch import SwitchFacts
+
+    journal = MigrationJournal.create("old", source={"wwid": "w"}, destination={}, migrator={})
+    journal.record("switch", prepared=True, destination_joined=True, io_held_seconds=0.25,
+                   source_unmapped=True, source_logged_out=[["iqn.src", "127.0.0.1", 3260, "default"]])
+    facts = SwitchFacts.load(MigrationJournal.load("old"))
+    assert (facts.prepared, facts.destination_joined, facts.io_held_seconds) == (True, True, 0.25)
+    assert facts.source_logged_out == [["iqn.src", "127.0.0.1", 3260, "default"]]
+    assert SwitchFacts.load(MigrationJournal.create("new", source={})).source_logged_out == []
+
+
+def test_a_misspelt_switch_fact_is_refused_before_it_is_written():
+    from blockmig.orchestrator.host_switch import SwitchFacts
+
+    with pytest.raises(TypeError, match="not a switch fact: destination_joind"):
+        SwitchFacts.check_names({"destination_joind": True})
