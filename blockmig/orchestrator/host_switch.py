@@ -346,12 +346,12 @@ class HostSwitch:
         """The new disk, WWID checked, into the map: from here on the host's IO can reach the destination."""
         deadline = self._deadline or time.monotonic() + self.timeout
         session = self._host_destination_session(login=True)
-        disk = iscsi.find_session_disk(
-            session, self.facts.destination_host_lun, self.source["wwid"], self._left(deadline)
-        )
+        lun = self.facts.destination_host_lun
+        wait = self._seconds_left_or_timeout(deadline)
+        disk = iscsi.find_session_disk(session, lun, self.source["wwid"], wait)
         self._phase("destination disk present")
         if self.map_name:
-            multipath.add_path_now(self.map_name, disk, self._left(deadline))
+            multipath.add_path_now(self.map_name, disk, self._seconds_left_or_timeout(deadline))
         flowing = not (self.map_name and multipath.is_suspended(self.map_name))
         self._record(destination_joined=True, host_disk=disk, io_flowing_at=time.time() if flowing else None)
         self._phase("destination path in the map")
@@ -381,7 +381,7 @@ class HostSwitch:
         disk = iscsi.session_disks(session).get(lun) if session else None
         return disk is not None and disk in map_disks(self.map_name)
 
-    def _left(self, deadline: float) -> float:
+    def _seconds_left_or_timeout(self, deadline: float) -> float:
         left = deadline - time.monotonic()
         if left <= 0:
             raise HostError(
