@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from blockmig.datapath.journal import write_json_atomically
 from blockmig.datapath.verify import verify_volume
 from blockmig.errors import ArrayError, BlockmigError, DeviceError, HostError, MigrationError, UsageError, VerifyError
 from blockmig.host import iscsi, multipath, udev, usage
+from blockmig.host.control_plane import HostControlPlane
 from blockmig.state import STEPS, MigrationJournal, VolumeLock
 from blockmig.switch import DEFAULT_SWITCH_TIMEOUT, HostSwitch, freeze_filesystems, parse_portal, thaw_filesystems
 from blockmig.sysfs import read_attribute
@@ -51,7 +51,7 @@ EventHandler = Callable[[dict], None]
 # Several migrations of one plan run in threads of one process. Their copies and verifies run side by
 # side; everything else (rtslib configfs writes, iscsiadm's node db, LIO's LUN numbering, multipathd,
 # udev) is not safe to race and runs under this one lock.
-CONTROL_PLANE = threading.RLock()
+CONTROL_PLANE = HostControlPlane()  # host-wide: threads and other blockmig processes
 DATA_STEPS = ("copy", "verify")
 
 
@@ -115,6 +115,8 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
     fence = "none" if mode == "online" else request.fence or "writeprotect"  # online: era tracks, nothing fences
     if mode == "offline":
         _refuse_a_fence_that_breaks_writers(host_device, fence)
+    if host_device.map_name is None:  # relogin of a bare disk: every user of it gets EIO meanwhile
+        usage.refuse_users_of_a_bare_disk(host_device.device)
     source = _describe_source(host_device)
     portal_ip, port = parse_portal(request.to_portal)
     destination_array = lio.find_array(request.to_target)
@@ -443,9 +445,13 @@ class Migration:
 
     def _destination_volume(self, create: bool = False) -> lio.Volume:
         with contextlib.suppress(ArrayError):
-            return lio.find_volume(self.destination["volume"])
+            found = lio.find_volume(self.destination["volume"])
+            if found.lun is not None or not create:  # no LUN: a creation killed half way, taken over below
+                return found
         if not create:
             raise MigrationError(f"destination volume {self.destination['volume']} is gone")
+        adopt = "backing_made" in self.journal.facts("create_destination")  # a creation was begun: take it over
+        self.journal.record("create_destination", backing_made=self.destination["backing_created"])  # intent first
         volume = lio.create_volume(
             self.destination["target"],
             self.destination["volume"],
@@ -453,9 +459,9 @@ class Migration:
             self.destination["backing"],
             serial=self.destination["temporary_serial"],
             geometry=self.source.get("geometry"),
+            adopt=adopt,
         )
         self.destination["lun"] = volume.lun
-        self.journal.record("create_destination", backing_made=self.destination["backing_created"])
         return volume
 
     def _blacklist_temporary_wwid(self) -> None:
@@ -725,10 +731,8 @@ class Migration:
         """The migrator's session and iface, the destination volume and its backing file, the blacklist."""
         HostSwitch(self.journal, self.emit).logout_migrator()
         ours = bool(self.journal.facts("create_destination").get("backing_made"))
-        with contextlib.suppress(ArrayError):
-            lio.remove_volume(lio.find_volume(self.destination["volume"]), remove_backing=ours)
-        if ours and os.path.exists(self.destination["backing"]):
-            os.unlink(self.destination["backing"])
+        lio.remove_volume_leftovers(self.destination["volume"], self.destination["backing"] if ours else None,
+                                    self.destination["target"], [self.migrator["initiator"]])
         self._remove_blacklist()
 
 

@@ -36,18 +36,14 @@ from blockmig.array import lio
 from blockmig.errors import ArrayError, BlockmigError, HostError, MigrationError
 from blockmig.faults import checkpoint
 from blockmig.host import iscsi, multipath, udev, usage
+from blockmig.host.iscsi import parse_portal
+from blockmig.host.runner import phase_deadline
 from blockmig.state import MigrationJournal
 
 DEFAULT_SWITCH_TIMEOUT = 10.0
+END_HOLD_TIMEOUT = 30.0  # the commands that end a hold (restore queueing, resume) get their own budget
 
 EventHandler = Callable[[dict], None]
-
-
-def parse_portal(portal: str) -> tuple[str, int]:
-    ip, _, port = portal.rpartition(":") if ":" in portal else (portal, "", "3260")
-    if not ip or not port.isdigit():
-        raise MigrationError(f"portal {portal!r} is not IP:PORT")
-    return ip, int(port)
 
 
 def map_disks(map_name: str) -> list[str]:
@@ -194,7 +190,8 @@ class HostSwitch:
                 multipath.suspend_map(self.map_name, lockfs=False, flush=bool(map_disks(self.map_name)))
             self.emit({"event": "io_held", "map": self.map_name})
             self._phase("held")
-            yield
+            with phase_deadline(self.timeout, f"the switch timeout of map {self.map_name}"):
+                yield
         finally:
             try:
                 self.end_hold()
@@ -203,6 +200,10 @@ class HostSwitch:
 
     def end_hold(self) -> None:
         """Queueing back to multipathd, the map resumed, filesystems thawed (each only if still needed)."""
+        with phase_deadline(END_HOLD_TIMEOUT, f"the end of the hold of map {self.map_name}"):
+            self._end_hold()
+
+    def _end_hold(self) -> None:
         self._end_queueing_hold()
         if multipath.is_suspended(self.map_name):
             multipath.resume_map(self.map_name)
@@ -362,6 +363,10 @@ class HostSwitch:
                 "not reverting; blockmig resume finishes the switch"
             )
         self.emit({"event": "switch_revert", "map": self.map_name})
+        with phase_deadline(max(self.timeout, udev.DEFAULT_TIMEOUT), f"the revert of map {self.map_name}"):
+            self._revert_in_hold()
+
+    def _revert_in_hold(self) -> None:
         self._detach_host_from_destination_lun()
         with contextlib.suppress(ArrayError):
             lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], False)
