@@ -57,10 +57,13 @@ class HostControlPlane:
 
     def acquire(self) -> None:
         state = self._state()
-        state.thread_lock.acquire()
+        began = time.monotonic()
+        if not state.thread_lock.acquire(timeout=self.wait):
+            raise HostError(f"the host's control plane is still held by another thread of this blockmig after "
+                            f"{self.wait:g} s; retry when it is done")
         try:
             if state.depth == 0:
-                state.fd = _lock_file(self.path, self.wait)
+                state.fd = _lock_file(self.path, began + self.wait, self.wait)
             state.depth += 1
         except BaseException:
             state.thread_lock.release()
@@ -107,9 +110,8 @@ def open_private_file(path: str) -> int:
     return fd
 
 
-def _lock_file(path: str, wait: float) -> int:
+def _lock_file(path: str, deadline: float, wait: float) -> int:
     fd = open_private_file(path)
-    deadline = time.monotonic() + wait
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
