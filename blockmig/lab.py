@@ -216,7 +216,7 @@ def lab_status() -> dict:
             })
         arrays.append({
             "target": array.target_iqn,
-            "portals": [f"{ip}:{port}" for ip, port in array.portals],
+            "portals": [iscsi.format_portal(ip, port) for ip, port in array.portals],
             "volumes": volumes,
         })
     sessions = []
@@ -227,7 +227,7 @@ def lab_status() -> dict:
         session_disks = iscsi.session_disks(session)
         disks |= set(session_disks.values())
         sessions.append({
-            "sid": session.sid, "target": session.target_iqn, "portal": f"{session.portal_ip}:{session.port}",
+            "sid": session.sid, "target": session.target_iqn, "portal": iscsi.format_portal(session.portal_ip, session.port),
             "iface": session.iface, "initiator": session.initiator_iqn, "state": session.state,
             "disks": {str(lun): name for lun, name in sorted(session_disks.items())},
         })

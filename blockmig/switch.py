@@ -183,14 +183,16 @@ class HostSwitch:
         try:
             if "suspended_at" not in self.facts:
                 self._record(suspended_at=time.time())
-            # The source still takes writes here: the freeze and the drain can write.
-            freeze_filesystems(self.journal, self.map_name, self.facts.get("mountpoints"))
-            if not multipath.is_suspended(self.map_name):
-                # A flushing suspend of a path-less map (resumed after kill -9) would fail its queued IO.
-                multipath.suspend_map(self.map_name, lockfs=False, flush=bool(map_disks(self.map_name)))
-            self.emit({"event": "io_held", "map": self.map_name})
-            self._phase("held")
+            # Every command from here to the end of the hold is bounded by the switch timeout (the end
+            # of the hold, and a revert, get budgets of their own).
             with phase_deadline(self.timeout, f"the switch timeout of map {self.map_name}"):
+                # The source still takes writes here: the freeze and the drain can write.
+                freeze_filesystems(self.journal, self.map_name, self.facts.get("mountpoints"))
+                if not multipath.is_suspended(self.map_name):
+                    # A flushing suspend of a path-less map (resumed after kill -9) would fail its queued IO.
+                    multipath.suspend_map(self.map_name, lockfs=False, flush=bool(map_disks(self.map_name)))
+                self.emit({"event": "io_held", "map": self.map_name})
+                self._phase("held")
                 yield
         finally:
             try:

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from blockmig.errors import ArrayError
+from blockmig.faults import checkpoint
 from blockmig.sysfs import read_attribute
 
 TPG_TAG = 1
@@ -519,8 +520,10 @@ def create_volume(
                 with open(backing, "xb") as f:
                     undo.callback(os.unlink, backing)
                     f.truncate(size)
+                checkpoint("create:backing-file-made")
             plugin = "block" if block else "fileio"
             so = _new_storage_object(rtslib, name, plugin, backing, size, serial, geometry, undo)
+            checkpoint("create:storage-object-made")
             rtslib.LUN(tpg, lun, storage_object=so)
             volume = _volume_from(so)
             undo.pop_all()
@@ -727,6 +730,7 @@ def export_volume(volume: Volume, initiator_iqn: str, write_protect: bool = Fals
             if acl is None:
                 acl = rtslib.NodeACL(tpg, initiator_iqn, mode="create")
                 undo.callback(acl.delete)
+                checkpoint("export:acl-made")
             for existing in acl.mapped_luns:
                 if existing.tpg_lun.lun == tpg_lun.lun:
                     raise ArrayError(f"{volume.name} is already exported to {initiator_iqn}")
