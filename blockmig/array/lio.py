@@ -688,6 +688,12 @@ def free_mapped_lun(target_iqn: str, initiator_iqn: str, preferred: int | None =
         return choose_mapped_lun(_used_mapped_luns(_find_acl(_tpg(rtslib, target_iqn), initiator_iqn)), preferred)
 
 
+def list_acls(target_iqn: str) -> list[str]:
+    """Initiator names the target has an ACL for (whether or not they map a LUN)."""
+    with _lio(f"cannot list the ACLs of {target_iqn}") as rtslib:
+        return sorted(acl.node_wwn for acl in _tpg(rtslib, target_iqn).node_acls)
+
+
 def ensure_node_acl(target_iqn: str, initiator_iqn: str) -> bool:
     """Let the initiator log in even with no LUN mapped yet; True when the ACL was made here.
 
