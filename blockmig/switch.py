@@ -37,7 +37,7 @@ from blockmig.errors import ArrayError, BlockmigError, HostError, MigrationError
 from blockmig.faults import checkpoint
 from blockmig.host import iscsi, multipath, udev, usage
 from blockmig.host.iscsi import parse_portal
-from blockmig.host.runner import phase_deadline
+from blockmig.host.runner import extend_phase_deadline, phase_deadline
 from blockmig.state import MigrationJournal
 
 DEFAULT_SWITCH_TIMEOUT = 10.0
@@ -183,8 +183,9 @@ class HostSwitch:
         try:
             if "suspended_at" not in self.facts:
                 self._record(suspended_at=time.time())
-            # Every command from here to the end of the hold is bounded by the switch timeout (the end
-            # of the hold, and a revert, get budgets of their own).
+            # Every command from here to the end of the hold is bounded by the switch timeout, from here to
+            # the destination's mapping and from there to its join (the end of the hold, and a revert, get
+            # budgets of their own).
             with phase_deadline(self.timeout, f"the switch timeout of map {self.map_name}"):
                 # The source still takes writes here: the freeze and the drain can write.
                 freeze_filesystems(self.journal, self.map_name, self.facts.get("mountpoints"))
@@ -307,6 +308,7 @@ class HostSwitch:
         self._phase("destination mapped")
         session = self._host_destination_session(login=True)
         self._deadline = time.monotonic() + self.timeout
+        extend_phase_deadline(self.timeout)  # the join's commands get what its wait gets
         if mapping.mapped_lun not in iscsi.session_disks(session):
             iscsi.scan_session_lun(session, mapping.mapped_lun)
 

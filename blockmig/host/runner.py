@@ -53,6 +53,15 @@ def phase_deadline(seconds: float, phase: str):
         _deadline.reset(token)
 
 
+def extend_phase_deadline(seconds: float) -> None:
+    """Move the current phase's deadline to `seconds` from now, if that is later (a phase whose bound
+    restarts at a step: the switch's join gets the whole switch timeout from the destination's mapping).
+    The enclosing phase_deadline still restores what was before it."""
+    deadline = _deadline.get()
+    if deadline is not None and time.monotonic() + seconds > deadline.at:
+        _deadline.set(Deadline(time.monotonic() + seconds, deadline.phase))
+
+
 def current_deadline() -> Deadline | None:
     return _deadline.get()
 

@@ -262,8 +262,13 @@ def test_a_host_name_portal(migration_lab):
 # -- a creation killed half way -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("point", ["create:backing-file-made", "create:storage-object-made", "export:acl-made"])
-@pytest.mark.parametrize("then", ["resume", "rollback"])
+@pytest.mark.parametrize("point, then", [
+    ("create:backing-file-made", "resume"),
+    ("create:backing-file-made", "rollback"),
+    ("create:storage-object-made", "resume"),
+    ("create:storage-object-made", "rollback"),
+    ("export:acl-made", "rollback"),
+])
 def test_kill_inside_create_destination(migration_lab, point, then):
     process = start_blockmig(*migration_lab.migrate_args("--id", "half"), stop_at=point)
     wait_until_stopped(process)

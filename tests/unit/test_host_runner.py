@@ -57,6 +57,8 @@ def test_a_phase_deadline_bounds_every_command_inside_it():
         with runner.phase_deadline(30, "the end of the hold of map m"):  # a cleanup gets a budget of its own
             assert runner.run(["echo", "resumed"], "cannot resume map m") == "resumed\n"
         assert runner.current_deadline().phase == "the switch timeout of map m"
+        runner.extend_phase_deadline(30)  # the join's own bound: commands run again
+        assert runner.run(["echo", "joined"], "cannot add path") == "joined\n"
     assert runner.current_deadline() is None
     assert runner.run(["true"], "after the phase") == ""
 
