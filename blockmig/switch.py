@@ -93,7 +93,10 @@ class HostSwitch:
                 except BlockmigError as exc:
                     if self.facts.get("destination_joined"):
                         raise
-                    self.revert_in_hold()
+                    try:
+                        self.revert_in_hold()
+                    except MigrationError as refused:  # say why it was reverting, too
+                        raise MigrationError(f"{exc}; {refused}") from exc
                     failure = exc
             if failure is not None:
                 self.after_revert()  # outside the hold: the host already works on the source again
