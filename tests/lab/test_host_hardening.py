@@ -240,8 +240,10 @@ def test_an_ipv6_portal(migration_lab, ipv6_destination):
 
 def test_a_host_name_portal(migration_lab):
     name = "blockmig-lab-destination"
-    with open("/etc/hosts") as handle:
-        hosts = handle.read()
+    hosts = None
+    if os.path.exists("/etc/hosts"):  # the lab guest has none
+        with open("/etc/hosts") as handle:
+            hosts = handle.read()
     with open("/etc/hosts", "a") as handle:
         handle.write(f"\n{lab.DESTINATION_PORTAL[0]} {name}\n")
     try:
@@ -252,8 +254,11 @@ def test_a_host_name_portal(migration_lab):
         result = blockmig(*[a if a != "{}:{}".format(*lab.DESTINATION_PORTAL) else f"{name}:3260"
                             for a in migration_lab.migrate_args("--id", "by-name")])
     finally:
-        with open("/etc/hosts", "w") as handle:
-            handle.write(hosts)
+        if hosts is None:
+            os.unlink("/etc/hosts")
+        else:
+            with open("/etc/hosts", "w") as handle:
+                handle.write(hosts)
     assert result.returncode == 0, result.stderr
     assert report_of(result)["destination"]["portal"] == "{}:{}".format(*lab.DESTINATION_PORTAL)
     migration_lab.assert_host_on_destination()
@@ -340,13 +345,13 @@ def test_a_hanging_command_in_the_hold_is_cut_and_the_switch_reverts(migration_l
         f'exec {real} "$@"\n')
     os.chmod(fake / "multipathd", 0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
-    result = blockmig(*migration_lab.migrate_args("--fence", "suspend", "--id", "hang", "--switch-timeout", "4"),
-                      timeout=200)
+    result = blockmig(*migration_lab.migrate_args("--fence", "suspend", "--id", "hang", "--switch-timeout", "15"),
+                      timeout=300)
     line = _one_line(result.stderr)
     assert result.returncode != 0 and "switch reverted, the host is on the source again" in line, line
     cut = re.search(r"multipathd del path \S+ did not finish within ([0-9.]+) s \(the time left in the switch "
                     rf"timeout of map {migration_lab.map_name}\); killed", line)
-    assert cut and float(cut.group(1)) <= 4, line
+    assert cut and float(cut.group(1)) <= 15, line
     assert not marker.exists()
     assert journal("hang")["switch_reverts"] == 1
     migration_lab.assert_host_on_source()
