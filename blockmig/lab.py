@@ -14,12 +14,12 @@ import contextlib
 import glob
 import hashlib
 import os
-import subprocess
 from collections.abc import Callable, Iterable
 
 from blockmig.array import lio
 from blockmig.errors import BlockmigError, LabError
 from blockmig.host import iscsi, multipath
+from blockmig.host.runner import run_command
 from blockmig.sysfs import read_attribute
 
 SOURCE_IQN = "iqn.2026-11.lab.blockmig:source"
@@ -35,6 +35,7 @@ SOURCE_SERIAL = "b10c0000000000000000000000000001"
 SOURCE_WWID = lio.wwid_for_serial(SOURCE_SERIAL)
 DEFAULT_SIZE = 64 * 1024 * 1024
 DEFAULT_BACKING_DIR = "/var/lib/blockmig-lab"
+LOSETUP_TIMEOUT = 30.0
 
 
 def _quiet(step: str) -> None:
@@ -123,9 +124,8 @@ def add_source_volume(name: str, size: int, backing_dir: str = DEFAULT_BACKING_D
 
 
 def _attach_loop(path: str, sector_size: int) -> str:
-    result = subprocess.run(
-        ["losetup", "--find", "--show", f"--sector-size={sector_size}", path], capture_output=True, text=True
-    )
+    result = run_command(["losetup", "--find", "--show", f"--sector-size={sector_size}", path],
+                         f"cannot attach {path} to a loop device", LOSETUP_TIMEOUT)
     if result.returncode != 0:
         raise LabError(f"losetup {path} failed: {result.stderr.strip()}")
     return result.stdout.strip()
@@ -144,7 +144,7 @@ def _loops_backed_by(paths: set[str]) -> list[str]:
 def _detach_loops_of(paths: set[str]) -> list[str]:
     detached = []
     for loop in _loops_backed_by(paths):
-        result = subprocess.run(["losetup", "--detach", loop], capture_output=True, text=True)
+        result = run_command(["losetup", "--detach", loop], f"cannot detach {loop}", LOSETUP_TIMEOUT)
         if result.returncode != 0:
             raise LabError(f"losetup --detach {loop} failed: {result.stderr.strip()}")
         detached.append(loop)
@@ -216,7 +216,7 @@ def lab_status() -> dict:
             })
         arrays.append({
             "target": array.target_iqn,
-            "portals": [f"{ip}:{port}" for ip, port in array.portals],
+            "portals": [iscsi.format_portal(ip, port) for ip, port in array.portals],
             "volumes": volumes,
         })
     sessions = []
@@ -227,7 +227,7 @@ def lab_status() -> dict:
         session_disks = iscsi.session_disks(session)
         disks |= set(session_disks.values())
         sessions.append({
-            "sid": session.sid, "target": session.target_iqn, "portal": f"{session.portal_ip}:{session.port}",
+            "sid": session.sid, "target": session.target_iqn, "portal": iscsi.format_portal(session.portal_ip, session.port),
             "iface": session.iface, "initiator": session.initiator_iqn, "state": session.state,
             "disks": {str(lun): name for lun, name in sorted(session_disks.items())},
         })

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from blockmig.errors import ArrayError
+from blockmig.faults import checkpoint
 from blockmig.sysfs import read_attribute
 
 TPG_TAG = 1
@@ -248,7 +249,7 @@ def _mappings_of(tpg_lun) -> list[Mapping]:
 def create_array(target_iqn: str, portal_ip: str, port: int = 3260) -> Array:
     """An iSCSI target with one TPG and one explicit portal; ACL-only access, no CHAP."""
     try:
-        ipaddress.ip_address(portal_ip)
+        address = ipaddress.ip_address(portal_ip.strip("[]"))
     except ValueError:
         raise ArrayError(f"portal address {portal_ip!r} is not an IP address") from None
     with _lio(f"cannot create array {target_iqn}") as rtslib:
@@ -266,10 +267,24 @@ def create_array(target_iqn: str, portal_ip: str, port: int = 3260) -> Array:
             tpg.set_attribute("demo_mode_write_protect", "1")
             # rtslib (unlike targetcli) adds no 0.0.0.0 default portal: the
             # explicit one below is the only one, so several arrays share a host.
-            rtslib.NetworkPortal(tpg, portal_ip, port, mode="create")
+            rtslib.NetworkPortal(tpg, _np_address(address), port, mode="create")
             tpg.enable = True
             undo.pop_all()
-        return Array(target_iqn=target.wwn, portals=((portal_ip, int(port)),))
+        return Array(target_iqn=target.wwn, portals=((str(address), int(port)),))
+
+
+def _np_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The address part of LIO's configfs np/ADDRESS:PORT: the kernel takes an IPv6 one in brackets."""
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def _portal_address(np_address: str) -> str:
+    """An address as rtslib lists it (np/[::1]:3260 gives '[::1]') in the form the host side uses ('::1')."""
+    bare = np_address.strip("[]")
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        return np_address
 
 
 def list_arrays() -> list[Array]:
@@ -278,7 +293,7 @@ def list_arrays() -> list[Array]:
         arrays = []
         for target in _iscsi_fabric(rtslib).targets:
             portals = tuple(
-                (np.ip_address, np.port) for tpg in target.tpgs for np in tpg.network_portals
+                (_portal_address(np.ip_address), np.port) for tpg in target.tpgs for np in tpg.network_portals
             )
             arrays.append(Array(target_iqn=target.wwn, portals=portals))
         return arrays
@@ -447,6 +462,7 @@ def create_volume(
     serial: str | None = None,
     lun: int | None = None,
     geometry: dict | None = None,
+    adopt: bool = False,
 ) -> Volume:
     """A storage object on `backing` exported as a LUN of the array (no initiator mapped yet).
 
@@ -456,6 +472,11 @@ def create_volume(
     random one is generated when omitted. `geometry` (volume_geometry() of
     the source) is applied before the LUN exists, since the kernel freezes
     most of it at export; a value it refuses fails the whole call.
+
+    `adopt`: an earlier call for this same volume may have been killed half way (its caller journaled
+    the intent first). What it left is taken over instead of refused: a backing file of exactly
+    `size`, a storage object `name` on `backing` (deleted and made again when it has no LUN yet,
+    since its geometry may be half applied; returned as it is when its LUN exists).
     """
     target_iqn = array.target_iqn if isinstance(array, Array) else array
     geometry = dict(geometry or {})
@@ -465,7 +486,12 @@ def create_volume(
         raise ArrayError(f"invalid volume name {name!r}: no slashes or spaces")
     if serial is not None:
         check_serial(serial)
+    if adopt:
+        adopted = _adopt_half_made_volume(name, backing)
+        if adopted is not None:
+            return adopted
     block = _is_block_device(backing)
+    reuse_file = False
     if block:
         device_size = _block_device_size(backing)
         if device_size != size:
@@ -473,12 +499,14 @@ def create_volume(
         check_backing_device_geometry(backing, geometry)
     else:
         _check_block_size(int(geometry.get("block_size", 512)), size)
-        if os.path.lexists(backing):
+        reuse_file = adopt and _is_leftover_backing_file(backing, size)
+        if os.path.lexists(backing) and not reuse_file:
             raise ArrayError(f"backing file {backing} already exists; refusing to reuse it")
         directory = os.path.dirname(os.path.abspath(backing))
         if not os.path.isdir(directory):
             raise ArrayError(f"backing directory {directory} does not exist")
-        check_free_space(directory, size)
+        if not reuse_file:
+            check_free_space(directory, size)
 
     with _lio(f"cannot create volume {name} on {target_iqn}") as rtslib:
         root = _root(rtslib)
@@ -488,16 +516,71 @@ def create_volume(
         if lun is not None and any(existing.lun == lun for existing in tpg.luns):
             raise ArrayError(f"target {target_iqn} already has a LUN {lun}")
         with contextlib.ExitStack() as undo:
-            if not block:
+            if not block and not reuse_file:
                 with open(backing, "xb") as f:
                     undo.callback(os.unlink, backing)
                     f.truncate(size)
+                checkpoint("create:backing-file-made")
             plugin = "block" if block else "fileio"
             so = _new_storage_object(rtslib, name, plugin, backing, size, serial, geometry, undo)
+            checkpoint("create:storage-object-made")
             rtslib.LUN(tpg, lun, storage_object=so)
             volume = _volume_from(so)
             undo.pop_all()
         return volume
+
+
+def _adopt_half_made_volume(name: str, backing: str) -> Volume | None:
+    """What a killed create_volume of `name` on `backing` left: the volume if whole, else nothing (a storage
+    object without its LUN is deleted). A storage object of that name on another backing is not ours."""
+    with _lio(f"cannot look at what an earlier creation of {name} left") as rtslib:
+        so = next((so for so in _root(rtslib).storage_objects if so.name == name), None)
+        if so is None:
+            return None
+        if os.path.realpath(so.udev_path) != os.path.realpath(backing):
+            raise ArrayError(f"a storage object named {name} already exists on {so.udev_path}, not {backing}; "
+                             "refusing to take it over")
+        if list(so.attached_luns):
+            return _volume_from(so)
+        so.delete()
+        return None
+
+
+def _is_leftover_backing_file(backing: str, size: int) -> bool:
+    """A regular file (not a link) of exactly `size` bytes that no storage object uses: what a killed creation
+    left between making the file and its storage object."""
+    try:
+        info = os.lstat(backing)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+        return False
+    with _lio(f"cannot check who uses {backing}") as rtslib:
+        real = os.path.realpath(backing)
+        return not any(os.path.realpath(so.udev_path or "") == real for so in _root(rtslib).storage_objects)
+
+
+def remove_volume_leftovers(name: str, backing: str | None, target_iqn: str | None = None,
+                            initiators: Iterable[str] = ()) -> list[str]:
+    """Remove whatever of volume `name` exists (a rollback after a creation killed half way): its storage object
+    and LUN, the ACLs of `initiators` on `target_iqn` left mapping nothing, and the backing file `backing` (give
+    it only when this migration made it). Returns what it removed, for the caller's report."""
+    removed = []
+    with _lio(f"cannot remove what is left of volume {name}") as rtslib:
+        for so in [so for so in _root(rtslib).storage_objects if so.name == name]:
+            for lun in list(so.attached_luns):
+                lun.delete()
+            so.delete()
+            removed.append(f"storage object {name}")
+        if target_iqn is not None and any(t.wwn == target_iqn for t in _iscsi_fabric(rtslib).targets):
+            tpg = _tpg(rtslib, target_iqn)
+            for initiator in initiators:
+                if _delete_acl_if_empty(_find_acl(tpg, initiator)):
+                    removed.append(f"ACL of {initiator}")
+    if backing and os.path.isfile(backing) and not os.path.islink(backing):
+        os.unlink(backing)
+        removed.append(f"backing file {backing}")
+    return removed
 
 
 def _new_storage_object(rtslib, name, plugin, backing, size, serial, geometry, undo: contextlib.ExitStack):
@@ -605,6 +688,12 @@ def free_mapped_lun(target_iqn: str, initiator_iqn: str, preferred: int | None =
         return choose_mapped_lun(_used_mapped_luns(_find_acl(_tpg(rtslib, target_iqn), initiator_iqn)), preferred)
 
 
+def list_acls(target_iqn: str) -> list[str]:
+    """Initiator names the target has an ACL for (whether or not they map a LUN)."""
+    with _lio(f"cannot list the ACLs of {target_iqn}") as rtslib:
+        return sorted(acl.node_wwn for acl in _tpg(rtslib, target_iqn).node_acls)
+
+
 def ensure_node_acl(target_iqn: str, initiator_iqn: str) -> bool:
     """Let the initiator log in even with no LUN mapped yet; True when the ACL was made here.
 
@@ -647,6 +736,7 @@ def export_volume(volume: Volume, initiator_iqn: str, write_protect: bool = Fals
             if acl is None:
                 acl = rtslib.NodeACL(tpg, initiator_iqn, mode="create")
                 undo.callback(acl.delete)
+                checkpoint("export:acl-made")
             for existing in acl.mapped_luns:
                 if existing.tpg_lun.lun == tpg_lun.lun:
                     raise ArrayError(f"{volume.name} is already exported to {initiator_iqn}")

@@ -41,11 +41,11 @@ written_since(t, e) (ascending block indexes, of `block_sectors` each).
 from __future__ import annotations
 
 import os
-import subprocess
 import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass
 
 from blockmig.errors import HostError
+from blockmig.host import runner
 
 SECTOR = 512
 PRIVATE_PREFIX = "blockmig-era-origin-"
@@ -74,18 +74,9 @@ class Tracking:
         return cls(**data)
 
 
-def run(args: list[str], what: str, timeout: float = 120) -> str:
-    """The one runner for dmsetup, losetup and era tools; failures become one-line HostErrors."""
-    try:
-        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        raise HostError(f"{what}: {args[0]} not found (needs dmsetup, losetup, thin-provisioning-tools)") from None
-    except subprocess.TimeoutExpired:
-        raise HostError(f"{what}: {' '.join(args)} did not finish within {timeout:g} s") from None
-    if result.returncode != 0:
-        lines = (result.stderr.strip() or result.stdout.strip() or f"exit {result.returncode}").splitlines()
-        raise HostError(f"{what}: {' '.join(args)}: {lines[-1]}")
-    return result.stdout
+def run(args: list[str], what: str, timeout: float = runner.DEFAULT_COMMAND_TIMEOUT) -> str:
+    """dmsetup, losetup and era tools through the host's one runner (bounded, one-line HostErrors)."""
+    return runner.run(args, what, timeout, missing="dmsetup, losetup, thin-provisioning-tools")
 
 
 def table(name: str) -> str:
@@ -93,8 +84,7 @@ def table(name: str) -> str:
 
 
 def map_exists(name: str) -> bool:
-    result = subprocess.run(["dmsetup", "info", name], capture_output=True, text=True)
-    return result.returncode == 0
+    return runner.succeeds(["dmsetup", "info", name], f"cannot look up map {name}")
 
 
 def metadata_size(blocks: int) -> int:

@@ -9,16 +9,21 @@ migrator log in under a name the arrays' ACLs tell apart from the host's.
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
+import socket
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from blockmig.errors import HostError, MigrationError
+from blockmig.errors import HostError, UsageError
+from blockmig.host.runner import run_command
 from blockmig.host.udev import DEFAULT_TIMEOUT, disk_wwid, wait_for_path, wait_until
 from blockmig.sysfs import read_attribute
 
 DEFAULT_IFACE = "default"
 INITIATOR_NAME_FILE = "/etc/iscsi/initiatorname.iscsi"
+ISCSIADM_TIMEOUT = 300.0  # a login retries for minutes before it gives up; inside a phase, its deadline bounds it
 
 # open-iscsi's include/iscsi_err.h, for the exit codes blockmig reacts to or reports.
 ISCSI_ERR_SESS_EXISTS = 15
@@ -63,12 +68,7 @@ class Session:
 
 def run_iscsiadm(args: list[str], ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
     """Run iscsiadm; an exit code outside `ok` becomes one HostError line with iscsiadm's own message."""
-    try:
-        result = subprocess.run(["iscsiadm", *args], capture_output=True, text=True, timeout=300)
-    except FileNotFoundError:
-        raise HostError("iscsiadm not found: install open-iscsi") from None
-    except subprocess.TimeoutExpired:
-        raise HostError(f"iscsiadm {' '.join(args)} did not finish within 300 s") from None
+    result = run_command(["iscsiadm", *args], "iscsiadm failed", ISCSIADM_TIMEOUT, missing="open-iscsi")
     if result.returncode not in ok:
         lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
         message = lines[-1] if lines else "no message"
@@ -90,12 +90,78 @@ def read_initiator_name(path: str = INITIATOR_NAME_FILE) -> str:
     raise HostError(f"{path} has no InitiatorName= line")
 
 
-def _portal(portal_ip: str, port: int) -> str:
-    return f"{portal_ip}:{port}"
+DEFAULT_PORT = 3260
+
+
+def parse_portal(portal: str, among: Iterable[tuple[str, int]] = ()) -> tuple[str, int]:
+    """'IP', 'IP:PORT', '[IPv6]', '[IPv6]:PORT', 'HOST[:PORT]' -> (address, port), the address as LIO and
+    iscsiadm know it (IPv6 without brackets, compressed).
+
+    A bare IPv6 address takes the default port (its last group could be read as a port: bracket it to
+    give one). A host name is resolved (getaddrinfo): to the first of its addresses in `among` (the
+    array's portals) when given, else to its first IPv4 address, else its first IPv6 one.
+    """
+    text = portal.strip()
+    if not text or any(c.isspace() for c in text):
+        raise UsageError(f"portal {portal!r} is not IP[:PORT], [IPv6][:PORT] or HOST[:PORT]")
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise UsageError(f"portal {portal!r}: an IPv6 portal is [ADDRESS] or [ADDRESS]:PORT")
+        port_text = rest[1:] if rest else str(DEFAULT_PORT)
+        if _ip_version(host) != 6:
+            raise UsageError(f"portal {portal!r}: {host!r} in brackets is not an IPv6 address")
+    elif _ip_version(text) == 6:
+        host, port_text = text, str(DEFAULT_PORT)
+    else:
+        host, colon, port_text = text.partition(":")
+        port_text = port_text if colon else str(DEFAULT_PORT)
+    if not (port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        raise UsageError(f"portal {portal!r}: port {port_text!r} is not a number from 1 to 65535")
+    port = int(port_text)
+    if _ip_version(host):
+        return str(ipaddress.ip_address(host)), port
+    return _resolve(host, port, portal, list(among)), port
+
+
+def _ip_version(text: str) -> int:
+    try:
+        return ipaddress.ip_address(text).version
+    except ValueError:
+        return 0
+
+
+def _resolve(host: str, port: int, portal: str, among: list[tuple[str, int]]) -> str:
+    try:
+        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid host name"
+        raise UsageError(f"portal {portal!r}: cannot resolve {host!r}: {reason}") from None
+    addresses = [str(ipaddress.ip_address(answer[4][0].split("%")[0])) for answer in answers]
+    offered_here = {(normal_address(address), offered_port) for address, offered_port in among}
+    known = [address for address in addresses if (address, port) in offered_here]
+    if among and not known:
+        offered = ", ".join(format_portal(a, p) for a, p in among)
+        raise UsageError(f"portal {portal!r}: {host} resolves to {', '.join(addresses)}, none of them a portal "
+                         f"of the target ({offered})")
+    by_family = sorted(known or addresses, key=lambda address: _ip_version(address))  # stable: IPv4 first
+    return by_family[0]
+
+
+def normal_address(address: str) -> str:
+    """An IP address in one spelling (IPv6 compressed, no brackets), so two spellings compare equal."""
+    bare = address.strip("[]")
+    return str(ipaddress.ip_address(bare)) if _ip_version(bare) else address
+
+
+def format_portal(portal_ip: str, port: int) -> str:
+    """ADDRESS:PORT as iscsiadm's -p takes it and as blockmig journals it ([IPv6]:PORT)."""
+    address = normal_address(portal_ip)
+    return f"[{address}]:{port}" if _ip_version(address) == 6 else f"{address}:{port}"
 
 
 def _node_args(target_iqn: str, portal_ip: str, port: int, iface: str | None) -> list[str]:
-    return ["-m", "node", "-T", target_iqn, "-p", _portal(portal_ip, port), "-I", iface or DEFAULT_IFACE]
+    return ["-m", "node", "-T", target_iqn, "-p", format_portal(portal_ip, port), "-I", iface or DEFAULT_IFACE]
 
 
 # ---------------------------------------------------------------------------
@@ -138,7 +204,7 @@ def remove_iface(name: str) -> None:
 
 def discover(portal_ip: str, port: int = 3260, iface: str | None = None) -> list[str]:
     """Target names the portal offers (SendTargets), without writing node records."""
-    args = ["-m", "discovery", "-t", "sendtargets", "-p", _portal(portal_ip, port), "-o", "nonpersistent"]
+    args = ["-m", "discovery", "-t", "sendtargets", "-p", format_portal(portal_ip, port), "-o", "nonpersistent"]
     if iface:
         args += ["-I", iface]
     result = run_iscsiadm(args, ok=(0, ISCSI_ERR_NO_OBJS_FOUND))
@@ -154,7 +220,7 @@ def login(target_iqn: str, portal_ip: str, port: int = 3260, iface: str | None =
         return existing
     # A target the portal does not offer would cost minutes of login retries; ask first.
     if target_iqn not in discover(portal_ip, port, iface):
-        raise HostError(f"portal {_portal(portal_ip, port)} offers no target {target_iqn}")
+        raise HostError(f"portal {format_portal(portal_ip, port)} offers no target {target_iqn}")
     node = _node_args(target_iqn, portal_ip, port, iface)
     created = run_iscsiadm(node, ok=(0, ISCSI_ERR_NO_OBJS_FOUND)).returncode == ISCSI_ERR_NO_OBJS_FOUND
     if created:
@@ -167,7 +233,7 @@ def login(target_iqn: str, portal_ip: str, port: int = 3260, iface: str | None =
         raise
     return wait_until(
         lambda: find_session(target_iqn, portal_ip, port, iface),
-        f"the session to {target_iqn} at {_portal(portal_ip, port)} to show in sysfs",
+        f"the session to {target_iqn} at {format_portal(portal_ip, port)} to show in sysfs",
         timeout,
     )
 
@@ -250,14 +316,6 @@ def sessions() -> list[Session]:
     return found
 
 
-def parse_portal(portal: str) -> tuple[str, int]:
-    """'IP:PORT' (or a bare IP: port 3260) -> (ip, port)."""
-    ip, _, port = portal.rpartition(":") if ":" in portal else (portal, "", "3260")
-    if not ip or not port.isdigit():
-        raise MigrationError(f"portal {portal!r} is not IP:PORT")
-    return ip, int(port)
-
-
 def find_portal_session(target_iqn: str, portal: str, iface: str | None = None) -> Session | None:
     """The session to `target_iqn` at 'IP:PORT' through `iface`, None if there is none."""
     ip, port = parse_portal(portal)
@@ -272,8 +330,8 @@ def login_portal(target_iqn: str, portal: str, iface: str | None = None) -> Sess
 
 def find_session(target_iqn: str, portal_ip: str, port: int = 3260, iface: str | None = None) -> Session | None:
     for session in sessions():
-        if (session.target_iqn, session.portal_ip, session.port, session.iface) == (
-            target_iqn, portal_ip, port, iface or DEFAULT_IFACE
+        if (session.target_iqn, normal_address(session.portal_ip), session.port, session.iface) == (
+            target_iqn, normal_address(portal_ip), port, iface or DEFAULT_IFACE
         ):
             return session
     return None
@@ -381,7 +439,7 @@ def by_path_link(portal_ip: str, port: int, target_iqn: str, lun: int) -> str:
 def delete_disks(names: list[str], timeout: float = DEFAULT_TIMEOUT) -> None:
     """Flush each disk's buffers, delete it from the SCSI layer, wait until its node is gone."""
     for name in names:
-        result = subprocess.run(["blockdev", "--flushbufs", f"/dev/{name}"], capture_output=True, text=True)
+        result = run_command(["blockdev", "--flushbufs", f"/dev/{name}"], f"cannot flush disk {name}")
         if result.returncode != 0 and os.path.exists(f"/dev/{name}"):
             raise HostError(f"blockdev --flushbufs /dev/{name} failed: {result.stderr.strip()}")
         try:

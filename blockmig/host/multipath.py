@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import subprocess
 from dataclasses import dataclass
 
 from blockmig.errors import HostError
+from blockmig.host.control_plane import HostControlPlane
+from blockmig.host.runner import run_command
 from blockmig.host.udev import DEFAULT_TIMEOUT, settle, wait_for_path, wait_for_udev, wait_until
 from blockmig.sysfs import read_attribute
 
@@ -48,12 +49,7 @@ class PathInfo:
 
 
 def _run(args: list[str], what: str) -> str:
-    try:
-        result = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
-        raise HostError(f"{args[0]} not found: install multipath-tools / dmsetup") from None
-    except subprocess.TimeoutExpired:
-        raise HostError(f"{what}: {' '.join(args)} did not finish within 120 s") from None
+    result = run_command(args, what, missing="multipath-tools / dmsetup")
     output = (result.stdout + result.stderr).strip()
     # multipathd's client exits 0 even when the daemon answers "fail".
     if result.returncode != 0 or output.splitlines()[-1:] == ["fail"]:
@@ -185,8 +181,40 @@ def del_path(dev: str) -> None:
     multipathd("del", "path", dev)
 
 
-def reconfigure() -> None:
-    multipathd("reconfigure")
+def reconfigure(settle_for: float = 5.0) -> None:
+    """`multipathd reconfigure`, host-wide one at a time, and never while a multipath map is suspended.
+
+    A reconfigure reloads every map, and a reload resumes a suspended one: another blockmig's hold
+    or suspend fence (or an admin's `dmsetup suspend`) would let IO through, onto a map that may have
+    no path. Under the control-plane lock no blockmig suspends a map meanwhile; a suspension that
+    outlasts multipathd's own reloads (`settle_for` s) is refused by name.
+    """
+    with HostControlPlane():
+        try:
+            wait_until(lambda: not suspended_multipath_maps(), "no multipath map to be suspended", settle_for)
+        except HostError:
+            held = ", ".join(suspended_multipath_maps()) or "?"
+            raise HostError(f"not running multipathd reconfigure: map(s) {held} suspended (a switch or a suspend "
+                            "fence holds their IO, and a reconfigure would resume them); retry once resumed") from None
+        multipathd("reconfigure")
+
+
+def suspended_multipath_maps(sys_root: str = "/sys") -> list[str]:
+    """Names of the host's multipath maps that are suspended now (sysfs: dm/uuid mpath-*, dm/suspended 1)."""
+    found = []
+    for dm in sorted(_listdir(f"{sys_root}/block")):
+        base = f"{sys_root}/block/{dm}/dm"
+        if dm.startswith("dm-") and read_attribute(f"{base}/uuid").startswith("mpath-"):
+            if read_attribute(f"{base}/suspended") == "1":
+                found.append(read_attribute(f"{base}/name") or dm)
+    return found
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def flush_map(name: str, timeout: float = 10) -> None:

@@ -8,7 +8,6 @@ it needs with a deadline instead of sleeping a fixed time.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -17,6 +16,7 @@ import pyudev
 import tenacity
 
 from blockmig.errors import HostError
+from blockmig.host.runner import run_command, time_left
 
 T = TypeVar("T")
 
@@ -73,9 +73,9 @@ def wait_for_udev(name: str, timeout: float = DEFAULT_TIMEOUT) -> pyudev.Device:
 
 def settle(timeout: float = DEFAULT_TIMEOUT) -> None:
     """Let udev finish the events queued so far (symlinks, multipath's claim of new paths)."""
-    result = subprocess.run(
-        ["udevadm", "settle", f"--timeout={int(timeout)}"], capture_output=True, text=True
-    )
+    bound, _ = time_left(timeout)  # inside a phase with a deadline, udevadm's own timeout is what is left
+    result = run_command(["udevadm", "settle", f"--timeout={max(int(bound), 1)}"], "udevadm settle failed",
+                         timeout + 5)
     if result.returncode != 0:
         raise HostError(f"udevadm settle failed: {result.stderr.strip() or result.returncode}")
 

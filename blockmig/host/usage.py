@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from blockmig.errors import HostError
+from blockmig.errors import HostError, UsageError
 from blockmig.sysfs import read_attribute
 
 O_ACCMODE = 0o3
@@ -26,10 +26,21 @@ O_ACCMODE = 0o3
 
 @dataclass(frozen=True)
 class Mount:
-    device: str  # kernel name of the mounted device (dm-1, sdb1)
-    mountpoint: str
+    device: str  # kernel name of the mounted device (dm-1, sdb1): one superblock per device
+    mountpoint: str  # as the mount's own namespace sees it
     fstype: str
     read_write: bool
+    namespace_pid: int = 0  # 0: this process's mount namespace; else a process of the namespace it is in
+
+    @property
+    def path(self) -> str:
+        """The mountpoint as this process reaches it (another namespace's through /proc/PID/root)."""
+        return self.mountpoint if not self.namespace_pid else f"/proc/{self.namespace_pid}/root{self.mountpoint}"
+
+    @property
+    def where(self) -> str:
+        own = "" if not self.namespace_pid else f" in the mount namespace of pid {self.namespace_pid}"
+        return f"{self.mountpoint}{own}"
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class VolumeUsers:
     tree: tuple[str, ...]  # it and everything stacked on it: partitions, holders, recursively
     mounts: tuple[Mount, ...]
     openers: tuple[Opener, ...]
+    swaps: tuple[str, ...] = ()  # kernel names of devices of the tree in use as swap (no process holds those)
 
     @property
     def mounted_rw(self) -> bool:
@@ -53,8 +65,14 @@ class VolumeUsers:
 
     @property
     def rw_mountpoints(self) -> tuple[str, ...]:
-        """What a switch freezes (multipath.freeze_filesystem) while the path still accepts writes."""
-        return tuple(m.mountpoint for m in self.mounts if m.read_write)
+        """What a switch freezes (multipath.freeze_filesystem) while the path still accepts writes: one path per
+        filesystem (a bind mount or another namespace's mount is the same superblock, and a second FIFREEZE of
+        it fails with EBUSY), this namespace's mount where there is one, else another's via /proc/PID/root."""
+        chosen: dict[str, Mount] = {}
+        for mount in sorted(self.mounts, key=lambda m: m.namespace_pid != 0):  # stable: ours first
+            if mount.read_write and mount.device not in chosen:
+                chosen[mount.device] = mount
+        return tuple(mount.path for mount in chosen.values())
 
     @property
     def writers(self) -> tuple[Opener, ...]:
@@ -62,17 +80,18 @@ class VolumeUsers:
 
     @property
     def in_use(self) -> bool:
-        return bool(self.mounts or self.openers or len(self.tree) > 1)
+        return bool(self.mounts or self.openers or self.swaps or len(self.tree) > 1)
 
     def describe(self) -> str:
         """One line for a refusal or a plan: 'ext4 on /mnt/data mounted read-write; pid 123 (appender) has it open for writing'."""
         parts = []
         for mount in self.mounts:
             mode = "read-write" if mount.read_write else "read-only"
-            parts.append(f"{mount.fstype} on {mount.mountpoint} mounted {mode}{self._via(mount.device)}")
+            parts.append(f"{mount.fstype} on {mount.where} mounted {mode}{self._via(mount.device)}")
         for opener in self.openers:
             mode = "for writing" if opener.writing else "for reading"
             parts.append(f"pid {opener.pid} ({opener.name}) has it open {mode}{self._via(opener.device)}")
+        parts += [f"swap on /dev/{name}" for name in self.swaps]
         stacked = [name for name in self.tree[1:] if not any(name == m.device for m in self.mounts)]
         if stacked:
             parts.append(f"{', '.join(stacked)} stacked on it")
@@ -89,9 +108,69 @@ def volume_users(device: str, sys_root: str = "/sys", proc_root: str = "/proc") 
         raise HostError(f"{device} is not a block device the kernel knows ({sys_root}/class/block/{name} missing)")
     tree = device_tree(name, sys_root)
     numbers = {device_number(n, sys_root): n for n in tree}
+    mounts = tuple(mount for pid, text in mount_tables(proc_root) for mount in parse_mountinfo(text, numbers, pid))
+    swaps = tuple(swap_devices(read_attribute(f"{proc_root}/swaps"), numbers))
+    return VolumeUsers(name, tuple(tree), mounts, tuple(find_openers(numbers, proc_root)), swaps)
+
+
+def refuse_users_of_a_bare_disk(device: str) -> None:
+    """A relogin switch of a disk no multipath map holds takes the disk away and brings a new one: whatever
+    uses it (a mount even read-only, a reader, swap, a partition's user, a dm map on it) gets EIO meanwhile.
+    Refused at plan, naming them."""
+    users = volume_users(device)
+    if users.in_use:
+        raise UsageError(
+            f"{device} is in use ({users.describe()}): --switch relogin of a disk without a multipath map "
+            "logs it out and in, and every user gets I/O errors meanwhile; stop them first"
+        )
+
+
+def swap_devices(text: str, numbers: dict[tuple[int, int], str]) -> list[str]:
+    """Kernel names of the devices of `numbers` that /proc/swaps (`text`) lists."""
+    found = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 2 or fields[1] != "partition":
+            continue
+        try:
+            st = os.stat(_unescape(fields[0]))
+        except OSError:
+            continue
+        number = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if stat.S_ISBLK(st.st_mode) and number in numbers:
+            found.append(numbers[number])
+    return found
+
+
+def mount_tables(proc_root: str = "/proc") -> list[tuple[int, str]]:
+    """Each mount namespace's mountinfo once: (0, this process's), then (PID, another's) for one process in it.
+
+    A container's mount of the volume is as much a user as one here: its writes fail under a fence
+    and its filesystem must be frozen for a switch (through /proc/PID/root/MOUNTPOINT).
+    """
     with open(f"{proc_root}/self/mountinfo") as f:
-        mounts = tuple(m for m in parse_mountinfo(f.read(), numbers))
-    return VolumeUsers(name, tuple(tree), mounts, tuple(find_openers(numbers, proc_root)))
+        tables = [(0, f.read())]
+    seen = {_namespace(f"{proc_root}/self")}
+    for entry in sorted((e for e in _listdir(proc_root) if e.isdigit()), key=int):
+        namespace = _namespace(f"{proc_root}/{entry}")
+        if namespace is None or namespace in seen:
+            continue
+        try:
+            with open(f"{proc_root}/{entry}/mountinfo") as f:
+                tables.append((int(entry), f.read()))
+        except OSError:
+            continue  # gone meanwhile: another process of that namespace is read instead
+        seen.add(namespace)
+    return tables
+
+
+def _namespace(process_dir: str) -> tuple[int, int] | None:
+    """The identity of a process's mount namespace (the nsfs inode of /proc/PID/ns/mnt)."""
+    try:
+        st = os.stat(f"{process_dir}/ns/mnt")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def device_tree(name: str, sys_root: str = "/sys") -> list[str]:
@@ -121,8 +200,11 @@ def device_number(name: str, sys_root: str = "/sys") -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def parse_mountinfo(text: str, numbers: dict[tuple[int, int], str]) -> list[Mount]:
-    """Mounts (proc(5) mountinfo lines) of the devices whose numbers are keys of `numbers`."""
+def parse_mountinfo(text: str, numbers: dict[tuple[int, int], str], namespace_pid: int = 0) -> list[Mount]:
+    """Mounts (proc(5) mountinfo lines) of the devices whose numbers are keys of `numbers`.
+
+    `namespace_pid`: the process whose mountinfo this is (0: this process's).
+    """
     mounts = []
     for line in text.splitlines():
         fields = line.split()
@@ -134,7 +216,8 @@ def parse_mountinfo(text: str, numbers: dict[tuple[int, int], str]) -> list[Moun
         if number not in numbers or len(fields) < separator + 2:
             continue
         read_write = "rw" in fields[5].split(",")
-        mounts.append(Mount(numbers[number], _unescape(fields[4]), fields[separator + 1], read_write))
+        mounts.append(Mount(numbers[number], _unescape(fields[4]), fields[separator + 1], read_write,
+                            namespace_pid))
     return mounts
 
 

@@ -34,10 +34,9 @@ class CreateDestinationStep(BaseStep):
         """The migrator's session and iface, the destination volume and its backing file, the blacklist."""
         HostSwitch(migration.journal, migration.emit).logout_migrator()
         ours = bool(migration.journal.facts(self.name).get("backing_made"))
-        with contextlib.suppress(ArrayError):
-            lio.remove_volume(lio.find_volume(migration.destination["volume"]), remove_backing=ours)
-        if ours and os.path.exists(migration.destination["backing"]):
-            os.unlink(migration.destination["backing"])
+        destination = migration.destination
+        lio.remove_volume_leftovers(destination["volume"], destination["backing"] if ours else None,
+                                    destination["target"], [migration.migrator["initiator"]])
         remove_blacklist(migration)
 
 
@@ -48,7 +47,11 @@ def destination_volume(migration, create: bool = False) -> lio.Volume:
         return existing_destination_volume(migration.journal)
     destination = migration.destination
     with contextlib.suppress(ArrayError):
-        return lio.find_volume(destination["volume"])
+        found = lio.find_volume(destination["volume"])
+        if found.lun is not None:  # no LUN: a creation killed half way, taken over below
+            return found
+    adopt = "backing_made" in migration.journal.facts(CreateDestinationStep.name)  # a creation was begun
+    migration.journal.record(CreateDestinationStep.name, backing_made=destination["backing_created"])  # intent
     volume = lio.create_volume(
         destination["target"],
         destination["volume"],
@@ -56,9 +59,9 @@ def destination_volume(migration, create: bool = False) -> lio.Volume:
         destination["backing"],
         serial=destination["temporary_serial"],
         geometry=migration.source.get("geometry"),
+        adopt=adopt,
     )
     destination["lun"] = volume.lun
-    migration.journal.record(CreateDestinationStep.name, backing_made=destination["backing_created"])
     return volume
 
 

@@ -38,9 +38,11 @@ from blockmig.errors import ArrayError, BlockmigError, HostError, MigrationError
 from blockmig.faults import checkpoint
 from blockmig.host import iscsi, multipath, udev, usage
 from blockmig.host.devices import freeze_filesystems, map_disks, thaw_filesystems
+from blockmig.host.runner import extend_phase_deadline, phase_deadline
 from blockmig.state import MigrationJournal
 
 DEFAULT_SWITCH_TIMEOUT = 10.0
+END_HOLD_TIMEOUT = 30.0  # the commands that end a hold (restore queueing, resume) get their own budget
 
 EventHandler = Callable[[dict], None]
 
@@ -124,7 +126,10 @@ class HostSwitch:
                 except BlockmigError as exc:
                     if self.facts.destination_joined:
                         raise
-                    self.revert_in_hold()
+                    try:
+                        self.revert_in_hold()
+                    except MigrationError as refused:  # say why it was reverting, too
+                        raise MigrationError(f"{exc}; {refused}") from exc
                     failure = exc
             if failure is not None:
                 self.after_revert()  # outside the hold: the host already works on the source again
@@ -219,16 +224,20 @@ class HostSwitch:
         try:
             if self.facts.suspended_at is None:
                 self._record(suspended_at=time.time())
-            # The source still takes writes here: the freeze and the drain can write.
-            freeze_filesystems(
-                self.map_name, self.journal.frozen, self.journal.save, self.facts.mountpoints
-            )
-            if not multipath.is_suspended(self.map_name):
-                # A flushing suspend of a path-less map (resumed after kill -9) would fail its queued IO.
-                multipath.suspend_map(self.map_name, lockfs=False, flush=bool(map_disks(self.map_name)))
-            self.emit({"event": "io_held", "map": self.map_name})
-            self._phase("held")
-            yield
+            # Every command from here to the end of the hold is bounded by the switch timeout, from here to
+            # the destination's mapping and from there to its join (the end of the hold, and a revert, get
+            # budgets of their own).
+            with phase_deadline(self.timeout, f"the switch timeout of map {self.map_name}"):
+                # The source still takes writes here: the freeze and the drain can write.
+                freeze_filesystems(
+                    self.map_name, self.journal.frozen, self.journal.save, self.facts.mountpoints
+                )
+                if not multipath.is_suspended(self.map_name):
+                    # A flushing suspend of a path-less map (resumed after kill -9) would fail its queued IO.
+                    multipath.suspend_map(self.map_name, lockfs=False, flush=bool(map_disks(self.map_name)))
+                self.emit({"event": "io_held", "map": self.map_name})
+                self._phase("held")
+                yield
         finally:
             try:
                 self.end_hold()
@@ -237,6 +246,10 @@ class HostSwitch:
 
     def end_hold(self) -> None:
         """Queueing back to multipathd, the map resumed, filesystems thawed (each only if still needed)."""
+        with phase_deadline(END_HOLD_TIMEOUT, f"the end of the hold of map {self.map_name}"):
+            self._end_hold()
+
+    def _end_hold(self) -> None:
         self._end_queueing_hold()
         if multipath.is_suspended(self.map_name):
             multipath.resume_map(self.map_name)
@@ -339,6 +352,7 @@ class HostSwitch:
         self._phase("destination mapped")
         session = self._host_destination_session(login=True)
         self._deadline = time.monotonic() + self.timeout
+        extend_phase_deadline(self.timeout)  # the join's commands get what its wait gets
         if mapping.mapped_lun not in iscsi.session_disks(session):
             iscsi.scan_session_lun(session, mapping.mapped_lun)
 
@@ -403,6 +417,10 @@ class HostSwitch:
                 "not reverting; blockmig resume finishes the switch"
             )
         self.emit({"event": "switch_revert", "map": self.map_name})
+        with phase_deadline(max(self.timeout, udev.DEFAULT_TIMEOUT), f"the revert of map {self.map_name}"):
+            self._revert_in_hold()
+
+    def _revert_in_hold(self) -> None:
         self._detach_host_from_destination_lun()
         with contextlib.suppress(ArrayError):
             lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], False)

@@ -15,7 +15,7 @@ back from what each step declares; host and array work is in host/ and array/.
 
 from __future__ import annotations
 
-import threading
+from blockmig.host.control_plane import HostControlPlane
 
 from blockmig.errors import MigrationError
 from blockmig.orchestrator import fence
@@ -44,7 +44,7 @@ STEPS = [
 # Several migrations of one plan run in threads of one process. Their copies and verifies run side by
 # side; everything else (rtslib configfs writes, iscsiadm's node db, LIO's LUN numbering, multipathd,
 # udev) is not safe to race and runs under this one lock.
-CONTROL_PLANE = threading.RLock()
+CONTROL_PLANE = HostControlPlane()  # host-wide: threads and other blockmig processes
 
 
 class Migration:

@@ -92,12 +92,17 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
     )  # online: era tracks, nothing fences
     if mode == "offline":
         _refuse_a_fence_that_breaks_writers(host_device, fence)
+    if host_device.map_name is None:  # relogin of a bare disk: every user of it gets EIO meanwhile
+        usage.refuse_users_of_a_bare_disk(host_device.device)
     source = _describe_source(host_device)
-    portal_ip, port = iscsi.parse_portal(request.to_portal)
     destination_array = lio.find_array(request.to_target)
+    # a host name: the array's portal it resolves to
+    portal_ip, port = iscsi.parse_portal(request.to_portal, among=destination_array.portals)
     if (portal_ip, port) not in destination_array.portals:
-        offered = ", ".join(f"{ip}:{p}" for ip, p in destination_array.portals) or "none"
-        raise ArrayError(f"target {request.to_target} has no portal {portal_ip}:{port} (it has: {offered})")
+        offered = ", ".join(iscsi.format_portal(ip, p) for ip, p in destination_array.portals) or "none"
+        raise ArrayError(
+            f"target {request.to_target} has no portal {iscsi.format_portal(portal_ip, port)} (it has: {offered})"
+        )
     if request.to_target == source["target"]:
         raise UsageError(f"{request.to_target} is the source's own target")
     if request.chunk_size % int(source["geometry"].get("block_size", 512)):
@@ -131,7 +136,7 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
             source=source,
             destination={
                 "target": request.to_target,
-                "portal": f"{portal_ip}:{port}",
+                "portal": iscsi.format_portal(portal_ip, port),
                 "volume": volume_name,
                 "backing": backing,
                 "backing_created": backing_created,
@@ -233,7 +238,7 @@ def _describe_source(host_device: HostDevice) -> dict:
         "lun": volume.lun,
         "host_lun": mapping.mapped_lun,
         "geometry": lio.volume_geometry(volume),
-        "portal": f"{session.portal_ip}:{session.port}",
+        "portal": iscsi.format_portal(session.portal_ip, session.port),
         "host_initiator": session.initiator_iqn,
         "host_iface": session.iface,
     }
