@@ -1,4 +1,5 @@
-"""The host's control-plane lock: one blockmig step at a time changes LIO, iscsiadm's records, multipathd, udev.
+"""The host's control-plane lock: one blockmig step at a time changes LIO, iscsiadm's records,
+multipathd, udev.
 
 A threading lock covers the threads of one process (a plan's members); two
 blockmig processes on one host race the same way (a `multipathd reconfigure`
@@ -59,7 +60,8 @@ class HostControlPlane:
         state = self._state()
         began = time.monotonic()
         if not state.thread_lock.acquire(timeout=self.wait):
-            raise HostError(f"the host's control plane is still held by another thread of this blockmig after "
+            raise HostError(f"the host's control plane is still held by another thread of this blockmig "
+                            f"after "
                             f"{self.wait:g} s; retry when it is done")
         try:
             if state.depth == 0:

@@ -35,7 +35,9 @@ class Deadline:
     phase: str  # "the switch's hold": named in the error when a command is cut
 
 
-_deadline: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("blockmig_phase_deadline", default=None)
+_deadline: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar(
+    "blockmig_phase_deadline", default=None
+)
 
 
 @contextlib.contextmanager
@@ -89,7 +91,8 @@ def run_command(args: list[str], what: str, timeout: float = DEFAULT_COMMAND_TIM
     if bound <= 0:
         raise HostError(f"{what}: {command} not started: no time left in {_deadline.get().phase}")
     try:
-        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE,
                                    text=True, start_new_session=True)
     except FileNotFoundError:
         hint = f": install {missing}" if missing else ""
@@ -105,7 +108,8 @@ def run_command(args: list[str], what: str, timeout: float = DEFAULT_COMMAND_TIM
 
 
 def run(args: list[str], what: str, timeout: float = DEFAULT_COMMAND_TIMEOUT, missing: str = "") -> str:
-    """run_command, and a non-zero exit is a HostError with the command's last line of output; return stdout."""
+    """run_command, and a non-zero exit is a HostError with the command's last line of output;
+    returns stdout."""
     result = run_command(args, what, timeout, missing)
     if result.returncode != 0:
         lines = (result.stderr.strip() or result.stdout.strip() or f"exit {result.returncode}").splitlines()

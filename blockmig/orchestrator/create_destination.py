@@ -51,7 +51,8 @@ def destination_volume(migration, create: bool = False) -> lio.Volume:
         if found.lun is not None:  # no LUN: a creation killed half way, taken over below
             return found
     adopt = "backing_made" in migration.journal.facts(CreateDestinationStep.name)  # a creation was begun
-    migration.journal.record(CreateDestinationStep.name, backing_made=destination["backing_created"])  # intent
+    # intent first: a rollback removes what a killed creation left
+    migration.journal.record(CreateDestinationStep.name, backing_made=destination["backing_created"])
     volume = lio.create_volume(
         destination["target"],
         destination["volume"],

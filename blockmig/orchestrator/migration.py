@@ -15,9 +15,8 @@ back from what each step declares; host and array work is in host/ and array/.
 
 from __future__ import annotations
 
-from blockmig.host.control_plane import HostControlPlane
-
 from blockmig.errors import MigrationError
+from blockmig.host.control_plane import HostControlPlane
 from blockmig.orchestrator import fence
 from blockmig.orchestrator.copy import CopyStep
 from blockmig.orchestrator.create_destination import CreateDestinationStep

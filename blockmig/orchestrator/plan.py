@@ -101,7 +101,8 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
     if (portal_ip, port) not in destination_array.portals:
         offered = ", ".join(iscsi.format_portal(ip, p) for ip, p in destination_array.portals) or "none"
         raise ArrayError(
-            f"target {request.to_target} has no portal {iscsi.format_portal(portal_ip, port)} (it has: {offered})"
+            f"target {request.to_target} has no portal {iscsi.format_portal(portal_ip, port)} "
+            f"(it has: {offered})"
         )
     if request.to_target == source["target"]:
         raise UsageError(f"{request.to_target} is the source's own target")
