@@ -35,7 +35,10 @@ from blockmig.datapath.journal import write_json_atomically
 from blockmig.datapath.verify import verify_volume
 from blockmig.errors import ArrayError, BlockmigError, DeviceError, HostError, MigrationError, UsageError, VerifyError
 from blockmig.host import iscsi, multipath, udev, usage
-from blockmig.state import STEPS, MigrationJournal, VolumeLock
+from blockmig.state import STEPS, MigrationJournal, VolumeLock, refuse_unfinished_migration_of
+from blockmig import sizes
+from blockmig.ids import check_id
+from blockmig.safefile import write_atomically
 from blockmig.switch import DEFAULT_SWITCH_TIMEOUT, HostSwitch, freeze_filesystems, parse_portal, thaw_filesystems
 from blockmig.sysfs import read_attribute
 
@@ -148,7 +151,7 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
         backing_created = True
     temporary_serial = str(uuid.uuid4())
     with VolumeLock(source["wwid"], migration_id):
-        _refuse_unfinished_migration_of(source["wwid"])
+        refuse_unfinished_migration_of(source["wwid"])
         return MigrationJournal.create(
             migration_id,
             source=source,
@@ -217,12 +220,16 @@ def _check_request(request: MigrationRequest) -> None:
         raise UsageError(f"--switch must be one of {', '.join(SWITCHES)}")
     if request.backing_dir and request.backing_device:
         raise UsageError("give --backing-dir or --backing-device, not both")
-    if request.chunk_size <= 0 or request.chunk_size % 4096:
-        raise UsageError(f"chunk size {request.chunk_size} must be a positive multiple of 4096")
+    try:  # the CLI and plan files parse these already; an API caller's values meet the same bounds
+        sizes.parse_chunk_size(request.chunk_size)
+        if request.max_rate is not None:
+            sizes.parse_max_rate(request.max_rate)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if not 1 <= request.switch_timeout <= 600:
         raise UsageError(f"switch timeout {request.switch_timeout:g} s must be between 1 and 600 s")
-    if request.migration_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", request.migration_id):
-        raise UsageError(f"migration id {request.migration_id!r}: use letters, digits, '.', '_', '-' (max 41)")
+    if request.migration_id is not None:
+        check_id(request.migration_id, "migration id")
 
 
 def _refuse_a_fence_that_breaks_writers(host_device: HostDevice, fence: str) -> None:
@@ -303,15 +310,6 @@ def _describe_source(host_device: HostDevice) -> dict:
         "host_initiator": session.initiator_iqn,
         "host_iface": session.iface,
     }
-
-
-def _refuse_unfinished_migration_of(wwid: str) -> None:
-    for journal in MigrationJournal.list_all():
-        if journal.data["source"]["wwid"] == wwid and journal.data["state"] not in ("done", "rolled_back"):
-            raise MigrationError(
-                f"migration {journal.id} of this volume is unfinished ({journal.data['state']}): "
-                f"blockmig resume {journal.id} or blockmig rollback {journal.id}"
-            )
 
 
 def _check_backing_device(path: str, size: int) -> None:
@@ -464,9 +462,7 @@ class Migration:
         text = f'# blockmig migration {self.journal.id}: the migrator\'s destination disk\nblacklist {{\n    wwid "{self.destination["temporary_wwid"]}"\n}}\n'
         if read_attribute(path) != text.strip():
             os.makedirs(MULTIPATH_CONF_DIR, exist_ok=True)
-            with open(path + ".tmp", "w") as handle:
-                handle.write(text)
-            os.replace(path + ".tmp", path)
+            write_atomically(path, text.encode(), mode=0o644, private_dir=False)  # multipathd's, not ours
             multipath.reconfigure()
 
     def _remove_blacklist(self) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import threading
 import time
@@ -26,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from blockmig.array import lio
+from blockmig.datapath.digest import MAX_MANIFEST_BYTES
 from blockmig.errors import BlockmigError, JournalError, MigrationError, UsageError
 from blockmig.faults import checkpoint
 from blockmig.migration import (
@@ -41,37 +41,20 @@ from blockmig.migration import (
 )
 from blockmig.host import iscsi, multipath
 from blockmig.online import MODES
+from blockmig.ids import check_id
+from blockmig.safefile import read_bounded
+from blockmig.sizes import parse_chunk_size, parse_max_rate
 from blockmig.state import MigrationJournal, PlanJournal, VolumeLock, migration_exists
 from blockmig import switch
 from blockmig.switch import parse_portal, switch_group
 
-SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}"
+MAX_PLAN_FILE_BYTES = 1 << 20  # a plan of thousands of volumes is a few hundred KiB
 POLICIES = ("each", "together")
 DEFAULT_PARALLEL = 2
 # What a plan's `defaults` and each volume may set, and the MigrationRequest field it fills.
 VOLUME_OPTIONS = ("to_target", "to_portal", "backing_dir", "backing_device", "fence", "switch", "switch_timeout",
                   "chunk_size", "max_rate", "worm", "mode", "max_hold")
 PLAN_KEYS = ("id", "parallel", "defaults", "volumes")
-
-
-def parse_size(text: str | int) -> int:
-    """'4M' -> 4194304 (binary suffixes K, M, G, T; a trailing 'iB' or 'B' is accepted); ints pass."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text <= 0:
-            raise ValueError(f"size must be positive: {text}")
-        return text
-    if not isinstance(text, str):
-        raise ValueError(f"not a size: {text!r} (use e.g. 4M, 512K, 1G)")
-    value = text.strip().upper().removesuffix("IB").removesuffix("B")
-    suffix = value[-1:] if value[-1:] in SIZE_SUFFIXES else ""
-    try:
-        number = float(value[: len(value) - len(suffix)])
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 4M, 512K, 1G)") from None
-    if number <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return int(number * SIZE_SUFFIXES[suffix])
 
 
 @dataclass
@@ -92,17 +75,20 @@ class PlanSpec:
 def load_plan_file(path: str, overrides: dict | None = None) -> PlanSpec:
     """Read and check a JSON or TOML plan; `overrides` (options given on the command line) beat its defaults."""
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except OSError as exc:
+        raw = read_bounded(path, MAX_PLAN_FILE_BYTES, "plan", follow_links=True)
+    except FileNotFoundError as exc:
         raise UsageError(f"{path}: cannot read the plan: {exc.strerror}") from None
+    except JournalError as exc:  # not a regular file, too large, unreadable
+        raise UsageError(str(exc)) from None
+    kind = "TOML" if path.endswith(".toml") else "JSON"
     try:
-        if path.endswith(".toml"):
+        if kind == "TOML":
             document = tomllib.loads(raw.decode("utf-8"))
         else:
             document = json.loads(raw)
+    except RecursionError:
+        raise UsageError(f"{path}: not a plan: {kind} nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
-        kind = "TOML" if path.endswith(".toml") else "JSON"
         raise UsageError(f"{path}: not valid {kind}: {exc}") from None
     return plan_from_document(document, path, overrides)
 
@@ -113,7 +99,7 @@ def plan_from_document(document, where: str, overrides: dict | None = None) -> P
     _refuse_unknown_keys(document, PLAN_KEYS, where)
     plan_id = document.get("id")
     if plan_id is not None:
-        _check_id(plan_id, f"{where}: id")
+        check_id(plan_id, f"{where}: id")
     parallel = document.get("parallel", DEFAULT_PARALLEL)
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise UsageError(f"{where}: parallel: must be a whole number of at least 1, not {parallel!r}")
@@ -136,7 +122,7 @@ def plan_from_document(document, where: str, overrides: dict | None = None) -> P
         if not isinstance(volume.get("device"), str) or not volume["device"]:
             raise UsageError(f"{label}: device: required, the host's device (e.g. /dev/mapper/mpatha)")
         if "id" in volume:
-            _check_id(volume["id"], f"{label}: id")
+            check_id(volume["id"], f"{label}: id")
         entries.append((label, volume["device"], volume.get("id"), _checked_options(
             {k: v for k, v in volume.items() if k not in ("device", "id")}, label)))
     return build_plan(entries, defaults, plan_id, parallel)
@@ -184,11 +170,6 @@ def _refuse_unknown_keys(table: dict, allowed: tuple[str, ...], where: str) -> N
         raise UsageError(f"{where}: {unknown[0]}: unknown key (known: {', '.join(allowed)})")
 
 
-def _check_id(value, where: str) -> None:
-    if not isinstance(value, str) or not re.fullmatch(ID_PATTERN, value):
-        raise UsageError(f"{where}: {value!r} is not an id: use letters, digits, '.', '_', '-' (max 41)")
-
-
 def _checked_options(options: dict, where: str) -> dict:
     """Each option's type and value; sizes in bytes."""
     checked = {}
@@ -215,12 +196,9 @@ def _checked_options(options: dict, where: str) -> dict:
                 value = float(value)
         elif key in ("chunk_size", "max_rate"):
             try:
-                value = parse_size(value)
+                value = parse_chunk_size(value) if key == "chunk_size" else parse_max_rate(value)
             except ValueError as exc:
                 problem = str(exc)
-            else:
-                if key == "chunk_size" and value % 4096:
-                    problem = f"{value} is not a multiple of 4096"
         elif key == "mode" and value not in MODES:
             problem = f"{value!r}: must be one of {', '.join(MODES)}"
         elif key == "max_hold":
@@ -266,7 +244,7 @@ def devices_of_target(target_iqn: str, include_bare_disks: bool) -> list[str]:
 
 def plan_volumes(spec: PlanSpec) -> PlanJournal:
     """Plan every volume (nothing changes on arrays or host) and write the plan journal; one refusal plans none."""
-    plan_id = spec.plan_id or f"plan-{time.strftime('%Y%m%d-%H%M%S')}"
+    plan_id = check_id(spec.plan_id or f"plan-{time.strftime('%Y%m%d-%H%M%S')}", "plan id")
     if PlanJournal.exists(plan_id) or migration_exists(plan_id):
         raise UsageError(f"plan id {plan_id} is taken (by a plan or a migration): choose another with --id")
     requests = [replace(request, migration_id=request.migration_id or f"{plan_id}-{number + 1}")
@@ -459,10 +437,10 @@ def _copied_bytes(journal: MigrationJournal) -> int:
     if journal.is_done("copy"):
         return journal.data["source"]["size"]
     try:
-        with open(journal.copy_journal_path, encoding="utf-8") as handle:
-            return int(json.load(handle).get("reserved_address", 0))
-    except (OSError, ValueError):
-        return 0
+        return int(json.loads(read_bounded(journal.copy_journal_path, MAX_MANIFEST_BYTES, "copy journal"))
+                   .get("reserved_address", 0))
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError, JournalError):
+        return 0  # status shows what it can; resume reads the copy journal with every check
 
 
 def _plan_report(plan: PlanJournal, journals: list[MigrationJournal], outcomes: dict, wall: float) -> dict:
