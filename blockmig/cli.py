@@ -7,6 +7,7 @@ and failure through BlockmigError; this module renders both.
 
 import argparse
 import json
+import math
 import sys
 
 from blockmig import __version__, sizes
@@ -58,6 +59,22 @@ max_rate_argument = _argument_type(sizes.parse_max_rate)  # bytes per second, at
 id_argument = _argument_type(lambda text: check_id(text, "id"))
 
 
+def _seconds_argument(low: float, high: float, low_included: bool = True):
+    """A number of seconds in a range; nan and inf are not seconds (a nan timeout would never expire)."""
+
+    def parse_seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"not a number of seconds: {text!r}") from None
+        if not math.isfinite(value) or not (low <= value if low_included else low < value) or value > high:
+            raise ValueError(f"{text!r} seconds: must be {'from' if low_included else 'above'} {low:g} "
+                             f"{'to' if low_included else 'and at most'} {high:g}")
+        return value
+
+    return _argument_type(parse_seconds)
+
+
 def _add_copy(sub) -> None:
     parser = sub.add_parser("copy", help="copy SOURCE onto DEST through the guard, resumable")
     parser.add_argument("source", metavar="SOURCE", help="source block device (read with O_DIRECT)")
@@ -68,7 +85,8 @@ def _add_copy(sub) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the journal (start fresh if none)")
     parser.add_argument("--max-rate", type=max_rate_argument,
                         help="throttle to this many bytes per second, at least 1M, e.g. 100M")
-    parser.add_argument("--journal-interval", type=float, default=DEFAULT_JOURNAL_INTERVAL, metavar="SECONDS",
+    parser.add_argument("--journal-interval", type=_seconds_argument(0, 3600), default=DEFAULT_JOURNAL_INTERVAL,
+                        metavar="SECONDS",
                         help="seconds between journal writes (default 1; 0: after every acknowledged chunk)")
     parser.add_argument("--manifest", help="also write the manifest (chunk digests) to this file")
     parser.add_argument("--allow-files", action="store_true", help="accept regular files (tests, dry runs)")
@@ -141,7 +159,7 @@ def _add_migrate(sub) -> None:
                         help="online: the host keeps writing, changes are tracked on the maps stacked on its multipath "
                              "map (LVM) and copied in delta passes, IO is held only for the last delta; offline: a "
                              "fence for the whole copy (default: online where the host's writes can be tracked)")
-    parser.add_argument("--max-hold", type=float, metavar="SECONDS",
+    parser.add_argument("--max-hold", type=_seconds_argument(0, 60, low_included=False), metavar="SECONDS",
                         help="online: hold host IO only once the last delta is estimated to copy in this long (default 1)")
     parser.add_argument("--fence", choices=("writeprotect", "suspend", "none"),
                         help="offline: keep the source unchanged during the copy: write-protect the host's mapping "
@@ -149,7 +167,7 @@ def _add_migrate(sub) -> None:
     parser.add_argument("--switch", choices=("multipath", "relogin", "together"),
                         help="move the host by a multipath path switch (default) or iSCSI logout/login; "
                              "together: a plan's maps switched as one consistency group")
-    parser.add_argument("--switch-timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--switch-timeout", type=_seconds_argument(1, 600), metavar="SECONDS",
                         help="if the destination path is not in the map this long after the hold began, put the "
                              "source path back and stop (default 10)")
     parser.add_argument("--worm", action="store_true", default=None,

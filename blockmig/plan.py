@@ -117,6 +117,8 @@ def plan_from_document(document, where: str, overrides: dict | None = None) -> P
         if not isinstance(volume, dict):
             raise UsageError(f"{label}: must be a table with a 'device'")
         if isinstance(volume.get("device"), str):
+            if _bad_text(volume["device"]):
+                raise UsageError(f"{label}: device: {_bad_text(volume['device'])}")
             label += f" ({volume['device']})"
         _refuse_unknown_keys(volume, ("device", "id") + VOLUME_OPTIONS, label)
         if not isinstance(volume.get("device"), str) or not volume["device"]:
@@ -170,6 +172,20 @@ def _refuse_unknown_keys(table: dict, allowed: tuple[str, ...], where: str) -> N
         raise UsageError(f"{where}: {unknown[0]}: unknown key (known: {', '.join(allowed)})")
 
 
+def _bad_text(value: str) -> str | None:
+    """What is wrong with a path or name from a plan file, if anything: a NUL would be a traceback in os calls,
+    a newline would break the one-line error that names it."""
+    if any(ord(character) < 0x20 or character == "\x7f" for character in value):
+        return "contains a control character (NUL, newline, ...)"
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 text (a lone surrogate)"
+    if len(value) > 4096:
+        return f"{len(value)} characters long (at most 4096)"
+    return None
+
+
 def _checked_options(options: dict, where: str) -> dict:
     """Each option's type and value; sizes in bytes."""
     checked = {}
@@ -178,6 +194,8 @@ def _checked_options(options: dict, where: str) -> dict:
         if key in ("to_target", "backing_dir", "backing_device"):
             if not isinstance(value, str) or not value:
                 problem = "must be a non-empty string"
+            else:
+                problem = _bad_text(value)
         elif key == "to_portal":
             try:
                 if not isinstance(value, str) or ":" not in value:
