@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import threading
 import time
 import uuid
@@ -315,6 +316,8 @@ def _describe_source(host_device: HostDevice) -> dict:
 def _check_backing_device(path: str, size: int) -> None:
     if not os.path.exists(path):
         raise DeviceError(f"no such device {path}")
+    if not stat.S_ISBLK(os.stat(path).st_mode):  # and a FIFO would never open
+        raise UsageError(f"--backing-device {path} is not a block device")
     with open(path, "rb") as device:
         device_size = device.seek(0, os.SEEK_END)
     if device_size < size:

@@ -163,7 +163,8 @@ def bad_input_lab(migration_lab, tmp_path):
     dest = ["--to-target", lab.DESTINATION_IQN, "--to-portal", "{}:{}".format(*lab.DESTINATION_PORTAL),
             "--backing-dir", lab_.backing_dir]
     files = {"nested": tmp_path / "nested.json", "plan_3g": tmp_path / "plan-3g.toml",
-             "plan_nul": tmp_path / "plan-nul.json", "journal_0": tmp_path / "copy.json"}
+             "plan_nul": tmp_path / "plan-nul.json", "journal_0": tmp_path / "copy.json", "fifo": tmp_path / "fifo"}
+    os.mkfifo(files["fifo"])
     files["nested"].write_text("[" * 5000 + "]" * 5000)
     files["plan_3g"].write_text(f'[defaults]\nto_target = "{lab.DESTINATION_IQN}"\nto_portal = "127.0.0.2:3260"\n'
                                 f'chunk_size = "3G"\n[[volumes]]\ndevice = "{lab_.device}"\n')
@@ -196,6 +197,8 @@ def test_bad_input_matrix_is_one_line_and_changes_nothing(bad_input_lab):
         ([*migrate, "--switch-timeout", "nan"], (), r"--switch-timeout: 'nan' seconds", 2),
         ([*migrate, "--id", "../../../tmp/x"], ("/tmp/x",), r"--id: id: '../../../tmp/x' is not an id", 2),
         ([*migrate, "--id", "x" * 42], (), r"is not an id", 2),
+        (["migrate", device, *dest[:4], "--backing-device", files["fifo"]], (files["fifo"],),
+         r"--backing-device .*fifo is not a block device", 2),
         (["status", "../../../etc"], (), r"argument ID: id: '../../../etc' is not an id", 2),
         (["resume", "/tmp/x"], ("/tmp/x",), r"argument ID: id: '/tmp/x' is not an id", 2),
         (["rollback", ".."], (), r"argument ID: id: '..' is not an id", 2),
