@@ -88,6 +88,11 @@ def _read_journal(path: str, format_name: str, kind: str, journal_id: str) -> di
                                f"not {kind_of.__name__}")
     if format_name == FORMAT and not isinstance(data["source"].get("wwid"), str):
         raise JournalError(f"{path} is damaged: it names no source WWID")
+    if format_name == FORMAT and not all(isinstance(step, dict) for step in data["steps"].values()):
+        raise JournalError(f"{path} is damaged: a step is not a table")
+    for key, may_be_null in (("destination", False), ("migrator", False), ("online", True), ("report", True)):
+        if key in data and not isinstance(data[key], dict) and not (may_be_null and data[key] is None):
+            raise JournalError(f"{path} is damaged: {key} is {type(data[key]).__name__}, not a table")
     if format_name == PLAN_FORMAT and not all(is_valid_id(member) for member in data["members"]):
         raise JournalError(f"{path} is damaged: its members are not migration ids")
     return data

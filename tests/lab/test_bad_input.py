@@ -190,7 +190,7 @@ def test_bad_input_matrix_is_one_line_and_changes_nothing(bad_input_lab):
         ([*migrate, "--chunk-size", "1T"], (), r"--chunk-size: chunk size 1099511627776 is larger than", 2),
         ([*migrate, "--chunk-size", "3G"], (), r"--chunk-size: chunk size 3221225472 is larger than", 2),
         ([*migrate, "--chunk-size", "inf"], (), r"--chunk-size: not a size: 'inf'", 2),
-        ([*migrate, "--chunk-size", "-4M"], (), r"--chunk-size: not a size", 2),
+        ([*migrate, "--chunk-size=-4M"], (), r"--chunk-size: not a size: .-4M.", 2),
         ([*migrate, "--chunk-size", "6K"], (), r"not a multiple of 4096", 2),
         ([*migrate, "--max-rate", "0.5"], (), r"--max-rate: not a whole number of bytes", 2),
         ([*migrate, "--max-rate", "100"], (), r"--max-rate: max rate 100 bytes/s is below the minimum", 2),

@@ -6,6 +6,8 @@ another size than its source, a digests list of the wrong length. And one damage
 breaks `status` of the others, nor the planning of another volume.
 """
 
+import contextlib
+import io
 import json
 import os
 
@@ -13,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockmig import plan
+from blockmig import cli, plan
 from blockmig.datapath import copy_volume, load_manifest
 from blockmig.datapath.digest import Manifest
 from blockmig.datapath.journal import CopyJournal
@@ -22,7 +24,7 @@ from blockmig.state import MigrationJournal, PlanJournal, refuse_unfinished_migr
 
 from datapath_helpers import MiB, run_blockmig, write_random_file
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
     | st.text(st.characters(exclude_categories=()), max_size=6),  # lone surrogates too
@@ -91,13 +93,18 @@ def load_each(tmp_path, raw: bytes) -> None:
     plan_dir = tmp_path / "state" / "plans" / "fz"
     plan_dir.mkdir(parents=True, exist_ok=True)
     (plan_dir / "plan.json").write_bytes(raw)
-    for load in (lambda: MigrationJournal.load("fz"), lambda: PlanJournal.load("fz")):
-        try:
-            load()
-        except JournalError:
-            pass
-    MigrationJournal.list_all()
-    PlanJournal.list_all()
+    try:
+        MigrationJournal.load("fz").summary()
+    except JournalError:
+        pass
+    try:
+        PlanJournal.load("fz")
+    except JournalError:
+        pass
+    for args in (["status"], ["status", "--json"], ["status", "fz"]):  # what an admin runs to look at it
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as errors:
+            assert cli.main(args) in (0, 1), errors.getvalue()
+        assert len(errors.getvalue().splitlines()) <= 1
 
 
 @FUZZ
