@@ -108,10 +108,14 @@ def parse_json_document(raw: bytes, path: str, what: str) -> dict:
     return data
 
 
-def load_manifest(path: str) -> Manifest:
-    """Read a manifest file, or the manifest inside a copy journal (a regular file of at most 1 GiB)."""
+def load_manifest(path: str, *, state_file: bool = False) -> Manifest:
+    """Read a manifest file, or the manifest inside a copy journal (a regular file of at most 1 GiB).
+
+    state_file: blockmig's own (a migration's manifest.json), never read through a link; a manifest the
+    user names (`verify --manifest`) may be one.
+    """
     try:
-        raw = read_bounded(path, MAX_MANIFEST_BYTES, "manifest", follow_links=True)
+        raw = read_bounded(path, MAX_MANIFEST_BYTES, "manifest", follow_links=not state_file)
     except FileNotFoundError as exc:
         raise JournalError(f"cannot read manifest {path}: {exc.strerror}") from None
     data = parse_json_document(raw, path, "manifest")

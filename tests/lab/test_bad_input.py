@@ -272,6 +272,8 @@ def test_another_user_cannot_hold_the_lock_plant_a_link_or_read_state(migration_
     with open(victim, "w") as handle:
         handle.write("precious\n")
     old_lock = f"/run/lock/blockmig-{lab_.wwid}.lock"  # where blockmig kept it, in a directory anyone writes
+    run_lock_mode = stat.S_IMODE(os.stat("/run/lock").st_mode)
+    os.chmod("/run/lock", 0o1777)  # as on a Debian host (the guest's minimal /run has it 0755)
     try:
         planted = as_nobody("import os, sys; os.symlink(sys.argv[1], sys.argv[2]); print('planted')", victim, old_lock)
         assert planted.stdout == "planted\n", planted.stderr
@@ -309,3 +311,4 @@ def test_another_user_cannot_hold_the_lock_plant_a_link_or_read_state(migration_
         os.unlink(victim)
         if os.path.lexists(old_lock):
             os.unlink(old_lock)
+        os.chmod("/run/lock", run_lock_mode)

@@ -149,6 +149,14 @@ def test_nesting_5000_deep_is_one_line(state_dirs, raw):
         plan.load_plan_file(str(toml))
 
 
+def test_a_state_manifest_is_never_read_through_a_link(tmp_path):
+    (tmp_path / "real.json").write_text(json.dumps(Manifest(4096, 4096, [DIGEST]).to_dict()))
+    (tmp_path / "manifest.json").symlink_to(tmp_path / "real.json")
+    assert load_manifest(str(tmp_path / "manifest.json")).chunk_digests == [DIGEST]  # one the user names
+    with pytest.raises(JournalError, match="symbolic link"):
+        load_manifest(str(tmp_path / "manifest.json"), state_file=True)
+
+
 def test_plan_and_manifest_from_dev_zero_or_a_fifo_return_at_once(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     for source in ("/dev/zero", str(tmp_path / "fifo")):
