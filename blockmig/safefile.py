@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 
 from blockmig.errors import JournalError
@@ -70,7 +69,7 @@ def write_atomically(path: str, data: bytes, *, mode: int = PRIVATE_FILE_MODE, p
     directory = os.path.dirname(os.path.abspath(path))
     if private_dir:
         ensure_private_dir(directory)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(8).hex()}.tmp")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as exc:
