@@ -115,3 +115,29 @@ def test_bad_ids_and_sizes_on_the_command_line_are_one_line_exit_2_and_make_noth
     assert result.stdout == ""
     assert sorted(os.listdir(state_dirs)) == [], "state, plans or locks were made"
     assert not os.path.exists("/tmp/x")
+
+
+def test_a_plan_id_from_the_api_is_checked_before_anything_is_planned(state_dirs):
+    from blockmig import plan
+    from blockmig.migration import MigrationRequest
+
+    spec = plan.PlanSpec([MigrationRequest(device="/dev/null", to_target="t", to_portal="127.0.0.1:3260")],
+                         plan_id="../../../tmp/x", labels=["volume 1 (/dev/null)"])
+    with pytest.raises(UsageError, match=r"plan id: '../../../tmp/x' is not an id"):
+        plan.plan_volumes(spec)
+    assert os.listdir(state_dirs) == [] and not os.path.exists("/tmp/x")
+
+
+def test_a_plan_journal_naming_a_path_as_member_is_damaged(state_dirs):
+    from blockmig.errors import JournalError
+    from blockmig.state import PlanJournal, unreadable_journals
+
+    PlanJournal.create("p1", members=["p1-1"], policy="each", parallel=1, state="planned")
+    path = state_dirs / "state" / "plans" / "p1" / "plan.json"
+    path.write_text(path.read_text().replace('"p1-1"', '"../../../etc"'))
+    with pytest.raises(JournalError, match="its members are not migration ids"):
+        PlanJournal.load("p1")
+    assert [damaged.name for damaged in unreadable_journals()] == ["p1"]
+    result = run_blockmig("resume", "p1")
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        f"blockmig: error: {path} is damaged: its members are not migration ids"]
