@@ -316,7 +316,7 @@ def _describe_source(host_device: HostDevice) -> dict:
 def _check_backing_device(path: str, size: int) -> None:
     if not os.path.exists(path):
         raise DeviceError(f"no such device {path}")
-    if not stat.S_ISBLK(os.stat(path).st_mode):  # and a FIFO would never open
+    if not (stat.S_ISBLK(os.stat(path).st_mode) or stat.S_ISREG(os.stat(path).st_mode)):  # a FIFO never opens
         raise UsageError(f"--backing-device {path} is not a block device")
     with open(path, "rb") as device:
         device_size = device.seek(0, os.SEEK_END)
