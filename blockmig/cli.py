@@ -7,11 +7,13 @@ and failure through BlockmigError; this module renders both.
 
 import argparse
 import json
+import math
 import sys
 
-from blockmig import __version__
+from blockmig import __version__, sizes
 from blockmig.datapath.copy import DEFAULT_JOURNAL_INTERVAL
-from blockmig.errors import BlockmigError
+from blockmig.errors import BlockmigError, UsageError
+from blockmig.ids import check_id
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -38,25 +40,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_size(text: str) -> int:
-    """'4M' -> 4194304; binary suffixes K, M, G, T (an optional trailing 'iB' or 'B' is accepted)."""
-    from blockmig.sizes import parse_size as parse
+def _argument_type(parse):
+    """A blockmig.sizes / blockmig.ids parser as an argparse type: its ValueError or UsageError is the one line."""
 
-    try:
-        return parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    def convert(text: str):
+        try:
+            return parse(text)
+        except (ValueError, UsageError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+parse_size = _argument_type(sizes.parse_size)  # '4M' -> 4194304: binary suffixes K, M, G, T ('iB', 'B' accepted)
+chunk_size_argument = _argument_type(sizes.parse_chunk_size)  # a positive multiple of 4096, at most 256M
+max_rate_argument = _argument_type(sizes.parse_max_rate)  # bytes per second, at least 1M
+id_argument = _argument_type(lambda text: check_id(text, "id"))
+
+
+def _seconds_argument(low: float, high: float, low_included: bool = True):
+    """A number of seconds in a range; nan and inf are not seconds (a nan timeout would never expire)."""
+
+    def parse_seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"not a number of seconds: {text!r}") from None
+        if not math.isfinite(value) or not (low <= value if low_included else low < value) or value > high:
+            raise ValueError(f"{text!r} seconds: must be {'from' if low_included else 'above'} {low:g} "
+                             f"{'to' if low_included else 'and at most'} {high:g}")
+        return value
+
+    return _argument_type(parse_seconds)
 
 
 def _add_copy(sub) -> None:
     parser = sub.add_parser("copy", help="copy SOURCE onto DEST through the guard, resumable")
     parser.add_argument("source", metavar="SOURCE", help="source block device (read with O_DIRECT)")
     parser.add_argument("destination", metavar="DEST", help="destination block device, at least as large")
-    parser.add_argument("--chunk-size", type=parse_size, help="chunk length, e.g. 4M (default 4M, or the journal's)")
+    parser.add_argument("--chunk-size", type=chunk_size_argument,
+                        help="chunk length, a multiple of 4K up to 256M, e.g. 4M (default 4M, or the journal's)")
     parser.add_argument("--journal", help="copy journal (default /var/lib/blockmig/copy-<hash of paths>.json)")
     parser.add_argument("--resume", action="store_true", help="continue from the journal (start fresh if none)")
-    parser.add_argument("--max-rate", type=parse_size, help="throttle to this many bytes per second, e.g. 100M")
-    parser.add_argument("--journal-interval", type=float, default=DEFAULT_JOURNAL_INTERVAL, metavar="SECONDS",
+    parser.add_argument("--max-rate", type=max_rate_argument,
+                        help="throttle to this many bytes per second, at least 1M, e.g. 100M")
+    parser.add_argument("--journal-interval", type=_seconds_argument(0, 3600), default=DEFAULT_JOURNAL_INTERVAL,
+                        metavar="SECONDS",
                         help="seconds between journal writes (default 1; 0: after every acknowledged chunk)")
     parser.add_argument("--manifest", help="also write the manifest (chunk digests) to this file")
     parser.add_argument("--allow-files", action="store_true", help="accept regular files (tests, dry runs)")
@@ -81,7 +111,7 @@ def _cmd_copy(args) -> int:
             on_event=render,
         )
     if args.manifest:
-        write_json_atomically(args.manifest, manifest.to_dict())
+        write_json_atomically(args.manifest, manifest.to_dict(), private_dir=False)  # a file the user names
     if not args.json:
         print(f"copied {args.source} -> {args.destination}: {manifest.size} bytes in {manifest.chunk_count} chunks, "
               f"volume digest sha256:{manifest.volume_digest}")
@@ -129,7 +159,7 @@ def _add_migrate(sub) -> None:
                         help="online: the host keeps writing, changes are tracked on the maps stacked on its multipath "
                              "map (LVM) and copied in delta passes, IO is held only for the last delta; offline: a "
                              "fence for the whole copy (default: online where the host's writes can be tracked)")
-    parser.add_argument("--max-hold", type=float, metavar="SECONDS",
+    parser.add_argument("--max-hold", type=_seconds_argument(0, 60, low_included=False), metavar="SECONDS",
                         help="online: hold host IO only once the last delta is estimated to copy in this long (default 1)")
     parser.add_argument("--fence", choices=("writeprotect", "suspend", "none"),
                         help="offline: keep the source unchanged during the copy: write-protect the host's mapping "
@@ -137,14 +167,17 @@ def _add_migrate(sub) -> None:
     parser.add_argument("--switch", choices=("multipath", "relogin", "together"),
                         help="move the host by a multipath path switch (default) or iSCSI logout/login; "
                              "together: a plan's maps switched as one consistency group")
-    parser.add_argument("--switch-timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--switch-timeout", type=_seconds_argument(1, 600), metavar="SECONDS",
                         help="if the destination path is not in the map this long after the hold began, put the "
                              "source path back and stop (default 10)")
     parser.add_argument("--worm", action="store_true", default=None,
                         help="write-protect the destination for the host afterwards")
-    parser.add_argument("--chunk-size", type=parse_size, help="chunk length (default 4M)")
-    parser.add_argument("--max-rate", type=parse_size, help="throttle the copy to this many bytes per second")
-    parser.add_argument("--id", dest="migration_id", help="migration (or plan) id (default: time and WWID)")
+    parser.add_argument("--chunk-size", type=chunk_size_argument,
+                        help="chunk length, a multiple of 4K and of the volume's block size, up to 256M (default 4M)")
+    parser.add_argument("--max-rate", type=max_rate_argument,
+                        help="throttle the copy to this many bytes per second (at least 1M)")
+    parser.add_argument("--id", dest="migration_id", type=id_argument,
+                        help="migration (or plan) id: letters, digits, '.', '_', '-', at most 41 (default: time and WWID)")
     parser.add_argument("--json", action="store_true", help="one JSON event per line on stdout, then the report")
     parser.set_defaults(func=_cmd_migrate)
 
@@ -222,7 +255,7 @@ def _print_plan_report(report: dict, as_json: bool) -> int:
 
 def _add_resume(sub) -> None:
     parser = sub.add_parser("resume", help="finish a migration that stopped (crash, kill, error)")
-    parser.add_argument("migration_id", metavar="ID")
+    parser.add_argument("migration_id", metavar="ID", type=id_argument)
     parser.add_argument("--json", action="store_true", help="one JSON event per line on stdout, then the report")
     parser.set_defaults(func=_cmd_resume)
 
@@ -244,7 +277,7 @@ def _cmd_resume(args) -> int:
 
 def _add_rollback(sub) -> None:
     parser = sub.add_parser("rollback", help="before the switch: back to the source, destination removed")
-    parser.add_argument("migration_id", metavar="ID")
+    parser.add_argument("migration_id", metavar="ID", type=id_argument)
     parser.add_argument("--json", action="store_true", help="print the final state as JSON")
     parser.set_defaults(func=_cmd_rollback)
 
@@ -276,7 +309,7 @@ def _cmd_rollback(args) -> int:
 
 def _add_status(sub) -> None:
     parser = sub.add_parser("status", help="show migrations (all, or one ID) from their journals")
-    parser.add_argument("migration_id", metavar="ID", nargs="?")
+    parser.add_argument("migration_id", metavar="ID", nargs="?", type=id_argument)
     parser.add_argument("--json", action="store_true", help="machine-readable")
     parser.set_defaults(func=_cmd_status)
 
@@ -284,18 +317,25 @@ def _add_status(sub) -> None:
 def _cmd_status(args) -> int:
     from blockmig import plan
     from blockmig.migration import migration_status
+    from blockmig.state import unreadable_journals
 
     if args.migration_id and plan.is_plan(args.migration_id):
         _print_plan_status(plan.plan_status(args.migration_id), args.json)
         return 0
     plans = [] if args.migration_id else plan.list_plans()
     summaries = migration_status(args.migration_id)
+    unreadable = [] if args.migration_id else [
+        {"kind": damaged.kind, "id": damaged.name, "path": damaged.path, "error": damaged.reason}
+        for damaged in unreadable_journals()]
     if args.json:
-        print(json.dumps(summaries[0] if args.migration_id else {"plans": plans, "migrations": summaries}, indent=2))
+        print(json.dumps(summaries[0] if args.migration_id else
+                         {"plans": plans, "migrations": summaries, "unreadable": unreadable}, indent=2))
         return 0
     for found in plans:
         print(f"plan {found['id']}: {found['state']}, switch {found['policy']}, members {', '.join(found['members'])}")
-    if not summaries:
+    for damaged in unreadable:  # listed, never in the way of the others
+        print(f"{damaged['kind']} {damaged['id']}: unreadable ({damaged['error']})")
+    if not summaries and not unreadable:
         print("no migrations")
     for summary in summaries:
         source, destination = summary["source"], summary["destination"]

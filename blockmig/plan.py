@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import threading
 import time
@@ -26,10 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from blockmig.array import lio
+from blockmig.datapath.digest import MAX_MANIFEST_BYTES
 from blockmig.errors import BlockmigError, JournalError, MigrationError, UsageError
 from blockmig.faults import checkpoint
 from blockmig.host import iscsi, multipath
 from blockmig.host.devices import map_disks, resolve_host_device
+from blockmig.ids import check_id
 from blockmig.migration import (
     FENCES,
     SWITCHES,
@@ -43,10 +44,11 @@ from blockmig.migration import (
 )
 from blockmig.orchestrator.host_switch import SwitchFacts
 from blockmig.orchestrator.online import MODES
-from blockmig.sizes import parse_size
+from blockmig.safefile import read_bounded
+from blockmig.sizes import parse_chunk_size, parse_max_rate
 from blockmig.state import MigrationJournal, PlanJournal, VolumeLock, migration_exists
 
-ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}"
+MAX_PLAN_FILE_BYTES = 1 << 20  # a plan of thousands of volumes is a few hundred KiB
 POLICIES = ("each", "together")
 DEFAULT_PARALLEL = 2
 # What a plan's `defaults` and each volume may set, and the MigrationRequest field it fills.
@@ -65,7 +67,6 @@ VOLUME_OPTIONS = (
     "max_hold",
 )
 PLAN_KEYS = ("id", "parallel", "defaults", "volumes")
-__all__ = ["parse_size"]  # plan files and the CLI share the size parser (blockmig/sizes.py)
 
 
 @dataclass
@@ -87,20 +88,20 @@ def load_plan_file(path: str, overrides: dict | None = None) -> PlanSpec:
     """Read and check a JSON or TOML plan; `overrides` (options given on the command line) beat its
     defaults."""
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except OSError as exc:
+        raw = read_bounded(path, MAX_PLAN_FILE_BYTES, "plan", follow_links=True)
+    except FileNotFoundError as exc:
         raise UsageError(f"{path}: cannot read the plan: {exc.strerror}") from None
+    except JournalError as exc:  # not a regular file, too large, unreadable
+        raise UsageError(str(exc)) from None
+    kind = "TOML" if path.endswith(".toml") else "JSON"
     try:
-        if path.endswith(".toml"):
+        if kind == "TOML":
             document = tomllib.loads(raw.decode("utf-8"))
         else:
             document = json.loads(raw)
-    except (
-        ValueError,
-        UnicodeDecodeError,
-    ) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
-        kind = "TOML" if path.endswith(".toml") else "JSON"
+    except RecursionError:
+        raise UsageError(f"{path}: not a plan: {kind} nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         raise UsageError(f"{path}: not valid {kind}: {exc}") from None
     return plan_from_document(document, path, overrides)
 
@@ -111,7 +112,7 @@ def plan_from_document(document, where: str, overrides: dict | None = None) -> P
     _refuse_unknown_keys(document, PLAN_KEYS, where)
     plan_id = document.get("id")
     if plan_id is not None:
-        _check_id(plan_id, f"{where}: id")
+        check_id(plan_id, f"{where}: id")
     parallel = document.get("parallel", DEFAULT_PARALLEL)
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise UsageError(f"{where}: parallel: must be a whole number of at least 1, not {parallel!r}")
@@ -129,12 +130,14 @@ def plan_from_document(document, where: str, overrides: dict | None = None) -> P
         if not isinstance(volume, dict):
             raise UsageError(f"{label}: must be a table with a 'device'")
         if isinstance(volume.get("device"), str):
+            if _bad_text(volume["device"]):
+                raise UsageError(f"{label}: device: {_bad_text(volume['device'])}")
             label += f" ({volume['device']})"
         _refuse_unknown_keys(volume, ("device", "id") + VOLUME_OPTIONS, label)
         if not isinstance(volume.get("device"), str) or not volume["device"]:
             raise UsageError(f"{label}: device: required, the host's device (e.g. /dev/mapper/mpatha)")
         if "id" in volume:
-            _check_id(volume["id"], f"{label}: id")
+            check_id(volume["id"], f"{label}: id")
         entries.append(
             (
                 label,
@@ -198,9 +201,19 @@ def _refuse_unknown_keys(table: dict, allowed: tuple[str, ...], where: str) -> N
         raise UsageError(f"{where}: {unknown[0]}: unknown key (known: {', '.join(allowed)})")
 
 
-def _check_id(value, where: str) -> None:
-    if not isinstance(value, str) or not re.fullmatch(ID_PATTERN, value):
-        raise UsageError(f"{where}: {value!r} is not an id: use letters, digits, '.', '_', '-' (max 41)")
+def _bad_text(value: str) -> str | None:
+    """What is wrong with a path or name from a plan file, if anything: a NUL would be a traceback in os
+    calls,
+    a newline would break the one-line error that names it."""
+    if any(ord(character) < 0x20 or character == "\x7f" for character in value):
+        return "contains a control character (NUL, newline, ...)"
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 text (a lone surrogate)"
+    if len(value) > 4096:
+        return f"{len(value)} characters long (at most 4096)"
+    return None
 
 
 def _checked_options(options: dict, where: str) -> dict:
@@ -211,6 +224,8 @@ def _checked_options(options: dict, where: str) -> dict:
         if key in ("to_target", "backing_dir", "backing_device"):
             if not isinstance(value, str) or not value:
                 problem = "must be a non-empty string"
+            else:
+                problem = _bad_text(value)
         elif key == "to_portal":
             try:
                 if not isinstance(value, str) or ":" not in value:
@@ -229,12 +244,9 @@ def _checked_options(options: dict, where: str) -> dict:
                 value = float(value)
         elif key in ("chunk_size", "max_rate"):
             try:
-                value = parse_size(value)
+                value = parse_chunk_size(value) if key == "chunk_size" else parse_max_rate(value)
             except ValueError as exc:
                 problem = str(exc)
-            else:
-                if key == "chunk_size" and value % 4096:
-                    problem = f"{value} is not a multiple of 4096"
         elif key == "mode" and value not in MODES:
             problem = f"{value!r}: must be one of {', '.join(MODES)}"
         elif key == "max_hold":
@@ -282,7 +294,7 @@ def devices_of_target(target_iqn: str, include_bare_disks: bool) -> list[str]:
 def plan_volumes(spec: PlanSpec) -> PlanJournal:
     """Plan every volume (nothing changes on arrays or host) and write the plan journal; one refusal plans
     none."""
-    plan_id = spec.plan_id or f"plan-{time.strftime('%Y%m%d-%H%M%S')}"
+    plan_id = check_id(spec.plan_id or f"plan-{time.strftime('%Y%m%d-%H%M%S')}", "plan id")
     if PlanJournal.exists(plan_id) or migration_exists(plan_id):
         raise UsageError(f"plan id {plan_id} is taken (by a plan or a migration): choose another with --id")
     requests = [
@@ -515,10 +527,10 @@ def _copied_bytes(journal: MigrationJournal) -> int:
     if journal.is_done("copy"):
         return journal.data["source"]["size"]
     try:
-        with open(journal.copy_journal_path, encoding="utf-8") as handle:
-            return int(json.load(handle).get("reserved_address", 0))
-    except (OSError, ValueError):
-        return 0
+        return int(json.loads(read_bounded(journal.copy_journal_path, MAX_MANIFEST_BYTES, "copy journal"))
+                   .get("reserved_address", 0))
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError, JournalError):
+        return 0  # status shows what it can; resume reads the copy journal with every check
 
 
 def _plan_report(plan: PlanJournal, journals: list[MigrationJournal], outcomes: dict, wall: float) -> dict:

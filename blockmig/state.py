@@ -6,24 +6,37 @@ written atomically (the copy engine's writer: temp file, fsync, rename), so
 after kill -9 the journal is the last complete state and `resume` or
 `rollback` can carry on from it.
 
-A lock per source WWID (fcntl.flock on /run/lock/blockmig-<wwid>.lock) keeps
+A lock per source WWID (fcntl.flock on /run/blockmig/locks/blockmig-<wwid>.lock) keeps
 two blockmig processes off one volume. The kernel drops it when the holder dies,
-so a resume after kill -9 can take it at once.
+so a resume after kill -9 can take it at once. Its directory is root's alone (0700):
+in a world-writable one (/run/lock) any user could hold the lock, keeping a fenced
+volume from being resumed, or plant a link there for root to write through.
+
+Every id becomes a directory name, so every path here is built from a checked id
+(blockmig.ids); state directories and files are made by blockmig.safefile (0700, 0600).
+One unreadable journal is listed by name (`unreadable_journals`), never allowed to
+break `status` or the planning of other volumes.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
+import re
+import stat
 import time
 from datetime import datetime, timezone
+from typing import NamedTuple
 
+from blockmig.datapath.digest import parse_json_document
 from blockmig.datapath.journal import write_json_atomically
-from blockmig.errors import JournalError, MigrationError
+from blockmig.errors import JournalError, MigrationError, UsageError
+from blockmig.ids import check_id, is_valid_id
+from blockmig.safefile import ensure_private_dir, read_bounded
 
 FORMAT = "blockmig-migration/1"
 PLAN_FORMAT = "blockmig-plan/1"
+MAX_JOURNAL_BYTES = 16 << 20  # a migration journal is a few KiB; a plan's lists its members
 STEPS = ("plan", "create_destination", "fence", "copy", "verify", "switch", "finish")
 
 
@@ -38,25 +51,49 @@ def plans_root() -> str:
 
 
 def lock_root() -> str:
-    return os.environ.get("BLOCKMIG_LOCK_DIR", "/run/lock")
+    """Root's alone (made 0700); BLOCKMIG_LOCK_DIR moves it (unit tests)."""
+    return os.environ.get("BLOCKMIG_LOCK_DIR", "/run/blockmig/locks")
+
+
+def migration_directory(migration_id: str) -> str:
+    """<state root>/<ID>; the id is checked first, so no path can climb out of the state root."""
+    return os.path.join(state_root(), check_id(migration_id, "migration id"))
+
+
+def plan_directory(plan_id: str) -> str:
+    return os.path.join(plans_root(), check_id(plan_id, "plan id"))
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+# What every journal must hold for status, resume and rollback to read it without a traceback.
+_REQUIRED = {FORMAT: {"state": str, "steps": dict, "source": dict, "created": str},
+             PLAN_FORMAT: {"members": list, "policy": str, "parallel": int, "created": str}}
+
+
 def _read_journal(path: str, format_name: str, kind: str, journal_id: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        raw = read_bounded(path, MAX_JOURNAL_BYTES, f"{kind} journal")
     except FileNotFoundError:
         raise JournalError(f"no {kind} {journal_id} (no {path})") from None
-    except OSError as exc:
-        raise JournalError(f"cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise JournalError(f"{path} is not valid JSON ({exc})") from None
+    data = parse_json_document(raw, path, f"{kind} journal")
     if data.get("format") != format_name or data.get("id") != journal_id:
         raise JournalError(f"{path} is not the journal of {kind} {journal_id}")
+    for key, kind_of in _REQUIRED[format_name].items():
+        if not isinstance(data.get(key), kind_of) or isinstance(data.get(key), bool):
+            raise JournalError(f"{path} is damaged: {key} is {type(data.get(key)).__name__}, "
+                               f"not {kind_of.__name__}")
+    if format_name == FORMAT and not isinstance(data["source"].get("wwid"), str):
+        raise JournalError(f"{path} is damaged: it names no source WWID")
+    if format_name == FORMAT and not all(isinstance(step, dict) for step in data["steps"].values()):
+        raise JournalError(f"{path} is damaged: a step is not a table")
+    for key, may_be_null in (("destination", False), ("migrator", False), ("online", True), ("report", True)):
+        if key in data and not isinstance(data[key], dict) and not (may_be_null and data[key] is None):
+            raise JournalError(f"{path} is damaged: {key} is {type(data[key]).__name__}, not a table")
+    if format_name == PLAN_FORMAT and not all(is_valid_id(member) for member in data["members"]):
+        raise JournalError(f"{path} is damaged: its members are not migration ids")
     return data
 
 
@@ -74,6 +111,7 @@ class _Journal:
 
     def save(self) -> None:
         self.data["updated"] = _now()
+        ensure_private_dir(os.path.dirname(os.path.dirname(self.path)))  # the root, so ID/ is made 0700 in it
         write_json_atomically(self.path, self.data)
 
 
@@ -83,7 +121,7 @@ class MigrationJournal(_Journal):
     # -- identity and files ------------------------------------------------
     @property
     def directory(self) -> str:
-        return os.path.join(state_root(), self.id)
+        return migration_directory(self.id)
 
     @property
     def path(self) -> str:
@@ -100,8 +138,7 @@ class MigrationJournal(_Journal):
     # -- creation and loading ------------------------------------------------
     @classmethod
     def create(cls, migration_id: str, **fields) -> "MigrationJournal":
-        if not migration_id or "/" in migration_id or migration_id.startswith("."):
-            raise MigrationError(f"invalid migration id {migration_id!r}")
+        check_id(migration_id, "migration id")
         journal = cls(
             {
                 "format": FORMAT,
@@ -121,19 +158,13 @@ class MigrationJournal(_Journal):
 
     @classmethod
     def load(cls, migration_id: str) -> "MigrationJournal":
-        return cls(_read_journal(os.path.join(state_root(), migration_id, "journal.json"), FORMAT, "migration",
-                                 migration_id))
+        return cls(_read_journal(os.path.join(migration_directory(migration_id), "journal.json"), FORMAT,
+                                 "migration", migration_id))
 
     @classmethod
     def list_all(cls) -> list["MigrationJournal"]:
-        root = state_root()
-        if not os.path.isdir(root):
-            return []
-        journals = []
-        for name in sorted(os.listdir(root)):
-            if os.path.exists(os.path.join(root, name, "journal.json")):
-                journals.append(cls.load(name))
-        return sorted(journals, key=lambda journal: journal.data["created"])
+        """Every readable migration journal, oldest first; the unreadable ones: `unreadable_journals()`."""
+        return _list_journals(state_root(), "journal.json", cls.load)[0]
 
     # -- steps -----------------------------------------------------------------
     def step(self, name: str) -> dict:
@@ -208,7 +239,7 @@ class PlanJournal(_Journal):
 
     @property
     def path(self) -> str:
-        return os.path.join(plans_root(), self.id, "plan.json")
+        return os.path.join(plan_directory(self.id), "plan.json")
 
     @property
     def members(self) -> list[str]:
@@ -216,6 +247,7 @@ class PlanJournal(_Journal):
 
     @classmethod
     def create(cls, plan_id: str, **fields) -> "PlanJournal":
+        check_id(plan_id, "plan id")
         plan = cls({"format": PLAN_FORMAT, "id": plan_id, "created": _now(), **fields})
         if os.path.exists(plan.path):
             raise MigrationError(f"plan {plan_id} already exists ({plan.path})")
@@ -224,41 +256,128 @@ class PlanJournal(_Journal):
 
     @classmethod
     def exists(cls, plan_id: str) -> bool:
-        return os.path.exists(os.path.join(plans_root(), plan_id, "plan.json"))
+        return os.path.lexists(os.path.join(plan_directory(plan_id), "plan.json"))
 
     @classmethod
     def load(cls, plan_id: str) -> "PlanJournal":
-        return cls(_read_journal(os.path.join(plans_root(), plan_id, "plan.json"), PLAN_FORMAT, "plan", plan_id))
+        return cls(_read_journal(os.path.join(plan_directory(plan_id), "plan.json"), PLAN_FORMAT, "plan", plan_id))
 
     @classmethod
     def list_all(cls) -> list["PlanJournal"]:
-        root = plans_root()
-        names = sorted(os.listdir(root)) if os.path.isdir(root) else []
-        plans = [cls.load(name) for name in names if cls.exists(name)]
-        return sorted(plans, key=lambda plan: plan.data["created"])
+        return _list_journals(plans_root(), "plan.json", cls.load)[0]
 
 
 def migration_exists(migration_id: str) -> bool:
-    return os.path.exists(os.path.join(state_root(), migration_id, "journal.json"))
+    return os.path.lexists(os.path.join(migration_directory(migration_id), "journal.json"))
+
+
+class UnreadableJournal(NamedTuple):
+    """A journal `status` lists by name with why it cannot be read; `wwids`: the WWIDs its bytes still name."""
+
+    kind: str  # "migration" or "plan"
+    name: str
+    path: str
+    reason: str
+    wwids: frozenset
+
+
+_WWID_TEXT = re.compile(rb"\b3[0-9a-f]{15,39}\b")
+
+
+def _list_journals(root: str, file_name: str, load) -> tuple[list, list[UnreadableJournal]]:
+    """(readable journals oldest first, unreadable ones) under `root`; one bad journal never hides the others."""
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return [], []
+    except OSError as exc:
+        raise JournalError(f"cannot list {root}: {exc.strerror}") from None
+    kind = "plan" if file_name == "plan.json" else "migration"
+    journals, unreadable = [], []
+    for name in names:
+        path = os.path.join(root, name, file_name)
+        if not os.path.lexists(path):
+            continue
+        try:
+            if not is_valid_id(name):
+                raise JournalError(f"{name!r} is not a blockmig id (not made by blockmig)")
+            journals.append(load(name))
+        except (JournalError, UsageError) as exc:
+            unreadable.append(UnreadableJournal(kind, name, path, str(exc), _wwids_named_in(path)))
+    return sorted(journals, key=lambda journal: journal.data["created"]), unreadable
+
+
+def _wwids_named_in(path: str) -> frozenset:
+    """WWIDs (36001405...) in a damaged journal's bytes: enough to tell whose volume it may be."""
+    try:
+        raw = read_bounded(path, MAX_JOURNAL_BYTES, "journal")
+    except (OSError, JournalError):
+        return frozenset()
+    return frozenset(match.decode() for match in _WWID_TEXT.findall(raw.lower()))
+
+
+def unreadable_journals() -> list[UnreadableJournal]:
+    """Plans, then migrations, whose journal cannot be read: what `blockmig status` lists as unreadable."""
+    return (_list_journals(plans_root(), "plan.json", PlanJournal.load)[1]
+            + _list_journals(state_root(), "journal.json", MigrationJournal.load)[1])
+
+
+def refuse_unfinished_migration_of(wwid: str) -> None:
+    """A new migration of a volume with one unfinished would fight it for the arrays and the host's map.
+
+    A damaged journal cannot say its state: it blocks the volumes whose WWID its bytes still name, and,
+    if it names none at all, every volume (it could be any one's); journals that name other volumes only
+    leave this one free. Journals are written atomically, so damage is an edit or a disk fault: rare, and
+    worth an admin's look before anything else moves.
+    """
+    journals, unreadable = _list_journals(state_root(), "journal.json", MigrationJournal.load)
+    for journal in journals:
+        if journal.data["source"]["wwid"] == wwid and journal.data["state"] not in ("done", "rolled_back"):
+            raise MigrationError(
+                f"migration {journal.id} of this volume is unfinished ({journal.data['state']}): "
+                f"blockmig resume {journal.id} or blockmig rollback {journal.id}"
+            )
+    for damaged in unreadable:
+        if wwid.lower() in damaged.wwids or not damaged.wwids:
+            whose = "names this volume's WWID" if damaged.wwids else "names no WWID, so it could be this volume's"
+            raise JournalError(f"migration journal {damaged.path} is unreadable ({damaged.reason}) and {whose}: "
+                               "repair or move it away, then plan again")
 
 
 class VolumeLock:
-    """An exclusive lock on one source volume, held for the life of a blockmig process."""
+    """An exclusive lock on one source volume, held for the life of a blockmig process.
+
+    The lock file lives in a directory only root can enter, is opened O_NOFOLLOW|O_CLOEXEC and is 0600:
+    another user can neither flock it nor make root write through a planted link, and a child process
+    (iscsiadm, multipathd) does not inherit it.
+    """
 
     def __init__(self, wwid: str, migration_id: str):
+        if not re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", wwid or ""):
+            raise JournalError(f"cannot lock volume {wwid!r}: not a WWID")
         self.path = os.path.join(lock_root(), f"blockmig-{wwid}.lock")
         self.migration_id = migration_id
         self._fd: int | None = None
 
     def acquire(self) -> "VolumeLock":
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        ensure_private_dir(os.path.dirname(self.path))
         try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise JournalError(f"cannot open lock {self.path}: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                raise JournalError(f"refusing lock {self.path}: not a regular file of uid {os.geteuid()}")
+            os.fchmod(fd, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise MigrationError(f"a migration of this volume is already running ({holder}; lock {self.path})") from None
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"migration {self.migration_id}, pid {os.getpid()}, since {time.strftime('%H:%M:%S')}\n".encode(), 0)
         self._fd = fd

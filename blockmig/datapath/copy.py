@@ -26,6 +26,7 @@ from blockmig.datapath.guard import DestinationGuard, WriteAck
 from blockmig.datapath.journal import CopyJournal, default_journal_path
 from blockmig.datapath.readahead import ReadAhead
 from blockmig.errors import JournalError, UsageError
+from blockmig.sizes import MAX_CHUNK_SIZE
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 DEFAULT_QUEUE_DEPTH = None  # chunks read ahead: None is readahead.default_depth(chunk size), 6 of 4 MiB
@@ -64,12 +65,16 @@ def copy_volume(
     """
     emit = on_event or (lambda event: None)
     require_root_for_block_devices(source, destination)
+    private_journal = journal_path is None  # blockmig's own directory; a journal the user names may be anywhere
     journal_path = journal_path or default_journal_path(source, destination)
+    if chunk_size is not None and not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise UsageError(f"chunk size {chunk_size} must be from 1 to {MAX_CHUNK_SIZE} bytes (sizes.MAX_CHUNK_SIZE)")
     source_volume = open_source(source, allow_regular_files)
     destination_volume: Volume | None = None
     try:
         destination_volume = open_destination(destination, allow_regular_files)
-        journal = _open_journal(journal_path, source_volume, destination_volume, chunk_size, resume)
+        journal = _open_journal(journal_path, source_volume, destination_volume, chunk_size, resume,
+                                private_journal)
         check_copy_pair(source_volume.info, destination_volume.info, journal.manifest.chunk_size)
         journal.save()  # proves the journal is writable before the first byte is
         guard = DestinationGuard(destination_volume, journal.reserved_address)
@@ -83,12 +88,14 @@ def copy_volume(
     return journal.manifest
 
 
-def _open_journal(path: str, source: Volume, destination: Volume, chunk_size: int | None, resume: bool) -> CopyJournal:
-    if not os.path.exists(path):
+def _open_journal(path: str, source: Volume, destination: Volume, chunk_size: int | None, resume: bool,
+                  private: bool) -> CopyJournal:
+    if not os.path.lexists(path):
         manifest = Manifest(source.info.size, chunk_size or DEFAULT_CHUNK_SIZE)
-        return CopyJournal(path, source.info, destination.info, manifest)
-    journal = CopyJournal.load(path)
+        return CopyJournal(path, source.info, destination.info, manifest, private)
+    journal = CopyJournal.load(path, private)
     journal.check_belongs_to(source.info, destination.info)
+    journal.check_matches_source(source.info)
     if not resume:
         state = "complete" if journal.manifest.complete else f"at byte {journal.reserved_address} of {journal.manifest.size}"
         raise JournalError(f"journal {path} exists (copy {state}): pass --resume to continue, or delete it to start over")

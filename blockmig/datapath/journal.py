@@ -13,8 +13,9 @@ import json
 import os
 
 from blockmig.datapath.blockdev import VolumeInfo
-from blockmig.datapath.digest import Manifest
+from blockmig.datapath.digest import MAX_MANIFEST_BYTES, Manifest, parse_json_document
 from blockmig.errors import JournalError
+from blockmig.safefile import read_bounded, write_atomically
 
 JOURNAL_DIR = "/var/lib/blockmig"
 FORMAT = "blockmig-copy-journal/1"
@@ -26,30 +27,21 @@ def default_journal_path(source: str, destination: str) -> str:
     return os.path.join(JOURNAL_DIR, f"copy-{hashlib.sha256(pair.encode()).hexdigest()[:16]}.json")
 
 
-def write_json_atomically(path: str, data: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = f"{path}.tmp"
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, separators=(",", ":"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
-    except OSError as exc:
-        raise JournalError(f"cannot write {path}: {exc.strerror}") from None
+def write_json_atomically(path: str, data: dict, *, private_dir: bool = True) -> None:
+    """Replace `path` with `data` as JSON (safefile: 0600, exclusive unfollowed temp file, fsyncs, rename).
+
+    private_dir: the directory is blockmig's state (made or checked 0700); False for a file the user named.
+    """
+    write_atomically(path, json.dumps(data, separators=(",", ":")).encode(), private_dir=private_dir)
 
 
 class CopyJournal:
     """A plain class: see blockdev.VolumeInfo."""
 
-    def __init__(self, path: str, source: VolumeInfo, destination: VolumeInfo, manifest: Manifest):
+    def __init__(self, path: str, source: VolumeInfo, destination: VolumeInfo, manifest: Manifest,
+                 private_dir: bool = True):
         self.path, self.source, self.destination, self.manifest = path, source, destination, manifest
+        self.private_dir = private_dir
 
     @property
     def reserved_address(self) -> int:
@@ -67,26 +59,32 @@ class CopyJournal:
                 "complete": self.manifest.complete,
                 "manifest": self.manifest.to_dict(),
             },
+            private_dir=self.private_dir,
         )
 
     @classmethod
-    def load(cls, path: str) -> "CopyJournal":
+    def load(cls, path: str, private_dir: bool = True) -> "CopyJournal":
+        """JournalError (one line) for anything that is not a consistent copy journal."""
         try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
+            raw = read_bounded(path, MAX_MANIFEST_BYTES, "copy journal")  # never through a link
+        except FileNotFoundError as exc:
+            raise JournalError(f"cannot read journal {path}: {exc.strerror}") from None
+        data = parse_json_document(raw, path, "copy journal")
+        try:
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}")
             journal = cls(
                 path,
-                VolumeInfo.from_dict(data["source"]),
-                VolumeInfo.from_dict(data["destination"]),
+                _volume_info(data["source"]),
+                _volume_info(data["destination"]),
                 Manifest.from_dict(data["manifest"]),
+                private_dir,
             )
-        except OSError as exc:
-            raise JournalError(f"cannot read journal {path}: {exc.strerror}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise JournalError(f"{path} is not a blockmig copy journal ({exc})") from None
-        if data["reserved_address"] != journal.reserved_address:
+        except JournalError as exc:
+            raise JournalError(f"{path} is not a usable copy journal: {exc}") from None
+        if data.get("reserved_address") != journal.reserved_address:
             raise JournalError(f"journal {path} is inconsistent: reserved address does not match its digests")
         return journal
 
@@ -98,3 +96,22 @@ class CopyJournal:
                     f"({recorded.size} bytes, {recorded.serial or recorded.device}), "
                     f"not {actual.path} ({actual.size} bytes, {actual.serial or actual.device})"
                 )
+
+    def check_matches_source(self, source: VolumeInfo) -> None:
+        """The manifest must span the whole source: one of another size would resume and verify only a part."""
+        if self.manifest.size != source.size:
+            raise JournalError(f"journal {self.path} records a {self.manifest.size}-byte copy, but the source "
+                               f"{source.path} holds {source.size} bytes: delete it to start over")
+
+
+_VOLUME_FIELD_TYPES = {"path": str, "size": int, "logical_block_size": int, "is_block_device": bool}
+
+
+def _volume_info(data) -> VolumeInfo:
+    """A recorded volume with the types the checks rely on (a bool is not a size)."""
+    info = VolumeInfo.from_dict(data)
+    for name, kind in _VOLUME_FIELD_TYPES.items():
+        value = getattr(info, name)
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
+            raise ValueError(f"{name} {value!r}")
+    return info

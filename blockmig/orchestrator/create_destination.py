@@ -11,6 +11,7 @@ from blockmig.errors import ArrayError, MigrationError
 from blockmig.host import iscsi, multipath, udev
 from blockmig.orchestrator.host_switch import HostSwitch, existing_destination_volume
 from blockmig.orchestrator.sequencer import BaseStep
+from blockmig.safefile import write_atomically
 from blockmig.sysfs import read_attribute
 
 MULTIPATH_CONF_DIR = "/etc/multipath/conf.d"
@@ -108,9 +109,7 @@ def _blacklist_temporary_wwid(migration) -> None:
     )
     if read_attribute(path) != text.strip():
         os.makedirs(MULTIPATH_CONF_DIR, exist_ok=True)
-        with open(path + ".tmp", "w") as handle:
-            handle.write(text)
-        os.replace(path + ".tmp", path)
+        write_atomically(path, text.encode(), mode=0o644, private_dir=False)  # multipathd's, not ours
         multipath.reconfigure()
 
 

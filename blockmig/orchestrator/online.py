@@ -351,7 +351,7 @@ def converge(
         state["pass1_done"] = True
         state["pass1_rate"] = manifest.size / pass1_seconds if pass1_seconds else None
         journal.save()
-    manifest = load_manifest(journal.manifest_path)
+    manifest = load_manifest(journal.manifest_path, state_file=True)
     resume_era_maps(journal)
     map_name = journal.data["source"]["map"]
     history = []
@@ -593,7 +593,7 @@ class OnlineSwitch(HostSwitch):
         manifest."""
         began = time.monotonic()
         state = self.journal.data["online"]
-        manifest = load_manifest(self.journal.manifest_path)
+        manifest = load_manifest(self.journal.manifest_path, state_file=True)
         chunks = _delta_chunks(self.journal, state["base_era"], self.map_name, self.source_disk(), manifest)
         copy_delta(self.source_disk(), self.destination_disk(), chunks, manifest)
         write_json_atomically(self.journal.manifest_path, manifest.to_dict())

@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import time
 import uuid
 from dataclasses import dataclass
 
+from blockmig import sizes
 from blockmig.array import lio
 from blockmig.datapath.copy import DEFAULT_CHUNK_SIZE
 from blockmig.errors import ArrayError, DeviceError, HostError, MigrationError, UsageError
 from blockmig.host import iscsi, multipath, usage
 from blockmig.host.devices import HostDevice, resolve_host_device
+from blockmig.ids import check_id
 from blockmig.orchestrator import online
 from blockmig.orchestrator.host_switch import DEFAULT_SWITCH_TIMEOUT
 from blockmig.orchestrator.sequencer import BaseStep
-from blockmig.state import MigrationJournal, VolumeLock
+from blockmig.state import MigrationJournal, VolumeLock, refuse_unfinished_migration_of
 
 FENCES = ("writeprotect", "suspend", "none")
 SWITCHES = ("multipath", "relogin")
@@ -131,7 +134,7 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
         backing_created = True
     temporary_serial = str(uuid.uuid4())
     with VolumeLock(source["wwid"], migration_id):
-        _refuse_unfinished_migration_of(source["wwid"])
+        refuse_unfinished_migration_of(source["wwid"])
         return MigrationJournal.create(
             migration_id,
             source=source,
@@ -167,16 +170,16 @@ def _check_request(request: MigrationRequest) -> None:
         raise UsageError(f"--switch must be one of {', '.join(SWITCHES)}")
     if request.backing_dir and request.backing_device:
         raise UsageError("give --backing-dir or --backing-device, not both")
-    if request.chunk_size <= 0 or request.chunk_size % 4096:
-        raise UsageError(f"chunk size {request.chunk_size} must be a positive multiple of 4096")
+    try:  # the CLI and plan files parse these already; an API caller's values meet the same bounds
+        sizes.parse_chunk_size(request.chunk_size)
+        if request.max_rate is not None:
+            sizes.parse_max_rate(request.max_rate)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if not 1 <= request.switch_timeout <= 600:
         raise UsageError(f"switch timeout {request.switch_timeout:g} s must be between 1 and 600 s")
-    if request.migration_id is not None and not re.fullmatch(
-        r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", request.migration_id
-    ):
-        raise UsageError(
-            f"migration id {request.migration_id!r}: use letters, digits, '.', '_', '-' (max 41)"
-        )
+    if request.migration_id is not None:
+        check_id(request.migration_id, "migration id")
 
 
 def _refuse_a_fence_that_breaks_writers(host_device: HostDevice, fence: str) -> None:
@@ -245,18 +248,11 @@ def _describe_source(host_device: HostDevice) -> dict:
     }
 
 
-def _refuse_unfinished_migration_of(wwid: str) -> None:
-    for journal in MigrationJournal.list_all():
-        if journal.data["source"]["wwid"] == wwid and journal.data["state"] not in ("done", "rolled_back"):
-            raise MigrationError(
-                f"migration {journal.id} of this volume is unfinished ({journal.data['state']}): "
-                f"blockmig resume {journal.id} or blockmig rollback {journal.id}"
-            )
-
-
 def _check_backing_device(path: str, size: int) -> None:
     if not os.path.exists(path):
         raise DeviceError(f"no such device {path}")
+    if not (stat.S_ISBLK(os.stat(path).st_mode) or stat.S_ISREG(os.stat(path).st_mode)):  # a FIFO never opens
+        raise UsageError(f"--backing-device {path} is not a block device")
     with open(path, "rb") as device:
         device_size = device.seek(0, os.SEEK_END)
     if device_size < size:

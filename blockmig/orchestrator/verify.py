@@ -24,7 +24,7 @@ class VerifyStep(BaseStep):
     invalidates = ("switch",)
 
     def run(self, migration) -> dict:
-        manifest = load_manifest(migration.journal.manifest_path)
+        manifest = load_manifest(migration.journal.manifest_path, state_file=True)
         with migration.control_plane:
             destination_disk = migrator_disk(migration)
             check_geometry(migration, destination_disk)

@@ -202,7 +202,7 @@ def test_refused_login_leaves_both_arrays_as_they_were(migration_lab):
 
 
 def test_second_migration_of_the_same_volume_is_refused(migration_lab):
-    first = start_blockmig(*migration_lab.migrate_args("--id", "first", "--max-rate", "2M"))
+    first = start_blockmig(*migration_lab.migrate_args("--id", "first", "--max-rate", "1M"))
     try:
         wait_for_journal("first", lambda j: copied_bytes("first") > 0)
         before = _arrays_and_host()

@@ -120,7 +120,7 @@ def test_command_line_options_beat_the_files_defaults(tmp_path):
     ({"defaults": {**DEFAULTS, "fence": "wp"}}, ": defaults: fence: 'wp': must be one of writeprotect, suspend, none"),
     ({"defaults": {**DEFAULTS, "switch": "later"}}, ": defaults: switch: 'later': must be one of"),
     ({"defaults": {**DEFAULTS, "chunk_size": "4X"}}, ": defaults: chunk_size: not a size: '4X'"),
-    ({"defaults": {**DEFAULTS, "chunk_size": 1000}}, ": defaults: chunk_size: 1000 is not a multiple of 4096"),
+    ({"defaults": {**DEFAULTS, "chunk_size": 1000}}, ": defaults: chunk_size: chunk size 1000 is not a multiple of 4096"),
     ({"defaults": {**DEFAULTS, "chunk_size": -4096}}, ": defaults: chunk_size: size must be positive"),
     ({"defaults": {**DEFAULTS, "max_rate": [1]}}, ": defaults: max_rate: not a size"),
     ({"defaults": {**DEFAULTS, "worm": "yes"}}, ": defaults: worm: 'yes': must be true or false"),

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 from datapath_helpers import MiB, attach_loop_device, run_blockmig, volume_sha256, write_random_file
 
+from blockmig.datapath import copy_volume
 from blockmig.datapath.blockdev import check_destination_unused
 from blockmig.errors import UsageError
 
@@ -94,11 +95,16 @@ def test_destination_held_by_another_device(tmp_path):
 
 
 def test_chunk_size_not_a_multiple_of_the_logical_block_size(loops, tmp_path):
+    """The command line refuses any chunk that is not a multiple of 4096; the engine checks the block size too."""
     source = loops.attach("src", 4 * MiB, seed=1, sector_size=4096)
     destination = loops.attach("dst", 4 * MiB, seed=2, sector_size=4096)
     assert_refused([source, destination, "--chunk-size", "6K"],
-                   "chunk size 6144 is not a positive multiple of the logical block size 4096",
+                   "argument --chunk-size: chunk size 6144 is not a multiple of 4096 (see blockmig copy --help)",
                    destination, str(tmp_path / "j.json"))
+    before = volume_sha256(destination)
+    with pytest.raises(UsageError, match="chunk size 6144 is not a positive multiple of the logical block size 4096"):
+        copy_volume(source, destination, str(tmp_path / "j.json"), chunk_size=6144)
+    assert volume_sha256(destination) == before and not os.path.exists(tmp_path / "j.json")
 
 
 def test_source_size_not_a_multiple_of_the_destination_block_size(loops, tmp_path):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from blockmig.errors import JournalError, MigrationError
+from blockmig.errors import JournalError, MigrationError, UsageError
 from blockmig.state import MigrationJournal, VolumeLock
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,7 +45,7 @@ def test_journal_refuses_duplicates_strangers_and_bad_ids(tmp_path):
         MigrationJournal.create("m1", source={})
     with pytest.raises(JournalError, match="no migration nosuch"):
         MigrationJournal.load("nosuch")
-    with pytest.raises(MigrationError, match="invalid migration id"):
+    with pytest.raises(UsageError, match="migration id: '../escape' is not an id"):
         MigrationJournal.create("../escape", source={})
     stranger = tmp_path / "migrations" / "m2"
     stranger.mkdir()
