@@ -201,7 +201,7 @@ def test_guard_in_the_array_refuses_misplaced_and_foreign_writes(served, migrato
     assert volume.client.state()["reserved"] == MIB
     with pytest.raises(OSError) as refused:
         write_direct(f"/dev/{migrator}", 4 * MIB, os.urandom(MIB))
-    assert refused.value.errno == errno.EIO
+    assert refused.value.errno == errno.EREMOTEIO  # Linux's errno for a target's DATA PROTECT (BLK_STS_TARGET)
     code, said = sense_of_write(migrator, 3 * MIB // 512)
     assert code != 0 and "Data Protect" in said and "Write protected" in said, said
     assert backing_bytes(backing, 3 * MIB, 2 * MIB) == bytes(2 * MIB), "a refused write reached the backing"
@@ -252,3 +252,23 @@ def test_kill_9_of_the_handler_loses_no_acknowledged_write(served, migrator_disk
         write_direct(disk, 12 * MIB, os.urandom(MIB))
     write_direct(disk, 9 * MIB, os.urandom(MIB))
     assert again.client.state()["reserved"] == 10 * MIB
+
+
+def test_multipath_groups_the_handler_lun_with_the_source_lun_as_one_map(served, lab_env):
+    """The handler's LUN with the source's serial, on the destination target, is a second path of the
+    source's map (same NAA from the same serial), not a map of its own."""
+    from blockmig.host import multipath
+
+    host_iqn = iscsi.read_initiator_name()
+    source = lio.find_volume(lab.SOURCE_VOLUME)
+    served("mp", source.size, serial=lab.SOURCE_SERIAL, geometry_from=lab.SOURCE_VOLUME)
+    export_storage_object("mp", [host_iqn], lun=1)
+    session = iscsi.login(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)
+    try:
+        disk = iscsi.wait_for_session_disk(session, 1)
+        found = multipath.wait_for_map(lab.SOURCE_WWID, 2)
+        topology = multipath.multipathd("show", "topology")
+        assert [m for m in multipath.maps() if m.wwid == found.wwid] == [found], topology
+        assert disk in {p.dev for p in multipath.paths_of_map(found.name)}, topology
+    finally:
+        iscsi.logout_safely(session)

@@ -120,7 +120,6 @@ class Identity:
             return default if value in (None, "") else int(str(value), 0)
 
         block_size = number("block_size", 512)
-        hw_block = number("hw_block_size", 512)
         return cls(
             size=size,
             serial=serial,
@@ -129,7 +128,9 @@ class Identity:
             product=geometry.get("product_id", cls.product),
             revision=geometry.get("revision", cls.revision),
             company_id=number("company_id", 0x001405),
-            max_transfer_blocks=number("hw_max_sectors", 2048) * hw_block // block_size,
+            # LIO 6.1 reports hw_max_sectors as the Block Limits' MAXIMUM TRANSFER LENGTH unscaled
+            # (measured: fileio with 4096-byte blocks says 2048 blocks, as its hw_max_sectors).
+            max_transfer_blocks=number("hw_max_sectors", 2048),
             optimal_sectors=number("optimal_sectors", 2048),
             write_cache=bool(number("emulate_write_cache", 0)),
             fua_write=bool(number("emulate_fua_write", 1)),
