@@ -550,8 +550,12 @@ def _cmd_array(args) -> int:
         raise UsageError("--size is only for --backing-file: a device serves its whole size")
     if args.serial:
         from blockmig.array.lio import check_serial
+        from blockmig.errors import ArrayError
 
-        check_serial(args.serial)
+        try:
+            check_serial(args.serial)
+        except ArrayError as exc:
+            raise UsageError(str(exc)) from None
     geometry = {}
     if args.geometry_from:
         from blockmig.array.lio import volume_geometry
