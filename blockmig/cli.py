@@ -532,10 +532,12 @@ def _add_array(sub) -> None:
     backing.add_argument("--backing-device", help="backing block device (its whole size)")
     serve.add_argument("--size", type=parse_size, help="volume size with --backing-file, e.g. 64M")
     serve.add_argument("--serial", help="VPD unit serial (hex digits make the NAA/WWID); random if omitted")
-    serve.add_argument("--geometry-from", metavar="VOLUME", help="present this LIO volume's geometry and identity")
+    serve.add_argument("--geometry-from", metavar="VOLUME",
+                       help="present this LIO volume's geometry and identity")
     serve.add_argument("--guard-initiator", metavar="IQN",
                        help="also serve NAME-migrator for this initiator only, guarded; NAME refuses writes")
-    serve.add_argument("--state-dir", help="where the guard's state file lives (default /var/lib/blockmig/backstore)")
+    serve.add_argument("--state-dir",
+                       help="where the guard's state file lives (default /var/lib/blockmig/backstore)")
     serve.add_argument("--run-dir", help="where the control socket lives (default /run/blockmig)")
     parser.set_defaults(func=_cmd_array)
 

@@ -53,8 +53,8 @@ def served(lab_env, backing_dir, tmp_path):
     started = []
 
     def serve(name, size=None, **options):
-        options.setdefault("backing_file", os.path.join(backing_dir, f"{name}.img") if "backing_device" not in options
-                           else None)
+        if "backing_device" not in options:
+            options.setdefault("backing_file", os.path.join(backing_dir, f"{name}.img"))
         if options.get("backing_file"):
             options["size"] = size
         volume = client.start_served_volume(
@@ -77,7 +77,8 @@ def served(lab_env, backing_dir, tmp_path):
 
 def session_disk_of(iface, lun, target_iqn=lab.DESTINATION_IQN, portal=lab.DESTINATION_PORTAL):
     """/dev/sdX of `lun` as `iface` sees it (logging in the first time; the ACL must exist by then)."""
-    session = iscsi.find_session(target_iqn, *portal, iface=iface) or iscsi.login(target_iqn, *portal, iface=iface)
+    session = iscsi.find_session(target_iqn, *portal, iface=iface)
+    session = session or iscsi.login(target_iqn, *portal, iface=iface)
     iscsi.rescan_session(session)
     name = iscsi.wait_for_session_disk(session, lun)
     udev.wait_for_path(f"/sys/block/{name}/queue")
@@ -189,7 +190,8 @@ def sense_of_write(device, lba):
     return result.returncode, result.stdout + result.stderr
 
 
-def test_guard_in_the_array_refuses_misplaced_and_foreign_writes(served, migrator_disks, third_iface, backing_dir):
+def test_guard_in_the_array_refuses_misplaced_and_foreign_writes(served, migrator_disks, third_iface,
+                                                                  backing_dir):
     volume = served("guarded", 16 * MIB, guard_initiator=MIGRATOR_IQN)
     backing = os.path.join(backing_dir, "guarded.img")
     export_storage_object("guarded-migrator", [MIGRATOR_IQN], lun=1)
@@ -201,7 +203,7 @@ def test_guard_in_the_array_refuses_misplaced_and_foreign_writes(served, migrato
     assert volume.client.state()["reserved"] == MIB
     with pytest.raises(OSError) as refused:
         write_direct(f"/dev/{migrator}", 4 * MIB, os.urandom(MIB))
-    assert refused.value.errno == errno.EREMOTEIO  # Linux's errno for a target's DATA PROTECT (BLK_STS_TARGET)
+    assert refused.value.errno == errno.EREMOTEIO  # Linux's errno for DATA PROTECT (BLK_STS_TARGET)
     code, said = sense_of_write(migrator, 3 * MIB // 512)
     assert code != 0 and "Data Protect" in said and "Write protected" in said, said
     assert backing_bytes(backing, 3 * MIB, 2 * MIB) == bytes(2 * MIB), "a refused write reached the backing"

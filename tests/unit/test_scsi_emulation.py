@@ -130,7 +130,8 @@ def test_mode_select_of_the_current_caching_page_is_accepted_a_change_refused():
     params = bytes(4) + page
     assert emu.mode_select(bytes([0x15, 0x10, 0, 0, len(params), 0]), params).status == scsi.GOOD
     changed = bytes(4) + page[:2] + bytes([0x04]) + page[3:]
-    assert sense_of(emu.mode_select(bytes([0x15, 0x10, 0, 0, len(changed), 0]), changed))[0] == scsi.ILLEGAL_REQUEST
+    refused = emu.mode_select(bytes([0x15, 0x10, 0, 0, len(changed), 0]), changed)
+    assert sense_of(refused)[0] == scsi.ILLEGAL_REQUEST
 
 
 def test_report_supported_operation_codes_lists_what_is_executed():

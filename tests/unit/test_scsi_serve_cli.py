@@ -27,6 +27,7 @@ def test_serve_refuses_bad_input_before_anything_is_made(tmp_path, args, says):
 def test_serve_refuses_an_existing_backing_file_of_another_size(tmp_path):
     (tmp_path / "v.img").write_bytes(bytes(8192))
     result = run_blockmig("array", "serve", "--name", "v", "--backing-file", str(tmp_path / "v.img"),
-                          "--size", "4M", "--state-dir", str(tmp_path / "state"), "--run-dir", str(tmp_path / "run"))
+                          "--size", "4M", "--state-dir", str(tmp_path / "state"),
+                          "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2 and "holds 8192 bytes" in result.stderr
     assert sorted(os.listdir(tmp_path)) == ["v.img"] and (tmp_path / "v.img").stat().st_size == 8192

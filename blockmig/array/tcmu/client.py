@@ -75,7 +75,9 @@ def stop_served_volume(served: ServedVolume, timeout: float = 60) -> None:
         try:
             served.process.wait(timeout)
         except subprocess.TimeoutExpired as exc:
-            raise ArrayError(f"the backstore handler for {served.name} did not stop in {timeout:.0f} s") from exc
+            raise ArrayError(
+                f"the backstore handler for {served.name} did not stop in {timeout:.0f} s"
+            ) from exc
 
 
 class BackstoreClient:
@@ -93,7 +95,9 @@ class BackstoreClient:
                 conn.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
                 answer = json.loads(conn.makefile("rb").readline() or b"{}")
         except (OSError, ValueError) as exc:
-            raise ArrayError(f"the backstore handler of {self.name} does not answer on {self.path}: {exc}") from exc
+            raise ArrayError(
+                f"the backstore handler of {self.name} does not answer on {self.path}: {exc}"
+            ) from exc
         if not answer.get("ok"):
             raise ArrayError(f"the backstore handler of {self.name} refused {op}: {answer.get('error')}")
         return answer

@@ -55,7 +55,7 @@ def _check_chunks(chunks) -> list[list[int]]:
     for chunk in chunks:
         offset, length = (int(v) for v in chunk)
         if offset < 0 or length <= 0 or offset < end:
-            raise ArrayError("delta chunks must be an ascending list of non-overlapping (offset, length) pairs")
+            raise ArrayError("delta chunks must be ascending, non-overlapping (offset, length) pairs")
         checked.append([offset, length])
         end = offset + length
     return checked

@@ -73,7 +73,9 @@ def find_uio_device(storage_object_name: str) -> str:
         parts = name.split("/", 3)
         if len(parts) == 4 and parts[0] == "tcm-user" and parts[2] == storage_object_name:
             return f"/dev/{entry}"
-    raise ArrayError(f"no uio device serves TCMU storage object {storage_object_name}; is target_core_user loaded?")
+    raise ArrayError(
+        f"no uio device serves TCMU storage object {storage_object_name}; is target_core_user loaded?"
+    )
 
 
 class CommandRing:
@@ -118,7 +120,7 @@ class CommandRing:
             len_op, cmd_id = struct.unpack_from("<IH", self.mem, entry)
             length = len_op & ~OP_MASK
             if length == 0:
-                raise ArrayError(f"the command ring of {self.uio_path} holds an entry of length 0; ring is broken")
+                raise ArrayError(f"the command ring of {self.uio_path} has an entry of length 0: broken")
             if len_op & OP_MASK == OP_CMD:
                 iov_cnt = self._u32(entry + ENTRY_IOV_CNT)
                 cdb_off = struct.unpack_from("<Q", self.mem, entry + ENTRY_CDB_OFF)[0]
@@ -141,10 +143,12 @@ class CommandRing:
                 if len_op & OP_MASK == OP_CMD:
                     break
                 tail = (tail + (len_op & ~OP_MASK)) % self.cmdr_size
-            struct.pack_into("<HBB", self.mem, entry + 4, cmd_id, 0, UFLAG_READ_LEN if read_len is not None else 0)
+            uflags = UFLAG_READ_LEN if read_len is not None else 0
+            struct.pack_into("<HBB", self.mem, entry + 4, cmd_id, 0, uflags)
             struct.pack_into("<BBHI", self.mem, entry + RSP_STATUS, status, 0, 0, read_len or 0)
             sense = sense[:SENSE_BUFFER_SIZE]
-            self.mem[entry + RSP_SENSE:entry + RSP_SENSE + SENSE_BUFFER_SIZE] = sense.ljust(SENSE_BUFFER_SIZE, b"\0")
+            sense_at = entry + RSP_SENSE
+            self.mem[sense_at:sense_at + SENSE_BUFFER_SIZE] = sense.ljust(SENSE_BUFFER_SIZE, b"\0")
             _U32.pack_into(self.mem, MAILBOX_CMD_TAIL, (tail + (len_op & ~OP_MASK)) % self.cmdr_size)
             os.write(self.fd, b"\0\0\0\0")
 

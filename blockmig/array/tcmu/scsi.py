@@ -289,7 +289,8 @@ class Emulation:
         if data_length < ident.block_size:
             return Decoded(Reply.check(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR))
         return Decoded(
-            transfer=Transfer(cdb[0], lba * ident.block_size, blocks * ident.block_size), extra={"unmap": unmap}
+            transfer=Transfer(cdb[0], lba * ident.block_size, blocks * ident.block_size),
+            extra={"unmap": unmap},
         )
 
     def decode_unmap(self, parameters: bytes) -> list[tuple[int, int]] | Reply:
@@ -411,7 +412,8 @@ class Emulation:
         port = self.port_lookup()
         if port is not None:
             piv_port = 0x80 | 0x10
-            out += bytes([(PROTOCOL_ISCSI << 4) | 0x1, piv_port | 0x4, 0, 4]) + struct.pack(">HH", 0, port.rtpi)
+            out += bytes([(PROTOCOL_ISCSI << 4) | 0x1, piv_port | 0x4, 0, 4])
+            out += struct.pack(">HH", 0, port.rtpi)
             if port.tg_pt_gp_id is not None:
                 out += bytes([(PROTOCOL_ISCSI << 4) | 0x1, piv_port | 0x5, 0, 4])
                 out += struct.pack(">HH", 0, port.tg_pt_gp_id)
@@ -573,8 +575,9 @@ class Emulation:
             (INQUIRY, None, 6), (MODE_SELECT_6, None, 6), (MODE_SENSE_6, None, 6), (START_STOP_UNIT, None, 6),
             (READ_CAPACITY_10, None, 10), (READ_10, None, 10), (WRITE_10, None, 10), (VERIFY_10, None, 10),
             (SYNCHRONIZE_CACHE_10, None, 10), (MODE_SELECT_10, None, 10), (MODE_SENSE_10, None, 10),
-            (READ_16, None, 16), (WRITE_16, None, 16), (VERIFY_16, None, 16), (SYNCHRONIZE_CACHE_16, None, 16),
-            (SERVICE_ACTION_IN_16, SAI_READ_CAPACITY_16, 16), (MAINTENANCE_IN, MI_REPORT_SUPPORTED_OPCODES, 12),
+            (READ_16, None, 16), (WRITE_16, None, 16), (VERIFY_16, None, 16),
+            (SYNCHRONIZE_CACHE_16, None, 16), (SERVICE_ACTION_IN_16, SAI_READ_CAPACITY_16, 16),
+            (MAINTENANCE_IN, MI_REPORT_SUPPORTED_OPCODES, 12),
             (READ_12, None, 12), (WRITE_12, None, 12),
         ]
         if ident.max_write_same_len or ident.emulate_tpws:

@@ -46,6 +46,7 @@ MIGRATOR_SUFFIX = "-migrator"
 HW_MAX_SECTORS = 2048
 DEFAULT_DATA_AREA_MB = 32
 MAPPING_CHECK_SECONDS = 1.0
+CONFIGFS_CORE = "/sys/kernel/config/target/core"
 
 
 def state_path(name: str, state_dir: str = STATE_DIR) -> str:
@@ -107,6 +108,13 @@ def _find_so(rtslib, name: str):
     return None
 
 
+def free_user_hba_index() -> int:
+    """The next free user_N HBA in configfs: rtslib picks from its own process's cache, so two
+    handler processes (or a handler and tcmu-runner's objects) would collide without it."""
+    used = {int(e[5:]) for e in os.listdir(CONFIGFS_CORE) if e.startswith("user_") and e[5:].isdigit()}
+    return next(i for i in range(len(used) + 1) if i not in used)
+
+
 def _config_of(name: str) -> str:
     return f"{SUBTYPE}/{name}"
 
@@ -125,6 +133,7 @@ def _create_or_adopt(rtslib, name: str, size: int, serial: str | None, data_area
         so = rtslib.UserBackedStorageObject(
             name, config=_config_of(name), size=size, wwn=serial, hw_max_sectors=HW_MAX_SECTORS,
             control=f"nl_reply_supported=-1,max_data_area_mb={data_area_mb},hw_block_size={block_size}",
+            index=free_user_hba_index(),
         )
     except rtslib.RTSLibError as exc:
         raise ArrayError(f"cannot create TCMU storage object {name}: {exc}") from exc
@@ -168,7 +177,9 @@ def port_identity(so) -> scsi.PortIdentity | None:
         kind = read_attribute(type_path) if alias and os.path.exists(type_path) else "Implicit and Explicit"
         access_type = (0x10 if "Implicit" in kind else 0) | (0x20 if "Explicit" in kind else 0)
     lu_gp_path = f"{so.path}/alua_lu_gp"
-    lu_gp_id = _first_number(read_attribute(lu_gp_path), "LU Group ID") if os.path.exists(lu_gp_path) else None
+    lu_gp_id = None
+    if os.path.exists(lu_gp_path):
+        lu_gp_id = _first_number(read_attribute(lu_gp_path), "LU Group ID")
     return scsi.PortIdentity(
         target_wwn=tpg.parent_target.wwn, tpgt=tpg.tag, rtpi=rtpi, tg_pt_gp_id=tg_pt_gp_id,
         alua_access_type=access_type if access_type is not None else 0x30, lu_gp_id=lu_gp_id,
