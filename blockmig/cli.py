@@ -573,11 +573,17 @@ def _cmd_array(args) -> int:
     server = service.VolumeServer(request)
     try:
         views = server.start()
+    except BaseException:
+        server.stop()  # remove what the failed start made
+        raise
+    try:
         print("; ".join(f"serving {role} view as storage object {so} on {uio}" for role, so, uio in views),
               flush=True)
         server.run()
-    finally:
-        server.stop()
+    except BaseException:
+        server.stop(remove=False)  # a handler bug: keep the objects and the ring for a restart
+        raise
+    server.stop()
     return 0
 
 

@@ -270,15 +270,18 @@ class VolumeServer:
                         continue
                     view = key.data
                     view.ring.wait()
-                    for command in view.ring.fetch():
-                        self._dispatch(view, command)
+                    commands = view.ring.fetch()
+                    # One command per wake-up (queue depth 1): no thread hand-off, it is most of the cost.
+                    inline = len(commands) == 1
+                    for command in commands:
+                        self._dispatch(view, command, inline)
         except Stop:
             pass
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _dispatch(self, view: View, command: Command) -> None:
+    def _dispatch(self, view: View, command: Command, inline: bool = False) -> None:
         try:
             decoded = view.emulation.decode(command.cdb, command.data_length)
             if decoded.reply is not None:
@@ -293,7 +296,7 @@ class VolumeServer:
                 if view.role == "migrator" and self.guard.state.mode != "off":
                     self._execute(view, command, decoded, guarded=True)
                     return
-            if transfer.opcode in scsi.READS or transfer.opcode in scsi.WRITES:
+            if not inline and (transfer.opcode in scsi.READS or transfer.opcode in scsi.WRITES):
                 self._pool.submit(self._execute, view, command, decoded)
             else:
                 self._execute(view, command, decoded)
