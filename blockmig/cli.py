@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume(sub)
     _add_rollback(sub)
     _add_lab(sub)
+    _add_array(sub)
     return parser
 
 
@@ -558,6 +559,71 @@ def _cmd_lab(args) -> int:
             print(json.dumps(status, indent=2))
         else:
             _print_lab_status(status)
+    return 0
+
+
+def _add_array(sub) -> None:
+    parser = sub.add_parser("array", help="array-side commands: serve a volume with blockmig's own backstore")
+    actions = parser.add_subparsers(dest="array_action", required=True, metavar="ACTION")
+    serve = actions.add_parser("serve", help="serve one volume (TCMU) until SIGTERM or SIGINT")
+    serve.add_argument("--name", required=True, help="storage object name")
+    backing = serve.add_mutually_exclusive_group(required=True)
+    backing.add_argument("--backing-file", help="backing file (created sparse if missing; needs --size)")
+    backing.add_argument("--backing-device", help="backing block device (its whole size)")
+    serve.add_argument("--size", type=parse_size, help="volume size with --backing-file, e.g. 64M")
+    serve.add_argument("--serial", help="VPD unit serial (hex digits make the NAA/WWID); random if omitted")
+    serve.add_argument("--geometry-from", metavar="VOLUME",
+                       help="present this LIO volume's geometry and identity")
+    serve.add_argument("--guard-initiator", metavar="IQN",
+                       help="also serve NAME-migrator for this initiator only, guarded; NAME refuses writes")
+    serve.add_argument("--state-dir",
+                       help="where the guard's state file lives (default /var/lib/blockmig/backstore)")
+    serve.add_argument("--run-dir", help="where the control socket lives (default /run/blockmig)")
+    parser.set_defaults(func=_cmd_array)
+
+
+def _cmd_array(args) -> int:
+    from blockmig.array.tcmu import service
+    from blockmig.errors import UsageError
+
+    if args.backing_file and not args.size:
+        raise UsageError("--backing-file needs --size")
+    if args.backing_device and args.size:
+        raise UsageError("--size is only for --backing-file: a device serves its whole size")
+    if args.serial:
+        from blockmig.array.lio import check_serial
+        from blockmig.errors import ArrayError
+
+        try:
+            check_serial(args.serial)
+        except ArrayError as exc:
+            raise UsageError(str(exc)) from None
+    geometry = {}
+    if args.geometry_from:
+        from blockmig.array.lio import volume_geometry
+
+        geometry = volume_geometry(args.geometry_from)
+    if args.backing_file:
+        service.prepare_backing_file(args.backing_file, args.size)
+    request = service.ServeRequest(
+        name=args.name, backing=args.backing_file or args.backing_device, size=args.size, serial=args.serial,
+        geometry=geometry, guard_initiator=args.guard_initiator,
+        state_dir=args.state_dir or service.STATE_DIR, run_dir=args.run_dir or service.RUN_DIR,
+    )
+    server = service.VolumeServer(request)
+    try:
+        views = server.start()
+    except BaseException:
+        server.stop()  # remove what the failed start made
+        raise
+    try:
+        print("; ".join(f"serving {role} view as storage object {so} on {uio}" for role, so, uio in views),
+              flush=True)
+        server.run()
+    except BaseException:
+        server.stop(remove=False)  # a handler bug: keep the objects and the ring for a restart
+        raise
+    server.stop()
     return 0
 
 

@@ -1,0 +1,164 @@
+"""The TCMU command ring of one uio device (linux/target_core_user.h, mailbox version 2).
+
+The kernel appends entries at `cmd_head`; we fetch them in ring order, keep a
+copy of each command's CDB and iovecs, and complete them in any order by
+writing a response into the next command slot at `cmd_tail` (the kernel finds
+the command by the `cmd_id` in that slot, as tcmu-runner does with
+TCMU_MAILBOX_FLAG_CAP_OOOC). Pad and TMR entries only move the pointers.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+from dataclasses import dataclass
+
+from blockmig.errors import ArrayError
+from blockmig.sysfs import read_attribute
+
+MAILBOX_CMDR_OFF = 4
+MAILBOX_CMDR_SIZE = 8
+MAILBOX_CMD_HEAD = 12
+MAILBOX_CMD_TAIL = 64  # its own cache line
+OP_MASK = 0x7
+OP_PAD, OP_CMD, OP_TMR = 0, 1, 2
+UFLAG_UNKNOWN_OP = 0x1
+UFLAG_READ_LEN = 0x2
+ENTRY_IOV_CNT = 8
+ENTRY_CDB_OFF = 24
+ENTRY_IOVECS = 48
+RSP_STATUS = 8
+RSP_READ_LEN = 12
+RSP_SENSE = 16
+SENSE_BUFFER_SIZE = 96
+_U32 = struct.Struct("<I")
+_IOVEC = struct.Struct("<QQ")
+
+
+@dataclass
+class Command:
+    """One SCSI command as fetched from the ring; `iovecs` are views into the data area."""
+
+    cmd_id: int
+    cdb: bytes
+    iovecs: list[memoryview]
+
+    @property
+    def data_length(self) -> int:
+        return sum(len(v) for v in self.iovecs)
+
+    def copy_in(self, data: bytes) -> int:
+        """Scatter `data` (data-in of an emulated command) into the iovecs; the bytes placed."""
+        placed = 0
+        for view in self.iovecs:
+            if placed >= len(data):
+                break
+            part = data[placed:placed + len(view)]
+            view[:len(part)] = part
+            placed += len(part)
+        return placed
+
+    def gather(self) -> bytes:
+        """The data-out buffer of the command (small parameter lists: UNMAP, MODE SELECT)."""
+        return b"".join(bytes(v) for v in self.iovecs)
+
+
+def find_uio_device(storage_object_name: str) -> str:
+    """/dev/uioN of a TCMU storage object (the kernel names it tcm-user/HBA/NAME/SUBTYPE/CFG)."""
+    base = "/sys/class/uio"
+    for entry in sorted(os.listdir(base)) if os.path.isdir(base) else ():
+        name = read_attribute(f"{base}/{entry}/name")
+        parts = name.split("/", 3)
+        if len(parts) == 4 and parts[0] == "tcm-user" and parts[2] == storage_object_name:
+            return f"/dev/{entry}"
+    raise ArrayError(
+        f"no uio device serves TCMU storage object {storage_object_name}; is target_core_user loaded?"
+    )
+
+
+class CommandRing:
+    """Fetch and complete commands of one uio device; `complete` may be called from any thread."""
+
+    def __init__(self, uio_path: str):
+        self.uio_path = uio_path
+        uio = os.path.basename(uio_path)
+        size = int(read_attribute(f"/sys/class/uio/{uio}/maps/map0/size"), 0)
+        self.fd = os.open(uio_path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            os.close(self.fd)
+            raise ArrayError(f"cannot map the command ring of {uio_path}: {exc.strerror}") from exc
+        self.mem = memoryview(self._map)
+        self.cmdr_off = self._u32(MAILBOX_CMDR_OFF)
+        self.cmdr_size = self._u32(MAILBOX_CMDR_SIZE)
+        self._fetch = self._u32(MAILBOX_CMD_TAIL)  # a restarted handler resumes where the last one completed
+        self._lock = threading.Lock()
+
+    def _u32(self, offset: int) -> int:
+        return _U32.unpack_from(self.mem, offset)[0]
+
+    def _entry(self, ring_offset: int) -> int:
+        return self.cmdr_off + ring_offset
+
+    def wait(self) -> None:
+        """Block until the kernel signals work (a 4-byte read of the uio fd)."""
+        os.read(self.fd, 4)
+
+    def restart_at_tail(self) -> None:
+        """Forget fetched commands (after the kernel's reset_ring the ring is empty again)."""
+        self._fetch = self._u32(MAILBOX_CMD_TAIL)
+
+    def fetch(self) -> list[Command]:
+        """Every command the kernel queued since the last fetch, in ring order."""
+        head = self._u32(MAILBOX_CMD_HEAD)
+        commands = []
+        while self._fetch != head:
+            entry = self._entry(self._fetch)
+            len_op, cmd_id = struct.unpack_from("<IH", self.mem, entry)
+            length = len_op & ~OP_MASK
+            if length == 0:
+                raise ArrayError(f"the command ring of {self.uio_path} has an entry of length 0: broken")
+            if len_op & OP_MASK == OP_CMD:
+                iov_cnt = self._u32(entry + ENTRY_IOV_CNT)
+                cdb_off = struct.unpack_from("<Q", self.mem, entry + ENTRY_CDB_OFF)[0]
+                cdb = bytes(self.mem[cdb_off:cdb_off + _cdb_length(self.mem[cdb_off])])
+                iovecs = []
+                for i in range(iov_cnt):
+                    base, iov_len = _IOVEC.unpack_from(self.mem, entry + ENTRY_IOVECS + 16 * i)
+                    iovecs.append(self.mem[base:base + iov_len])
+                commands.append(Command(cmd_id, cdb, iovecs))
+            self._fetch = (self._fetch + length) % self.cmdr_size
+        return commands
+
+    def complete(self, cmd_id: int, status: int, sense: bytes = b"", read_len: int | None = None) -> None:
+        """Write the response into the next command slot at the tail, move the tail, tell the kernel."""
+        with self._lock:
+            tail = self._u32(MAILBOX_CMD_TAIL)
+            while True:
+                entry = self._entry(tail)
+                len_op = self._u32(entry)
+                if len_op & OP_MASK == OP_CMD:
+                    break
+                tail = (tail + (len_op & ~OP_MASK)) % self.cmdr_size
+            uflags = UFLAG_READ_LEN if read_len is not None else 0
+            struct.pack_into("<HBB", self.mem, entry + 4, cmd_id, 0, uflags)
+            struct.pack_into("<BBHI", self.mem, entry + RSP_STATUS, status, 0, 0, read_len or 0)
+            sense = sense[:SENSE_BUFFER_SIZE]
+            sense_at = entry + RSP_SENSE
+            self.mem[sense_at:sense_at + SENSE_BUFFER_SIZE] = sense.ljust(SENSE_BUFFER_SIZE, b"\0")
+            _U32.pack_into(self.mem, MAILBOX_CMD_TAIL, (tail + (len_op & ~OP_MASK)) % self.cmdr_size)
+            os.write(self.fd, b"\0\0\0\0")
+
+    def close(self) -> None:
+        self.mem.release()
+        self._map.close()
+        os.close(self.fd)
+
+
+def _cdb_length(opcode: int) -> int:
+    """SCSI CDB length from its group code (SAM); variable-length (0x7f) CDBs are 8 bytes + field."""
+    group = opcode >> 5
+    return {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}.get(group, 16 if opcode != 0x7F else 32)

@@ -1,0 +1,32 @@
+"""`blockmig array serve` refuses bad input with one line and changes nothing (the lab serves for real)."""
+
+import os
+
+import pytest
+from datapath_helpers import run_blockmig
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--backing-file", "{d}/v.img"], "--backing-file needs --size"),
+    (["--backing-device", "/dev/null", "--size", "4M"], "--size is only for --backing-file"),
+    (["--backing-file", "{d}/v.img", "--size", "1000"], "multiple of 512"),
+    (["--backing-file", "{d}/missing/v.img", "--size", "4M"], "does not exist"),
+    (["--backing-file", "{d}/v.img", "--size", "4M", "--serial", "has space"], "serial"),
+])
+def test_serve_refuses_bad_input_before_anything_is_made(tmp_path, args, says):
+    argv = [a.replace("{d}", str(tmp_path)) for a in args]
+    result = run_blockmig("array", "serve", "--name", "v", *argv, "--state-dir", str(tmp_path / "state"),
+                          "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], result.stderr
+    assert sorted(os.listdir(tmp_path)) == [], "serve made something before refusing"
+
+
+def test_serve_refuses_an_existing_backing_file_of_another_size(tmp_path):
+    (tmp_path / "v.img").write_bytes(bytes(8192))
+    result = run_blockmig("array", "serve", "--name", "v", "--backing-file", str(tmp_path / "v.img"),
+                          "--size", "4M", "--state-dir", str(tmp_path / "state"),
+                          "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and "holds 8192 bytes" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["v.img"] and (tmp_path / "v.img").stat().st_size == 8192
