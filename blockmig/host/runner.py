@@ -131,3 +131,15 @@ def _kill_group(process: subprocess.Popen) -> None:
         for pipe in (process.stdout, process.stderr):
             with contextlib.suppress(OSError):
                 pipe.close()
+
+
+def start_daemon(args: list[str], what: str) -> subprocess.Popen:
+    """A long-lived helper process (the array-side backstore handler): no timeout, its owner stops it.
+
+    Here so that every process blockmig starts is started in this module; the caller reads its pipes.
+    """
+    try:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    except OSError as exc:
+        raise HostError(f"{what}: cannot start {args[0]}: {exc.strerror}") from None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from blockmig.array.tcmu.guard import load_state
 from blockmig.array.tcmu.service import RUN_DIR, STATE_DIR, socket_path, state_path
 from blockmig.errors import ArrayError
+from blockmig.host.runner import start_daemon
 
 
 @dataclass
@@ -59,7 +60,7 @@ def start_served_volume(
                           ("--guard-initiator", guard_initiator)):
         if value:
             argv += [option, value]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_daemon(argv, f"the backstore handler for {name}")
     line = process.stdout.readline().strip()
     if not line:
         error = process.stderr.read().strip().splitlines()
