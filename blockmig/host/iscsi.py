@@ -440,7 +440,9 @@ def delete_disks(names: list[str], timeout: float = DEFAULT_TIMEOUT) -> None:
     """Flush each disk's buffers, delete it from the SCSI layer, wait until its node is gone."""
     for name in names:
         result = run_command(["blockdev", "--flushbufs", f"/dev/{name}"], f"cannot flush disk {name}")
-        if result.returncode != 0 and os.path.exists(f"/dev/{name}"):
+        # ENXIO: the disk is already gone from the SCSI layer (its node can outlive it): nothing to flush
+        gone = "No such device or address" in result.stderr
+        if result.returncode != 0 and os.path.exists(f"/dev/{name}") and not gone:
             raise HostError(f"blockdev --flushbufs /dev/{name} failed: {result.stderr.strip()}")
         try:
             with open(f"/sys/block/{name}/device/delete", "w") as f:
