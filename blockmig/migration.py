@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from blockmig import online
+from blockmig import online, timeline
 from blockmig.array import lio
 from blockmig.datapath.copy import DEFAULT_CHUNK_SIZE, copy_volume
 from blockmig.datapath.digest import load_manifest
@@ -184,8 +184,9 @@ def run_migration(migration_id: str, on_event: EventHandler | None = None, after
         return journal.data["report"]
     if journal.data["state"] == "rolled_back":
         raise MigrationError(f"migration {migration_id} was rolled back; start a new one")
-    with VolumeLock(journal.data["source"]["wwid"], migration_id):
-        return Migration(journal, on_event, after_chunk).run()
+    with VolumeLock(journal.data["source"]["wwid"], migration_id), \
+            timeline.recording(journal, on_event) as emit:
+        return Migration(journal, emit, after_chunk).run()
 
 
 resume_migration = run_migration
@@ -196,8 +197,9 @@ def rollback_migration(migration_id: str, on_event: EventHandler | None = None) 
     journal = MigrationJournal.load(migration_id)
     if journal.data["state"] == "rolled_back":
         return journal.summary()
-    with VolumeLock(journal.data["source"]["wwid"], migration_id), CONTROL_PLANE:
-        return Migration(journal, on_event).rollback()
+    with VolumeLock(journal.data["source"]["wwid"], migration_id), CONTROL_PLANE, \
+            timeline.recording(journal, on_event, "rollback") as emit:
+        return Migration(journal, emit).rollback()
 
 
 def migration_status(migration_id: str | None = None) -> list[dict]:
@@ -362,7 +364,8 @@ class Migration:
             self.emit({"event": "step", "step": name, "state": "started"})
             self.journal.mark_started(name)
             try:
-                with contextlib.nullcontext() if name in DATA_STEPS else CONTROL_PLANE:
+                with (contextlib.nullcontext() if name in DATA_STEPS
+                      else timeline.control_plane(CONTROL_PLANE, self.emit)):
                     facts = getattr(self, f"_step_{name}")() or {}
             except BaseException as exc:  # cleanup on anything; only our own errors are reworded
                 with CONTROL_PLANE:
@@ -549,14 +552,14 @@ class Migration:
         return iscsi.find_session_disk(session, self.source["host_lun"], self.source["wwid"])
 
     def _step_copy(self) -> dict:
-        with CONTROL_PLANE:
+        with timeline.control_plane(CONTROL_PLANE, self.emit):
             self._check_destination_is_the_migrators_alone()
             destination = f"/dev/{self._migrator_disk()}"
         progress = _Progress(self.emit, "copy")
         if self.online:
             online.begin_pass_one(self.journal)
         for attempt in range(COPY_RETRIES + 1):
-            with CONTROL_PLANE:
+            with timeline.control_plane(CONTROL_PLANE, self.emit):
                 source = f"/dev/{self._source_disk()}"
             try:
                 manifest = copy_volume(
@@ -604,7 +607,7 @@ class Migration:
         Online, the source changes: the deltas written meanwhile are copied and read back instead.
         """
         manifest = load_manifest(self.journal.manifest_path)
-        with CONTROL_PLANE:
+        with timeline.control_plane(CONTROL_PLANE, self.emit):
             migrator_disk = self._migrator_disk()
             self._check_geometry(migrator_disk)
             source_disk = self._source_disk()

@@ -42,7 +42,7 @@ from blockmig.migration import (
 from blockmig.host import iscsi, multipath
 from blockmig.online import MODES
 from blockmig.state import MigrationJournal, PlanJournal, VolumeLock, migration_exists
-from blockmig import switch
+from blockmig import switch, timeline
 from blockmig.switch import parse_portal, switch_group
 
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -333,9 +333,15 @@ def run_plan(plan_id: str, on_event: EventHandler | None = None, after_chunk=Non
     A member that fails does not stop the others; its outcome says why.
     """
     plan = PlanJournal.load(plan_id)
-    emit = _serialised(on_event)
     began = time.monotonic()
     journals = [MigrationJournal.load(member) for member in plan.members]
+    with timeline.recording_plan(journals, on_event) as recorded:
+        return _run_plan(plan, journals, _serialised(recorded), after_chunk, began)
+
+
+def _run_plan(plan: PlanJournal, journals: list[MigrationJournal], emit: EventHandler, after_chunk,
+              began: float) -> dict:
+    plan_id = plan.id
     if any(journal.data["state"] == "rolled_back" for journal in journals):
         raise MigrationError(f"plan {plan_id} was rolled back; start a new one")
     together = plan.data["policy"] == "together"
