@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from blockmig import timeline
 from blockmig.errors import UsageError
@@ -32,6 +33,7 @@ class Row:
     migration_id: str
     label: str
     state: str
+    mode: str
     steps: list[tuple[str, float, float, str]] = field(default_factory=list)  # name, start, end, how it ended
     waits: list[tuple[float, float]] = field(default_factory=list)  # control-plane waits
     rates: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # phase -> (time, MB/s)
@@ -69,7 +71,8 @@ def load(identifier: str) -> Picture:
 
 def _row(journal: MigrationJournal, records: list[dict], start: float) -> Row:
     source = journal.data["source"]
-    row = Row(journal.id, source.get("map") or source.get("device") or journal.id, journal.data["state"])
+    row = Row(journal.id, source.get("map") or source.get("device") or journal.id, journal.data["state"],
+              journal.data.get("mode") or "offline")
     open_steps: dict[str, float] = {}
     wait_began = None
     last = start
@@ -161,34 +164,50 @@ def draw(picture: Picture, path: str):
     from matplotlib.patches import Patch
 
     rows = picture.rows
-    figure = Figure(figsize=(12, 5.2 + 0.45 * len(rows)), layout="constrained")
+    figure = Figure(figsize=(12, 5.4 + 0.5 * len(rows)), layout="constrained")
     steps_ax, rate_ax, delta_ax = figure.subplots(
-        3, 1, sharex=True, gridspec_kw={"height_ratios": [1.2 + 0.45 * len(rows), 1.6, 1.3]})
-    figure.suptitle(picture.title, fontsize=11)
-    _draw_steps(steps_ax, rows)
+        3, 1, sharex=True, gridspec_kw={"height_ratios": [1.3 + 0.5 * len(rows), 1.5, 1.3]})
+    began = datetime.fromtimestamp(picture.start, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    figure.suptitle(f"{picture.title}, started {began}", fontsize=11)
+    span = max([end for row in rows for _, _, end, _ in row.steps] + [1.0])
+    _draw_steps(steps_ax, rows, span)
     _draw_rates(rate_ax, rows)
-    _draw_deltas(delta_ax, rows)
+    _draw_deltas(delta_ax, rows, span)
     for ax in (rate_ax, delta_ax):
         for row in rows:
-            for began, seconds in row.holds:
-                ax.axvspan(began, began + seconds, color="#d62728", alpha=0.25, lw=0)
-    delta_ax.set_xlabel("seconds since the migration started")
-    legend = [Patch(facecolor=STEP_COLOURS[name], label=STEP_LABELS.get(name, name)) for name in STEP_COLOURS]
-    legend += [Patch(facecolor="white", edgecolor="black", hatch="////", label="waiting for another volume"),
-               Patch(facecolor="#d62728", alpha=0.6, label="host IO held")]
+            for start, seconds in row.holds:
+                ax.axvspan(start, start + seconds, color="#d62728", alpha=0.25, lw=0)
+    delta_ax.set_xlim(0, span * 1.06)
+    delta_ax.set_xlabel("seconds since the first run began")
+    drawn = {name for row in rows for name, *_ in row.steps}
+    legend = [Patch(facecolor=colour, label=STEP_LABELS.get(name, name))
+              for name, colour in STEP_COLOURS.items() if name in drawn]
+    if any(row.waits for row in rows):
+        legend.append(Patch(facecolor="white", edgecolor="black", hatch="////",
+                            label="waiting for another\nvolume's array work"))
+    if any(row.holds for row in rows):
+        legend.append(Patch(facecolor="#d62728", alpha=0.6, label="host IO held"))
     steps_ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=90)
     return figure
 
 
-def _draw_steps(ax, rows: list[Row]) -> None:
-    """A row per volume: each step a bar, control-plane waits hatched over it, the hold in red on top."""
+def _draw_steps(ax, rows: list[Row], span: float) -> None:
+    """A row per volume: each step a bar (named where it is wide enough), control-plane waits hatched over
+    it, the host IO hold in red above it, the longest host IO as a black line below it."""
     for y, row in enumerate(rows):
         for name, began, ended, how in row.steps:
+            failed = how == "failed"
             bar = ax.barh(y, max(ended - began, 0.05), left=began, height=0.6, color=STEP_COLOURS.get(name, "#ccc"),
-                          edgecolor="#d62728" if how == "failed" else "white", linewidth=1.5 if how == "failed" else 0.5)
+                          edgecolor="#d62728" if failed else "white", linewidth=1.5 if failed else 0.5)
             bar.patches[0].set_gid(f"step:{name}:{how}")
+            if ended - began > span * 0.07:
+                ax.text((began + ended) / 2, y, STEP_LABELS.get(name, name), ha="center", va="center",
+                        fontsize=8, color="white" if name in ("copy", "verify", "finish") else "black")
+        for at, _, pass_number in row.deltas:  # where each delta pass began, inside the copy or verify bar
+            if pass_number is not None:
+                ax.plot([at, at], [y - 0.3, y + 0.3], color="white", lw=1, gid="pass-tick")
         for began, ended in row.waits:
             wait = ax.barh(y, max(ended - began, 0.05), left=began, height=0.6, fill=False, hatch="////",
                            edgecolor="black", linewidth=0)
@@ -196,34 +215,37 @@ def _draw_steps(ax, rows: list[Row]) -> None:
         for began, seconds in row.holds:
             hold = ax.barh(y, max(seconds, 0.05), left=began, height=0.85, color="#d62728", alpha=0.6)
             hold.patches[0].set_gid("hold")
-            ax.annotate(f"host IO held {seconds:.1f} s", (began + seconds, y - 0.42), xytext=(3, 0),
-                        textcoords="offset points", fontsize=8, color="#b2182b", va="top", gid="label:hold")
+            ax.annotate(f"host IO held {seconds:.1f} s", (began + seconds / 2, y - 0.43), xytext=(0, 1),
+                        textcoords="offset points", fontsize=8, color="#b2182b", ha="center", va="bottom",
+                        gid="label:hold")
         if row.host_io:
             ended, seconds = row.host_io
-            ax.plot([ended - seconds, ended], [y + 0.38, y + 0.38], color="black", lw=2, gid="host-io")
-            ax.annotate(f"longest host IO {seconds:.1f} s", (ended, y + 0.38), xytext=(3, 0),
-                        textcoords="offset points", fontsize=8, va="center", gid="label:host-io")
+            ax.plot([ended - seconds, ended], [y + 0.4, y + 0.4], color="black", lw=2, gid="host-io")
+            ax.annotate(f"longest host IO {seconds:.1f} s", (ended - seconds / 2, y + 0.43), xytext=(0, -1),
+                        textcoords="offset points", fontsize=8, ha="center", va="top", gid="label:host-io")
         for at, error in row.failures:
             ax.plot([at], [y], marker="X", color="#d62728", markersize=11, gid="failed")
-            ax.annotate(f"failed: {_shorten(error)}", (at, y + 0.32), xytext=(4, 0), textcoords="offset points",
-                        fontsize=8, color="#b2182b", va="bottom", gid="label:failed")
+            ax.annotate(f"failed: {_shorten(error)}", (at, y - 0.32), xytext=(0, 1), textcoords="offset points",
+                        fontsize=8, color="#b2182b", ha="right" if at > span / 2 else "left", va="bottom",
+                        gid="label:failed")
         if row.rolled_back is not None:
             ax.annotate("rolled back", (row.rolled_back, y), xytext=(4, 0), textcoords="offset points",
                         fontsize=8, va="center", gid="label:rolled-back")
     ax.set_yticks(range(len(rows)), [f"{row.label}\n{row.state}" for row in rows], fontsize=9)
-    ax.set_ylim(len(rows) - 0.4, -0.6)
+    ax.set_ylim(len(rows) - 1 + 0.85, -0.85)
     ax.set_title("steps per volume", fontsize=10, loc="left")
     ax.grid(axis="x", alpha=0.3)
-
-
 def _draw_rates(ax, rows: list[Row]) -> None:
+    """One migration: copy in the copy step's blue, verify in green; a plan: a colour per volume."""
     styles = {"copy": "-", "verify": "--", "verify-source": ":"}
-    for row in rows:
+    for number, row in enumerate(rows):
         for phase, points in row.rates.items():
-            if points:
-                who = f"{row.label} " if len(rows) > 1 else ""
-                ax.plot([t for t, _ in points], [r for _, r in points], styles.get(phase, "-"), lw=1.4,
-                        label=f"{who}{phase}", gid=f"rate:{row.migration_id}:{phase}")
+            if not points:
+                continue
+            colour = STEP_COLOURS.get(phase.split("-")[0]) if len(rows) == 1 else _volume_colour(number)
+            label = phase.replace("verify-source", "verify source") if len(rows) == 1 else f"{row.label} {phase}"
+            ax.plot([t for t, _ in points], [r for _, r in points], styles.get(phase, "-"), color=colour, lw=1.4,
+                    label=label, gid=f"rate:{row.migration_id}:{phase}")
     ax.set_ylabel("MB/s")
     ax.set_ylim(bottom=0)
     ax.set_title("copy and verify rate", fontsize=10, loc="left")
@@ -232,26 +254,33 @@ def _draw_rates(ax, rows: list[Row]) -> None:
         ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
 
 
-def _draw_deltas(ax, rows: list[Row]) -> None:
-    """Online: what the host wrote meanwhile, copied in each pass; the last one inside the hold."""
-    span = max([end for row in rows for _, _, end, _ in row.steps] + [1.0])
+def _draw_deltas(ax, rows: list[Row], span: float) -> None:
+    """Online: what the host wrote meanwhile, copied in each pass; the last one inside the hold (red)."""
     width = span / 80
-    for row in rows:
-        for at, size, number in row.deltas:
-            in_hold = number is None
-            bar = ax.bar(at, size / MiB, width=width, color="#d62728" if in_hold else "#6baed6",
-                         edgecolor="black", linewidth=0.5)
-            bar.patches[0].set_gid("delta:hold" if in_hold else f"delta:{number}")
-            name = "in hold" if in_hold else f"pass {number}"
-            ax.annotate(f"{name}\n{_size(size)}", (at, size / MiB), xytext=(0, 2), textcoords="offset points",
+    for number, row in enumerate(rows):
+        for at, size, pass_number in row.deltas:
+            in_hold = pass_number is None
+            colour = "#d62728" if in_hold else "#6baed6" if len(rows) == 1 else _volume_colour(number)
+            bar = ax.bar(at, size / MiB, width=width, color=colour, edgecolor="black", linewidth=0.5)
+            bar.patches[0].set_gid("delta:hold" if in_hold else f"delta:{pass_number}")
+            name = "in hold" if in_hold else f"pass {pass_number}"
+            who = f"{row.label}\n" if len(rows) > 1 else ""
+            ax.annotate(f"{who}{name}\n{_size(size)}", (at, size / MiB), xytext=(0, 2), textcoords="offset points",
                         ha="center", va="bottom", fontsize=7, gid="label:delta")
     ax.set_ylabel("MiB")
-    ax.set_title("delta passes: what the host wrote since the previous pass", fontsize=10, loc="left")
+    ax.set_title("delta passes: what the host wrote since the previous pass, copied again", fontsize=10,
+                 loc="left")
     ax.grid(axis="y", alpha=0.3)
     if not any(row.deltas for row in rows):
-        ax.text(0.5, 0.5, "no delta passes (offline: the source was fenced for the copy)", transform=ax.transAxes,
-                ha="center", va="center", fontsize=9, color="#636363", gid="no-deltas")
-    ax.set_ylim(bottom=0, top=max([size / MiB for row in rows for _, size, _ in row.deltas] + [0.5]) * 1.35)
+        offline = all(row.mode == "offline" for row in rows)
+        text = "no delta passes: offline, the source was fenced for the copy" if offline else "no delta passes"
+        ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="#636363",
+                gid="no-deltas")
+    ax.set_ylim(bottom=0, top=max([size / MiB for row in rows for _, size, _ in row.deltas] + [0.5]) * 1.6)
+
+
+def _volume_colour(number: int) -> str:
+    return ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")[number % 8]
 
 
 def _size(size: int) -> str:
