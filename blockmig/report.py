@@ -37,7 +37,9 @@ class Row:
     steps: list[tuple[str, float, float, str]] = field(default_factory=list)  # name, start, end, how it ended
     waits: list[tuple[float, float]] = field(default_factory=list)  # control-plane waits
     rates: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # phase -> (time, MB/s)
-    deltas: list[tuple[float, int, int | None]] = field(default_factory=list)  # time, bytes, pass (None: in hold)
+    # time, bytes, pass number, and "copied" (a delta pass), "listed" (found small enough to leave to the
+    # next step or the hold) or "hold" (the last delta, copied inside the hold)
+    deltas: list[tuple[float, int, int | None, str]] = field(default_factory=list)
     holds: list[tuple[float, float]] = field(default_factory=list)  # start, seconds
     host_io: tuple[float, float] | None = None  # the longest single host IO: when it ended, seconds
     failures: list[tuple[float, str]] = field(default_factory=list)
@@ -115,7 +117,7 @@ def _row(journal: MigrationJournal, records: list[dict], start: float) -> Row:
             if phase in progress and record.get("bytes") is not None:
                 _add_rate(row, phase, progress, at, record["bytes"])
         elif kind == "delta":
-            row.deltas.append((at, int(record.get("bytes") or 0), record.get("pass")))
+            row.deltas.append((at, int(record.get("bytes") or 0), record.get("pass"), "listed"))
         elif kind == "io_resumed" and record.get("io_held_seconds") is not None:
             row.holds.append((at - record["io_held_seconds"], record["io_held_seconds"]))
         elif kind == "host_io":
@@ -129,9 +131,13 @@ def _row(journal: MigrationJournal, records: list[dict], start: float) -> Row:
             row.rolled_back = at
         last = at
     close_open(last, "running" if journal.data["state"] in ("running", "rolling_back") else "interrupted")
+    # A listing was copied as a pass exactly when the next listing has a higher pass number.
+    for index, (at, size, number, _) in enumerate(row.deltas[:-1]):
+        if (row.deltas[index + 1][2] or 0) > (number or 0):
+            row.deltas[index] = (at, size, number, "copied")
     final = journal.facts("switch").get("final_delta")
     if final and row.holds:  # the last delta, copied inside the hold
-        row.deltas.append((row.holds[-1][0], int(final.get("bytes") or 0), None))
+        row.deltas.append((row.holds[-1][0], int(final.get("bytes") or 0), None, "hold"))
     return row
 
 
@@ -199,14 +205,15 @@ def _draw_steps(ax, rows: list[Row], span: float) -> None:
     for y, row in enumerate(rows):
         for name, began, ended, how in row.steps:
             failed = how == "failed"
-            bar = ax.barh(y, max(ended - began, 0.05), left=began, height=0.6, color=STEP_COLOURS.get(name, "#ccc"),
-                          edgecolor="#d62728" if failed else "white", linewidth=1.5 if failed else 0.5)
+            bar = ax.barh(y, max(ended - began, 0.05), left=began, height=0.6,
+                          color=STEP_COLOURS.get(name, "#ccc"), edgecolor="#d62728" if failed else "white",
+                          linewidth=1.5 if failed else 0.5)
             bar.patches[0].set_gid(f"step:{name}:{how}")
             if ended - began > span * 0.07:
                 ax.text((began + ended) / 2, y, STEP_LABELS.get(name, name), ha="center", va="center",
                         fontsize=8, color="white" if name in ("copy", "verify", "finish") else "black")
-        for at, _, pass_number in row.deltas:  # where each delta pass began, inside the copy or verify bar
-            if pass_number is not None:
+        for at, _, _, how in row.deltas:  # where each delta pass began, inside the copy or verify bar
+            if how == "copied":
                 ax.plot([at, at], [y - 0.3, y + 0.3], color="white", lw=1, gid="pass-tick")
         for began, ended in row.waits:
             wait = ax.barh(y, max(ended - began, 0.05), left=began, height=0.6, fill=False, hatch="////",
@@ -225,8 +232,9 @@ def _draw_steps(ax, rows: list[Row], span: float) -> None:
                         textcoords="offset points", fontsize=8, ha="center", va="top", gid="label:host-io")
         for at, error in row.failures:
             ax.plot([at], [y], marker="X", color="#d62728", markersize=11, gid="failed")
-            ax.annotate(f"failed: {_shorten(error)}", (at, y - 0.32), xytext=(0, 1), textcoords="offset points",
-                        fontsize=8, color="#b2182b", ha="right" if at > span / 2 else "left", va="bottom",
+            ax.annotate(f"failed: {_shorten(error)}", (at, y - 0.32), xytext=(0, 1),
+                        textcoords="offset points", fontsize=8, color="#b2182b",
+                        ha="right" if at > span / 2 else "left", va="bottom",
                         gid="label:failed")
         if row.rolled_back is not None:
             ax.annotate("rolled back", (row.rolled_back, y), xytext=(4, 0), textcoords="offset points",
@@ -243,9 +251,9 @@ def _draw_rates(ax, rows: list[Row]) -> None:
             if not points:
                 continue
             colour = STEP_COLOURS.get(phase.split("-")[0]) if len(rows) == 1 else _volume_colour(number)
-            label = phase.replace("verify-source", "verify source") if len(rows) == 1 else f"{row.label} {phase}"
-            ax.plot([t for t, _ in points], [r for _, r in points], styles.get(phase, "-"), color=colour, lw=1.4,
-                    label=label, gid=f"rate:{row.migration_id}:{phase}")
+            label = phase.replace("-", " ") if len(rows) == 1 else f"{row.label} {phase}"
+            ax.plot([t for t, _ in points], [r for _, r in points], styles.get(phase, "-"), color=colour,
+                    lw=1.4, label=label, gid=f"rate:{row.migration_id}:{phase}")
     ax.set_ylabel("MB/s")
     ax.set_ylim(bottom=0)
     ax.set_title("copy and verify rate", fontsize=10, loc="left")
@@ -258,29 +266,31 @@ def _draw_deltas(ax, rows: list[Row], span: float) -> None:
     """Online: what the host wrote meanwhile, copied in each pass; the last one inside the hold (red)."""
     width = span / 80
     for number, row in enumerate(rows):
-        for at, size, pass_number in row.deltas:
-            in_hold = pass_number is None
-            colour = "#d62728" if in_hold else "#6baed6" if len(rows) == 1 else _volume_colour(number)
-            bar = ax.bar(at, size / MiB, width=width, color=colour, edgecolor="black", linewidth=0.5)
-            bar.patches[0].set_gid("delta:hold" if in_hold else f"delta:{pass_number}")
-            name = "in hold" if in_hold else f"pass {pass_number}"
+        for at, size, pass_number, how in row.deltas:
+            colour = "#d62728" if how == "hold" else "#6baed6" if len(rows) == 1 else _volume_colour(number)
+            bar = ax.bar(at, size / MiB, width=width, color=colour, edgecolor="black", linewidth=0.5,
+                         fill=how != "listed", hatch="...." if how == "listed" else None)
+            bar.patches[0].set_gid({"hold": "delta:hold", "copied": f"delta:{pass_number}"}.get(
+                how, f"listed:{pass_number}"))
+            name = {"hold": "in the hold", "copied": f"pass {pass_number}"}.get(how, "listed, left")
             who = f"{row.label}\n" if len(rows) > 1 else ""
-            ax.annotate(f"{who}{name}\n{_size(size)}", (at, size / MiB), xytext=(0, 2), textcoords="offset points",
-                        ha="center", va="bottom", fontsize=7, gid="label:delta")
+            ax.annotate(f"{who}{name}\n{_size(size)}", (at, size / MiB), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7, gid="label:delta")
     ax.set_ylabel("MiB")
     ax.set_title("delta passes: what the host wrote since the previous pass, copied again", fontsize=10,
                  loc="left")
     ax.grid(axis="y", alpha=0.3)
     if not any(row.deltas for row in rows):
         offline = all(row.mode == "offline" for row in rows)
-        text = "no delta passes: offline, the source was fenced for the copy" if offline else "no delta passes"
+        text = "no delta passes" + (": offline, the source was fenced for the copy" if offline else "")
         ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="#636363",
                 gid="no-deltas")
-    ax.set_ylim(bottom=0, top=max([size / MiB for row in rows for _, size, _ in row.deltas] + [0.5]) * 1.6)
+    ax.set_ylim(bottom=0, top=max([size / MiB for row in rows for _, size, *_ in row.deltas] + [0.5]) * 1.6)
 
 
 def _volume_colour(number: int) -> str:
-    return ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")[number % 8]
+    colours = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+    return colours[number % len(colours)]
 
 
 def _size(size: int) -> str:

@@ -66,10 +66,10 @@ def load_records(directory: str) -> list[dict]:
 
 
 def record_host_io(journal, longest_seconds: float, ended_at: float) -> None:
-    """What a host workload measured itself (blockmig cannot see it): its longest single IO, for the picture."""
+    """What a host workload measured itself (blockmig cannot see it): its longest single IO."""
+    record = {"t": round(ended_at, 3), "e": "host_io", "seconds": round(longest_seconds, 3)}
     with open(events_path(journal.directory), "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"t": round(ended_at, 3), "e": "host_io", "seconds": round(longest_seconds, 3)})
-                     + "\n")
+        handle.write(json.dumps(record) + "\n")
 
 
 class Recorder:
@@ -136,7 +136,7 @@ class Recorder:
     def _audit_step(self, step: str, state: str) -> None:
         if step == "create_destination":
             self.audit_once("destination_created")
-        elif step == "switch" or step == "finish" and self.journal.is_done("switch"):  # group switch: no event
+        elif step == "switch" or step == "finish" and self.journal.is_done("switch"):  # a group's: no event
             held = self.journal.facts("switch").get("io_held_seconds")
             self.audit_once("switched", io_held_seconds=held)
         if step == "finish" and state == "done":
