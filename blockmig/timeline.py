@@ -21,6 +21,7 @@ import logging.handlers
 import os
 import threading
 import time
+from datetime import datetime
 from typing import Callable, Iterator
 
 EventHandler = Callable[[dict], None]
@@ -89,15 +90,14 @@ class Recorder:
         self.audit_once("planned")
 
     def write(self, record: dict, at: float | None = None) -> None:
-        with self._lock:
-            try:
-                size = os.path.getsize(self.path)
-            except FileNotFoundError:
-                size = 0
-            if size > MAX_RECORD_BYTES and record["e"] == "progress":
+        """Append and flush one record; one that cannot be written (disk full) is lost, not the migration."""
+        line = json.dumps({"t": round(self.clock() if at is None else at, 3), **record}) + "\n"
+        with self._lock, contextlib.suppress(OSError):
+            if record["e"] == "progress" and os.path.exists(self.path) \
+                    and os.path.getsize(self.path) > MAX_RECORD_BYTES:
                 return
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"t": round(self.clock() if at is None else at, 3), **record}) + "\n")
+                handle.write(line)
                 handle.flush()
 
     def __call__(self, event: dict) -> None:
@@ -331,6 +331,4 @@ def audit(event: str, journal, **extra) -> None:
 
 
 def _epoch(iso_text: str) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(iso_text).timestamp()
