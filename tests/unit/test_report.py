@@ -357,3 +357,14 @@ def test_no_syslog_socket_is_skipped_silently(state_dir, capsys):
     recorded_migration()
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+@pytest.mark.parametrize("command", [["migrate", "/dev/nosuch"], ["resume", "m1"], ["rollback", "m1"]])
+def test_no_syslog_is_taken_by_migrate_resume_and_rollback(state_dir, command, capsys):
+    args = cli.build_parser().parse_args([*command, "--no-syslog"])
+    try:
+        assert cli.run(args) != 0  # no such device / migration: refused, one line
+        assert not timeline._syslog_enabled
+    finally:
+        timeline.set_syslog(True)
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
