@@ -12,12 +12,28 @@ import socket
 import time
 
 import pytest
-from migrate_support import MiB, blockmig, journal, migrate_args, report_of
-from test_online import assert_switched, lvm_host  # noqa: F401  (lvm_host is a fixture)
+from migrate_support import MiB, blockmig, journal, migrate_args, release_held_io_and_migrator
+from test_online import RAW_LV, RAW_SIZE, LvmHost, assert_switched
+from workloads import RawWriter, lab_of_size
 from test_plan import host_volumes, plan_report, state_dir, write_plan  # noqa: F401  (fixtures)
 
 from blockmig import lab, report, timeline
 from blockmig.state import STEPS, MigrationJournal
+
+
+@pytest.fixture
+def small_lvm_host(backing_dir, tmp_path, monkeypatch):
+    """test_online's host on a 64 MiB volume with a lighter raw writer (2 MiB hot set), so that the deltas
+    converge under qemu's emulated CPU too and the test stays short."""
+    monkeypatch.setenv("BLOCKMIG_STATE_DIR", str(tmp_path / "migrations"))
+    with lab_of_size(64 * MiB, backing_dir) as map_device:
+        host = LvmHost(map_device, backing_dir, tmp_path, "ext4", 16 * MiB)
+        host.writer = RawWriter(RAW_LV, RAW_SIZE, region=(0, 2 * MiB), interval=0.02)
+        try:
+            yield host
+        finally:
+            host.close()
+            release_held_io_and_migrator()
 
 
 @pytest.fixture
@@ -57,10 +73,14 @@ def gids(ax, prefix: str) -> list:
     return [a for a in list(ax.patches) + list(ax.texts) if (a.get_gid() or "").startswith(prefix)]
 
 
-def test_an_online_migration_draws_its_passes_and_hold_and_audits_each_milestone(lvm_host, syslog, tmp_path):
+def test_an_online_migration_draws_its_passes_and_hold_and_audits_each_milestone(small_lvm_host, syslog,
+                                                                                 tmp_path):
+    lvm_host = small_lvm_host
     lvm_host.start()
     try:
-        result = blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "pic"), timeout=600)
+        # qemu's emulated CPU copies deltas at a few MB/s: a longer hold and switch timeout than a real host's
+        result = blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "pic", "--max-hold", "5",
+                                        "--switch-timeout", "60"), timeout=600)
         assert result.returncode == 0, result.stderr
     finally:
         lvm_host.stop()
