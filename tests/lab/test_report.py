@@ -8,11 +8,12 @@ and the events recorded: rows, delta passes, the hold. Drawn in-process too, to 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 
 import pytest
-from migrate_support import MiB, blockmig, journal, migrate_args, release_held_io_and_migrator
+from migrate_support import REPO, MiB, blockmig, journal, migrate_args, release_held_io_and_migrator
 from test_online import RAW_LV, RAW_SIZE, LvmHost, assert_switched
 from workloads import RawWriter, lab_of_size
 from test_plan import host_volumes, plan_report, state_dir, write_plan  # noqa: F401  (fixtures)
@@ -69,6 +70,16 @@ def audit_records(listener) -> list[dict]:
         records.append({"priority": int(priority), "tag": tag, **fields})
 
 
+def keep_in_results(migration_id: str, png: str) -> None:
+    """The picture and the records it was drawn from, in the shared folder (.lab/results), which outlives the
+    guest: README's image is one of these."""
+    kept = os.path.join(REPO, ".lab", "results", f"report-{migration_id}")
+    shutil.rmtree(kept, ignore_errors=True)
+    shutil.copytree(MigrationJournal.load(migration_id).directory, kept,
+                    ignore=shutil.ignore_patterns("*.meta", "copy.json", "manifest.json"))
+    shutil.copy(png, kept)
+
+
 def gids(ax, prefix: str) -> list:
     return [a for a in list(ax.patches) + list(ax.texts) if (a.get_gid() or "").startswith(prefix)]
 
@@ -107,6 +118,7 @@ def test_an_online_migration_draws_its_passes_and_hold_and_audits_each_milestone
     shown = blockmig("report", "pic", "--plot", str(png))
     assert shown.returncode == 0, shown.stderr
     assert f"volume digest sha256:{migration['volume_digest']}" in shown.stdout and png.stat().st_size > 10_000
+    keep_in_results("pic", str(png))
     print(f"\npicture: {png} ({png.stat().st_size} bytes)")
 
     figure = report.draw(report.load("pic"), str(tmp_path / "pic.svg"))
@@ -138,6 +150,8 @@ def test_a_plan_of_three_volumes_draws_a_row_each(host_volumes, backing_dir, sta
     shown = blockmig("report", "trio", "--plot", str(svg))
     assert shown.returncode == 0, shown.stderr
     assert "plan trio" in shown.stdout and svg.read_text().startswith("<?xml")
+    for member in outcome["volumes"]:
+        keep_in_results(member["id"], str(svg))
 
     figure = report.draw(report.load("trio"), str(tmp_path / "trio.png"))
     steps_ax, _, delta_ax = figure.axes[:3]
