@@ -90,7 +90,7 @@ def test_an_online_migration_draws_its_passes_and_hold_and_audits_each_milestone
     lvm_host.start()
     try:
         # qemu's emulated CPU copies deltas at a few MB/s: a longer hold and switch timeout than a real host's
-        result = blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "pic", "--max-hold", "5",
+        result = blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "pic", "--max-hold", "15",
                                         "--switch-timeout", "60"), timeout=600)
         assert result.returncode == 0, result.stderr
     finally:
