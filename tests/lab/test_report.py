@@ -90,8 +90,11 @@ def test_an_online_migration_draws_its_passes_and_hold_and_audits_each_milestone
     lvm_host.start()
     try:
         # qemu's emulated CPU copies deltas at a few MB/s: a longer hold and switch timeout than a real host's
-        result = blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "pic", "--max-hold", "15",
-                                        "--switch-timeout", "60"), timeout=600)
+        result = blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "pic",
+                                        "--max-hold", "15", "--switch-timeout", "60"), timeout=600)
+        if result.returncode != 0:  # a failed migration has its picture too: kept for whoever looks into it
+            blockmig("report", "pic", "--plot", str(tmp_path / "pic-failed.png"))
+            keep_in_results("pic", str(tmp_path / "pic-failed.png"))
         assert result.returncode == 0, result.stderr
     finally:
         lvm_host.stop()
