@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_resume(sub)
     _add_rollback(sub)
+    _add_report(sub)
     _add_lab(sub)
     _add_array(sub)
     return parser
@@ -180,6 +181,7 @@ def _add_migrate(sub) -> None:
     parser.add_argument("--id", dest="migration_id", type=id_argument,
                         help="migration (or plan) id: letters, digits, '.', '_', '-', at most 41 (default: time and WWID)")
     parser.add_argument("--json", action="store_true", help="one JSON event per line on stdout, then the report")
+    _add_no_syslog(parser)
     parser.set_defaults(func=_cmd_migrate)
 
 
@@ -258,6 +260,7 @@ def _add_resume(sub) -> None:
     parser = sub.add_parser("resume", help="finish a migration that stopped (crash, kill, error)")
     parser.add_argument("migration_id", metavar="ID", type=id_argument)
     parser.add_argument("--json", action="store_true", help="one JSON event per line on stdout, then the report")
+    _add_no_syslog(parser)
     parser.set_defaults(func=_cmd_resume)
 
 
@@ -280,6 +283,7 @@ def _add_rollback(sub) -> None:
     parser = sub.add_parser("rollback", help="before the switch: back to the source, destination removed")
     parser.add_argument("migration_id", metavar="ID", type=id_argument)
     parser.add_argument("--json", action="store_true", help="print the final state as JSON")
+    _add_no_syslog(parser)
     parser.set_defaults(func=_cmd_rollback)
 
 
@@ -507,6 +511,56 @@ class _ProgressRenderer:
         self.close()
 
 
+def _add_no_syslog(parser) -> None:
+    parser.add_argument("--no-syslog", action="store_true",
+                        help="write no audit records to the system log (default: tagged blockmig, if /dev/log exists)")
+
+
+def _add_report(sub) -> None:
+    parser = sub.add_parser("report", help="a migration's or a plan's report; --plot draws its timeline")
+    parser.add_argument("migration_id", metavar="ID", help="a migration or a plan")
+    parser.add_argument("--plot", metavar="FILE", help="draw the timeline to FILE.svg or FILE.png (needs matplotlib)")
+    parser.add_argument("--json", action="store_true", help="the report and the recorded events as JSON")
+    parser.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    """The report as `migrate` ends with (a plan's, or `status` while not done); the picture on request."""
+    from blockmig import plan, report, timeline
+    from blockmig.state import MigrationJournal
+
+    if args.plot and not args.plot.lower().endswith(report.PLOT_SUFFIXES):
+        from blockmig.errors import UsageError
+
+        raise UsageError(f"--plot {args.plot}: the file name must end in .svg or .png")
+    if args.plot:
+        report.require_matplotlib()
+    picture = report.load(args.migration_id)  # refuses an unknown id before anything is drawn
+    is_plan = plan.is_plan(args.migration_id)
+    if args.json:
+        members = [MigrationJournal.load(row.migration_id) for row in picture.rows]
+        print(json.dumps({"id": args.migration_id, "kind": "plan" if is_plan else "migration",
+                          "migrations": [{"status": journal.summary(),
+                                          "events": timeline.load_records(journal.directory)}
+                                         for journal in members]}))
+    elif is_plan:
+        found = plan.PlanJournal.load(args.migration_id)
+        if found.data.get("report"):
+            _print_plan_report(found.data["report"], False)
+        else:
+            _print_plan_status(plan.plan_status(args.migration_id), False)
+    else:
+        journal = MigrationJournal.load(args.migration_id)
+        if journal.data["state"] == "done":
+            _print_report(journal.data["report"], False)
+        else:
+            _cmd_status(argparse.Namespace(migration_id=args.migration_id, json=False))
+    if args.plot:
+        report.draw(picture, args.plot)
+        print(f"picture: {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def _add_lab(sub) -> None:
     # No `from blockmig import lab` here: it imports the host stack (pyudev, tenacity, asyncio),
     # about 0.3 s of start-up in the lab VM that every `blockmig copy` would pay.
@@ -633,6 +687,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run parsed arguments; turn a BlockmigError into one line on stderr and its exit code."""
+    if getattr(args, "no_syslog", False):
+        from blockmig import timeline
+
+        timeline.set_syslog(False)
     try:
         return args.func(args) or 0
     except BlockmigError as exc:

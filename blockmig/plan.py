@@ -24,6 +24,7 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from blockmig import timeline
 from blockmig.array import lio
 from blockmig.datapath.digest import MAX_MANIFEST_BYTES
 from blockmig.errors import BlockmigError, JournalError, MigrationError, UsageError
@@ -370,9 +371,15 @@ def run_plan(plan_id: str, on_event: EventHandler | None = None, after_chunk=Non
     A member that fails does not stop the others; its outcome says why.
     """
     plan = PlanJournal.load(plan_id)
-    emit = _serialised(on_event)
     began = time.monotonic()
     journals = [MigrationJournal.load(member) for member in plan.members]
+    with timeline.recording_plan(journals, on_event) as recorded:
+        return _run_plan(plan, journals, _serialised(recorded), after_chunk, began)
+
+
+def _run_plan(plan: PlanJournal, journals: list[MigrationJournal], emit: EventHandler, after_chunk,
+              began: float) -> dict:
+    plan_id = plan.id
     if any(journal.data["state"] == "rolled_back" for journal in journals):
         raise MigrationError(f"plan {plan_id} was rolled back; start a new one")
     together = plan.data["policy"] == "together"

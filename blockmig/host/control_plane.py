@@ -56,20 +56,27 @@ class HostControlPlane:
         with _states_guard:
             return _states.setdefault(os.path.abspath(self.path), _State())
 
-    def acquire(self) -> None:
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock (waiting at most `wait` seconds); `blocking=False`: only if it is free now."""
         state = self._state()
         began = time.monotonic()
-        if not state.thread_lock.acquire(timeout=self.wait):
+        taken = state.thread_lock.acquire(timeout=self.wait) if blocking else state.thread_lock.acquire(False)
+        if not taken:
+            if not blocking:
+                return False
             raise HostError(f"the host's control plane is still held by another thread of this blockmig "
-                            f"after "
-                            f"{self.wait:g} s; retry when it is done")
+                            f"after {self.wait:g} s; retry when it is done")
         try:
             if state.depth == 0:
-                state.fd = _lock_file(self.path, began + self.wait, self.wait)
+                state.fd = _lock_file(self.path, began + self.wait if blocking else None, self.wait)
+                if state.fd is None:  # another process holds it, and we were not to wait
+                    state.thread_lock.release()
+                    return False
             state.depth += 1
         except BaseException:
             state.thread_lock.release()
             raise
+        return True
 
     def release(self) -> None:
         state = self._state()
@@ -112,13 +119,17 @@ def open_private_file(path: str) -> int:
     return fd
 
 
-def _lock_file(path: str, deadline: float, wait: float) -> int:
+def _lock_file(path: str, deadline: float | None, wait: float) -> int | None:
+    """flock the lock file by `deadline` (None: now or never, and None back if it is held)."""
     fd = open_private_file(path)
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
+            if deadline is None:
+                os.close(fd)
+                return None
             if time.monotonic() >= deadline:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                 os.close(fd)

@@ -15,6 +15,7 @@ back from what each step declares; host and array work is in host/ and array/.
 
 from __future__ import annotations
 
+from blockmig import timeline
 from blockmig.errors import MigrationError
 from blockmig.host.control_plane import HostControlPlane
 from blockmig.orchestrator import fence
@@ -59,8 +60,12 @@ class Migration:
         self.destination = journal.data["destination"]
         self.migrator = journal.data["migrator"]
         self.online = journal.data.get("mode") == "online"
-        self.control_plane = CONTROL_PLANE
         self.sequencer = Sequencer(STEPS if steps is None else steps, journal, CONTROL_PLANE)
+
+    @property
+    def control_plane(self):
+        """The control-plane lock, a wait for it recorded (a plan's members queue for it)."""
+        return timeline.control_plane(CONTROL_PLANE, self.emit)
 
     def run(self, until: str | None = None) -> dict | None:
         """Run the steps not done yet; with `until`, stop before that step (and return None)."""
@@ -105,8 +110,9 @@ def run_migration(migration_id: str, on_event: EventHandler | None = None, after
         return journal.data["report"]
     if journal.data["state"] == "rolled_back":
         raise MigrationError(f"migration {migration_id} was rolled back; start a new one")
-    with VolumeLock(journal.data["source"]["wwid"], migration_id):
-        return Migration(journal, on_event, after_chunk).run()
+    with VolumeLock(journal.data["source"]["wwid"], migration_id), \
+            timeline.recording(journal, on_event) as emit:
+        return Migration(journal, emit, after_chunk).run()
 
 
 resume_migration = run_migration
@@ -118,8 +124,9 @@ def rollback_migration(migration_id: str, on_event: EventHandler | None = None) 
     journal = MigrationJournal.load(migration_id)
     if journal.data["state"] == "rolled_back":
         return journal.summary()
-    with VolumeLock(journal.data["source"]["wwid"], migration_id), CONTROL_PLANE:
-        return Migration(journal, on_event).rollback()
+    with VolumeLock(journal.data["source"]["wwid"], migration_id), CONTROL_PLANE, \
+            timeline.recording(journal, on_event, "rollback") as emit:
+        return Migration(journal, emit).rollback()
 
 
 def migration_status(migration_id: str | None = None) -> list[dict]:

@@ -96,13 +96,17 @@ class Sequencer:
             migration.emit({"event": "step", "step": step.name, "state": "started"})
             self.journal.mark_started(step.name)
             try:
-                with self.control_plane if step.needs_control_plane else contextlib.nullcontext():
+                with self._control_plane(migration) if step.needs_control_plane else contextlib.nullcontext():
                     facts = step.run(migration) or {}
             except BaseException as exc:  # cleanup on anything; only our own errors are reworded
                 self._fail(migration, step.name, exc)
             self.journal.mark_done(step.name, **facts)
             migration.emit({"event": "step", "step": step.name, "state": "done", **facts})
         return True
+
+    def _control_plane(self, migration):
+        """The migration's own view of the lock where it has one (it records waits), else the lock."""
+        return getattr(migration, "control_plane", self.control_plane)
 
     def _fail(self, migration, name: str, exc: BaseException):
         with self.control_plane:

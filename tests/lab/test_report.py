@@ -1,0 +1,182 @@
+"""The picture and the audit trail of real migrations: an online one with writers, and a plan of three volumes.
+
+Each test runs blockmig as an admin would (the CLI, `--json`), listens on its own syslog socket
+(BLOCKMIG_SYSLOG_SOCKET) and then checks what `blockmig report --plot` draws against what the journal
+and the events recorded: rows, delta passes, the hold. Drawn in-process too, to read the figure's objects.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+
+import pytest
+from migrate_support import REPO, MiB, blockmig, journal, migrate_args, release_held_io_and_migrator
+from test_online import RAW_LV, RAW_SIZE, LvmHost, assert_switched
+from test_plan import host_volumes, plan_report, state_dir, write_plan  # noqa: F401  (fixtures)
+from workloads import RawWriter, lab_of_size
+
+from blockmig import lab, report, timeline
+from blockmig.state import STEPS, MigrationJournal
+
+
+@pytest.fixture
+def small_lvm_host(backing_dir, tmp_path, monkeypatch):
+    """test_online's host on a 64 MiB volume with a lighter raw writer (2 MiB hot set), so that the deltas
+    converge under qemu's emulated CPU too and the test stays short."""
+    monkeypatch.setenv("BLOCKMIG_STATE_DIR", str(tmp_path / "migrations"))
+    with lab_of_size(64 * MiB, backing_dir) as map_device:
+        host = LvmHost(map_device, backing_dir, tmp_path, "ext4", 16 * MiB)
+        host.writer = RawWriter(RAW_LV, RAW_SIZE, region=(0, 2 * MiB), interval=0.02)
+        try:
+            yield host
+        finally:
+            host.close()
+            release_held_io_and_migrator()
+
+
+@pytest.fixture
+def syslog(tmp_path, monkeypatch):
+    """A unix datagram socket standing in for /dev/log; blockmig's children inherit the variable."""
+    path = f"/tmp/blockmig-syslog-{os.getpid()}.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    listener.bind(path)
+    monkeypatch.setenv(timeline.SYSLOG_SOCKET_ENV, path)
+    try:
+        yield listener
+    finally:
+        listener.close()
+        os.unlink(path)
+
+
+def audit_records(listener) -> list[dict]:
+    """Every datagram received so far, as {"tag": ..., "priority": ..., field: value}."""
+    records = []
+    listener.setblocking(False)
+    while True:
+        try:
+            line = listener.recv(65536).decode()
+        except BlockingIOError:
+            return records
+        head, body = line.split(": ", 1)
+        priority, tag = head[1:].split(">", 1)
+        fields = {}
+        for part in body.split(" "):
+            key, value = part.split("=", 1)
+            fields[key] = value
+        records.append({"priority": int(priority), "tag": tag, **fields})
+
+
+def keep_in_results(migration_id: str, png: str) -> None:
+    """The picture and the records it was drawn from, in the shared folder (.lab/results), which outlives the
+    guest: README's image is one of these."""
+    kept = os.path.join(REPO, ".lab", "results", f"report-{migration_id}")
+    shutil.rmtree(kept, ignore_errors=True)
+    shutil.copytree(MigrationJournal.load(migration_id).directory, kept,
+                    ignore=shutil.ignore_patterns("*.meta", "copy.json", "manifest.json"))
+    shutil.copy(png, kept)
+
+
+def gids(ax, prefix: str) -> list:
+    return [a for a in list(ax.patches) + list(ax.texts) if (a.get_gid() or "").startswith(prefix)]
+
+
+def test_an_online_migration_draws_its_passes_and_hold_and_audits_each_milestone(small_lvm_host, syslog,
+                                                                                 tmp_path):
+    lvm_host = small_lvm_host
+    lvm_host.start()
+    try:
+        # qemu's emulated CPU copies deltas at a few MB/s: a longer hold and switch timeout than a real host's
+        result = blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "pic",
+                                        "--max-hold", "15", "--switch-timeout", "60"), timeout=600)
+        if result.returncode != 0:  # a failed migration has its picture too: kept for whoever looks into it
+            blockmig("report", "pic", "--plot", str(tmp_path / "pic-failed.png"))
+            keep_in_results("pic", str(tmp_path / "pic-failed.png"))
+        assert result.returncode == 0, result.stderr
+    finally:
+        lvm_host.stop()
+    migration = assert_switched(lvm_host, result)
+    records = audit_records(syslog)
+    data = journal("pic")
+
+    # the audit trail: one record per milestone, each with every field
+    assert [r["event"] for r in records] == ["planned", "destination_created", "switched", "finished"]
+    for record in records:
+        assert record["priority"] == 14 and record["tag"].startswith("blockmig[")  # user.info
+        assert record["id"] == "pic" and record["wwid"] == lab.SOURCE_WWID == data["source"]["wwid"]
+        assert record["source"] == f"{lab.SOURCE_IQN}/{data['source']['volume']}"
+        assert record["destination"] == f"{lab.DESTINATION_IQN}/blockmig-pic"
+    assert records[-1]["digest"] == f"sha256:{migration['volume_digest']}"
+    assert float(records[2]["io_held_seconds"]) == migration["io_held_seconds"]
+    assert "blockmig[" not in result.stderr + result.stdout, "an audit record was printed as well"
+
+    # what the writer measured itself: its longest single IO, for the picture
+    stall = lvm_host.writer.stall
+    timeline.record_host_io(MigrationJournal.load("pic"), stall.max, time.time() - (time.monotonic()
+                                                                                      - stall.worst_ended_at))
+    png = tmp_path / "pic.png"
+    shown = blockmig("report", "pic", "--plot", str(png))
+    assert shown.returncode == 0, shown.stderr
+    assert f"volume digest sha256:{migration['volume_digest']}" in shown.stdout and png.stat().st_size > 10_000
+    keep_in_results("pic", str(png))
+    print(f"\npicture: {png} ({png.stat().st_size} bytes)")
+
+    figure = report.draw(report.load("pic"), str(tmp_path / "pic.svg"))
+    steps_ax, rate_ax, delta_ax = figure.axes[:3]
+    assert [t.get_text() for t in steps_ax.get_yticklabels()] == [f"{lvm_host.map_name}\ndone"]
+    assert sorted(p.get_gid().split(":")[1] for p in gids(steps_ax, "step:")) == sorted(STEPS)
+    copied = sorted((int(p.get_gid().split(":")[1]), round(p.get_height() * MiB)) for p in gids(delta_ax, "delta:")
+                    if p.get_gid() != "delta:hold")
+    passes = data["online"]["passes"]
+    assert passes, "the writers made no delta pass"
+    assert copied == sorted((p["pass"], p["bytes"]) for p in passes)
+    [hold] = gids(steps_ax, "hold")
+    assert hold.get_width() == pytest.approx(migration["io_held_seconds"], abs=1e-3)
+    [in_hold] = gids(delta_ax, "delta:hold")
+    assert round(in_hold.get_height() * MiB) == migration["final_delta"]["bytes"]
+    assert [t.get_text() for t in gids(steps_ax, "label:host-io")] == [f"longest host IO {stall.max:.1f} s"]
+    copy_lines = [line for line in rate_ax.get_lines() if line.get_gid() == "rate:pic:copy"]
+    assert copy_lines and max(copy_lines[0].get_ydata()) > 0
+
+
+def test_a_plan_of_three_volumes_draws_a_row_each(host_volumes, backing_dir, state_dir, syslog, tmp_path):
+    volumes = host_volumes(2)
+    path = write_plan(tmp_path, [v.device for v in volumes], backing_dir, "trio", parallel=3,
+                      extra_defaults='mode = "offline"')
+    result = blockmig("migrate", "--plan", path, "--json", timeout=900)
+    outcome = plan_report(result)
+    assert result.returncode == 0, [(v["map"], v["outcome"], v.get("error")) for v in outcome["volumes"]]
+    svg = tmp_path / "trio.svg"
+    shown = blockmig("report", "trio", "--plot", str(svg))
+    assert shown.returncode == 0, shown.stderr
+    assert "plan trio" in shown.stdout and svg.read_text().startswith("<?xml")
+    for member in outcome["volumes"]:
+        keep_in_results(member["id"], str(svg))
+
+    figure = report.draw(report.load("trio"), str(tmp_path / "trio.png"))
+    steps_ax, _, delta_ax = figure.axes[:3]
+    assert [t.get_text().split("\n")[0] for t in steps_ax.get_yticklabels()] == [v.map_name for v in volumes]
+    holds = sorted(round(p.get_width(), 3) for p in gids(steps_ax, "hold"))
+    assert holds == sorted(round(v["io_held_seconds"], 3) for v in outcome["volumes"])
+    assert len(gids(steps_ax, "step:copy:done")) == 3 and gids(delta_ax, "no-deltas")
+    # three members copy at once, their control-plane steps take turns: each wait is drawn where recorded
+    waits = [r for member in outcome["volumes"]
+             for r in timeline.load_records(MigrationJournal.load(member["id"]).directory)
+             if r["e"] == "control_plane_wait" and r["state"] == "done"]
+    assert len(gids(steps_ax, "wait")) == len(waits)
+    print(f"\nplan trio: {len(waits)} control-plane waits, "
+          f"{sum(w['seconds'] for w in waits):.2f} s in all")
+
+    records = audit_records(syslog)
+    by_member = {member["id"]: [r["event"] for r in records if r["id"] == member["id"]]
+                 for member in outcome["volumes"]}
+    assert all(events == ["planned", "destination_created", "switched", "finished"]
+               for events in by_member.values()), by_member
+    assert {r["plan"] for r in records} == {"trio"}
+    for member in outcome["volumes"]:
+        finished = next(r for r in records if r["id"] == member["id"] and r["event"] == "finished")
+        assert finished["digest"] == f"sha256:{member['report']['volume_digest']}"
+        assert finished["wwid"] == journal(member["id"])["source"]["wwid"]
