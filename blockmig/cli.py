@@ -7,11 +7,13 @@ and failure through BlockmigError; this module renders both.
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 from blockmig import __version__
 from blockmig.datapath.copy import DEFAULT_JOURNAL_INTERVAL
-from blockmig.errors import BlockmigError
+from blockmig.errors import BlockmigError, Interrupted
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -522,16 +524,35 @@ def _cmd_lab(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from blockmig import signals
+
+    signals.install(_tell_admin)
     return run(build_parser().parse_args(argv))
+
+
+def _tell_admin(text: str) -> None:
+    """From a signal handler: os.write, as a print could land inside another print to stderr (reentrant)."""
+    os.write(sys.stderr.fileno(), f"blockmig: {text}\n".encode())
 
 
 def run(args: argparse.Namespace) -> int:
     """Run parsed arguments; turn a BlockmigError into one line on stderr and its exit code."""
+    from blockmig import signals
+
     try:
         return args.func(args) or 0
     except BlockmigError as exc:
-        print(f"blockmig: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        message, code = str(exc), exc.exit_code
+        signum = signals.received()
+        if signum is not None:  # whatever error the stop ended in, the exit says which signal asked for it
+            name = signal.Signals(signum).name
+            code = 128 + signum
+            if f"interrupted by {name}" not in message:
+                message = f"interrupted by {name}: {message}"
+            if isinstance(exc, Interrupted) and not str(exc).partition(": ")[2]:
+                message += "; the journals say where to resume (blockmig status)"
+        print(f"blockmig: error: {message}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("blockmig: interrupted; the journal allows resume or rollback", file=sys.stderr)
         return 130

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from blockmig import online
+from blockmig import online, signals
 from blockmig.array import lio
 from blockmig.datapath.copy import DEFAULT_CHUNK_SIZE, copy_volume
 from blockmig.datapath.digest import load_manifest
@@ -36,7 +36,14 @@ from blockmig.datapath.verify import verify_volume
 from blockmig.errors import ArrayError, BlockmigError, DeviceError, HostError, MigrationError, UsageError, VerifyError
 from blockmig.host import iscsi, multipath, udev, usage
 from blockmig.state import STEPS, MigrationJournal, VolumeLock
-from blockmig.switch import DEFAULT_SWITCH_TIMEOUT, HostSwitch, freeze_filesystems, parse_portal, thaw_filesystems
+from blockmig.switch import (
+    DEFAULT_SWITCH_TIMEOUT,
+    HostSwitch,
+    freeze_filesystems,
+    parse_portal,
+    resume_map_with_a_path,
+    thaw_filesystems,
+)
 from blockmig.sysfs import read_attribute
 
 FENCES = ("writeprotect", "suspend", "none")
@@ -53,6 +60,7 @@ EventHandler = Callable[[dict], None]
 # udev) is not safe to race and runs under this one lock.
 CONTROL_PLANE = threading.RLock()
 DATA_STEPS = ("copy", "verify")
+_WHAT_A_SIGNAL_WAITS_FOR = {"switch": "the switch goes on until it has finished or reverted (within --switch-timeout)"}
 
 
 @dataclass
@@ -196,7 +204,8 @@ def rollback_migration(migration_id: str, on_event: EventHandler | None = None) 
     journal = MigrationJournal.load(migration_id)
     if journal.data["state"] == "rolled_back":
         return journal.summary()
-    with VolumeLock(journal.data["source"]["wwid"], migration_id), CONTROL_PLANE:
+    with VolumeLock(journal.data["source"]["wwid"], migration_id), CONTROL_PLANE, \
+            signals.deferred("the rollback goes on until the host is on the source", then_stop=False):
         return Migration(journal, on_event).rollback()
 
 
@@ -362,10 +371,17 @@ class Migration:
             self.emit({"event": "step", "step": name, "state": "started"})
             self.journal.mark_started(name)
             try:
-                with contextlib.nullcontext() if name in DATA_STEPS else CONTROL_PLANE:
+                # A signal stops us here, between steps (the cleanup below lifts a suspend fence), or in a data
+                # step at a chunk boundary; a control-plane step (the switch: finished or reverted within
+                # --switch-timeout) runs to its end first.
+                signals.check(f"migration {self.journal.id} stopped before step {name}")
+                with contextlib.nullcontext() if name in DATA_STEPS else CONTROL_PLANE, \
+                        contextlib.nullcontext() if name in DATA_STEPS else signals.deferred(
+                            _WHAT_A_SIGNAL_WAITS_FOR.get(name, f"step {name} goes on to its end"), then_stop=False):
                     facts = getattr(self, f"_step_{name}")() or {}
             except BaseException as exc:  # cleanup on anything; only our own errors are reworded
-                with CONTROL_PLANE:
+                # A signal (a first one, or a second after the one that stopped the step) waits for the cleanup.
+                with CONTROL_PLANE, signals.deferred("lifting the fence and journaling", then_stop=False):
                     cleanup_error = self._after_failure(name)
                 message = str(exc) or type(exc).__name__
                 if cleanup_error:
@@ -402,12 +418,13 @@ class Migration:
             online.resume_private_maps(self.journal)  # before the thaw below, which writes through them
             online.resume_era_maps(self.journal)
         if map_name and (multipath.is_suspended(map_name) or self.journal.data.get("frozen")):
-            if self.journal.data["fence"] == "suspend" and STEPS.index(step) < STEPS.index("switch"):
+            joined = self.journal.is_done("switch") or self.journal.facts("switch").get("destination_joined")
+            if self.journal.data["fence"] == "suspend" and not joined:  # the host writes the source again
                 self._lift_fence()
                 self._forget_copy()
             else:
                 if multipath.is_suspended(map_name):
-                    multipath.resume_map(map_name)
+                    resume_map_with_a_path(map_name)
                 thaw_filesystems(self.journal, map_name)
             self.emit({"event": "io_resumed", "map": map_name, "after_failure_in": step})
 
@@ -532,7 +549,7 @@ class Migration:
             lio.set_mapping_write_protect(self._source_volume(), self.source["host_initiator"], False)
         map_name = self.source["map"]
         if map_name and multipath.is_suspended(map_name):
-            multipath.resume_map(map_name)
+            resume_map_with_a_path(map_name)
         if map_name:
             thaw_filesystems(self.journal, map_name)
 

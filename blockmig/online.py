@@ -52,6 +52,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from blockmig import signals
 from blockmig.datapath.blockdev import allocate_aligned_buffer, open_source
 from blockmig.datapath.digest import Manifest, digest_chunk, load_manifest
 from blockmig.datapath.guard import DeltaGuard
@@ -355,6 +356,7 @@ def converge(journal: MigrationJournal, manifest: Manifest | None, source: Calla
             return manifest
         if len(history) > STALLED_PASSES and min(history[-STALLED_PASSES:]) >= history[-STALLED_PASSES - 1]:
             break
+        signals.check(f"migration {journal.id} stopped between delta passes")  # a plan's member thread
         state["pass"] += 1
         journal.save()
         checkpoint("online:delta")

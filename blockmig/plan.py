@@ -42,7 +42,7 @@ from blockmig.migration import (
 from blockmig.host import iscsi, multipath
 from blockmig.online import MODES
 from blockmig.state import MigrationJournal, PlanJournal, VolumeLock, migration_exists
-from blockmig import switch
+from blockmig import signals, switch
 from blockmig.switch import parse_portal, switch_group
 
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -366,10 +366,15 @@ def run_plan(plan_id: str, on_event: EventHandler | None = None, after_chunk=Non
         for journal in journals:
             run_member(journal, "fence")
         checkpoint("plan:destinations-created")
-        with ThreadPoolExecutor(max_workers=plan.data["parallel"], thread_name_prefix="member") as pool:
-            list(pool.map(lambda journal: run_member(journal, "switch" if together else None), journals))
-        if together:
-            _switch_and_finish_group(plan, journals, outcomes, emit, after_chunk)
+        # Threads cannot be interrupted: a signal asks each member to stop at its next safe point (signals.check),
+        # and no volume lock is released (the ExitStack) while a member still runs.
+        with signals.deferred("waiting for every member to stop at its next safe point; no volume lock is "
+                              "released before", f"plan {plan_id} stopped, every member at a safe point "
+                              f"(blockmig resume {plan_id} or blockmig rollback {plan_id})"):
+            with ThreadPoolExecutor(max_workers=plan.data["parallel"], thread_name_prefix="member") as pool:
+                list(pool.map(lambda journal: run_member(journal, "switch" if together else None), journals))
+            if together:
+                _switch_and_finish_group(plan, journals, outcomes, emit, after_chunk)
     report = _plan_report(plan, journals, outcomes, time.monotonic() - began)
     plan.data["state"] = "done" if report["failed"] == 0 else "failed"
     plan.data["report"] = report
@@ -380,7 +385,7 @@ def run_plan(plan_id: str, on_event: EventHandler | None = None, after_chunk=Non
 def _switch_and_finish_group(plan: PlanJournal, journals: list[MigrationJournal], outcomes: dict, emit,
                              after_chunk) -> None:
     waiting = [journal for journal in journals if not journal.is_done("switch")]
-    if any(outcomes[journal.id]["outcome"] == "failed" for journal in journals):
+    if signals.stop_requested() or any(outcomes[journal.id]["outcome"] == "failed" for journal in journals):
         # The group cannot switch now: no member keeps the host's IO held (or writes refused) meanwhile.
         for journal in waiting:
             if outcomes[journal.id]["outcome"] == "failed":

@@ -50,6 +50,15 @@ def parse_portal(portal: str) -> tuple[str, int]:
     return ip, int(port)
 
 
+def resume_map_with_a_path(map_name: str) -> None:
+    """Resume a held map, but never one without a path: its queued IO would fail about 24 s later
+    (multipathd's no_path_retry countdown), so it stays suspended and queueing for resume to finish."""
+    if not map_disks(map_name):
+        raise HostError(f"map {map_name} has no path (the switch could neither finish nor revert): its IO stays "
+                        "held, suspended and queueing, until blockmig resume finishes the switch or rollback reverts it")
+    multipath.resume_map(map_name)
+
+
 def map_disks(map_name: str) -> list[str]:
     """The disks in the map's live table, from sysfs (a multipathd round trip costs 50-180 ms in the hold)."""
     dm = os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}"))
@@ -94,13 +103,15 @@ class HostSwitch:
                 try:
                     self.take_source_out()
                     disk = self.bring_destination_in()
-                except BlockmigError as exc:
+                except BaseException as exc:  # a bug or a KeyboardInterrupt too: never leave the map path-less
                     if self.facts.get("destination_joined"):
                         raise
                     self.revert_in_hold()
                     failure = exc
             if failure is not None:
                 self.after_revert()  # outside the hold: the host already works on the source again
+                if not isinstance(failure, BlockmigError):
+                    raise failure
                 raise MigrationError(f"switch reverted, the host is on the source again: {failure}") from failure
             self._record_io_held()
         else:  # killed after the destination joined: what the hold left is undone, then the rest
@@ -205,7 +216,7 @@ class HostSwitch:
         """Queueing back to multipathd, the map resumed, filesystems thawed (each only if still needed)."""
         self._end_queueing_hold()
         if multipath.is_suspended(self.map_name):
-            multipath.resume_map(self.map_name)
+            resume_map_with_a_path(self.map_name)
             self._record(io_flowing_at=time.time())
         if thaw_filesystems(self.journal, self.map_name):
             self._record(thawed_at=time.time())
@@ -465,7 +476,7 @@ def switch_group(switches: list[HostSwitch]) -> list[dict]:
                 switch.attach_destination()
             for switch in moving:  # while udev processes the new disks
                 switch.finish_source_removal()
-        except BlockmigError as exc:
+        except BaseException as exc:  # a bug or a KeyboardInterrupt too: the group goes back to the source
             failures = {switch.journal.id: exc for switch in moving}
         else:
             for switch in moving:

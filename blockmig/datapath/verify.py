@@ -7,6 +7,7 @@ from blockmig.datapath.copy import DEFAULT_QUEUE_DEPTH, EventHandler
 from blockmig.datapath.digest import Manifest
 from blockmig.datapath.readahead import ReadAhead
 from blockmig.errors import VerifyError
+from blockmig import signals
 
 
 def verify_volume(
@@ -46,6 +47,7 @@ def verify_volume(
                 _, end = manifest.chunk_range(chunk.index)
                 emit({"event": "verified_chunk", "path": volume.info.path, "index": chunk.index, "end": end,
                       "match": chunk.digest == expected})
+                signals.check(f"verify of {path} stopped at byte {end} of {manifest.size}")  # a plan's member thread
     finally:
         volume.close()
     if mismatches:
