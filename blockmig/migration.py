@@ -374,7 +374,7 @@ class Migration:
                 # A signal stops us here, between steps (the cleanup below lifts a suspend fence), or in a data
                 # step at a chunk boundary; a control-plane step (the switch: finished or reverted within
                 # --switch-timeout) runs to its end first.
-                signals.check(f"migration {self.journal.id} stopped before step {name}")
+                signals.check("before the step began")
                 with contextlib.nullcontext() if name in DATA_STEPS else CONTROL_PLANE, \
                         contextlib.nullcontext() if name in DATA_STEPS else signals.deferred(
                             _WHAT_A_SIGNAL_WAITS_FOR.get(name, f"step {name} goes on to its end"), then_stop=False):
