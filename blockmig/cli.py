@@ -13,7 +13,7 @@ import sys
 
 from blockmig import __version__
 from blockmig.datapath.copy import DEFAULT_JOURNAL_INTERVAL
-from blockmig.errors import BlockmigError, Interrupted
+from blockmig.errors import BlockmigError
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -547,10 +547,9 @@ def run(args: argparse.Namespace) -> int:
         if signum is not None:  # whatever error the stop ended in, the exit says which signal asked for it
             name = signal.Signals(signum).name
             code = 128 + signum
-            if f"interrupted by {name}" not in message:
-                message = f"interrupted by {name}: {message}"
-            if isinstance(exc, Interrupted) and not str(exc).partition(": ")[2]:
-                message += "; the journals say where to resume (blockmig status)"
+            # One shape for scripts and admins: "interrupted by SIGTERM: <where it stopped, how to go on>".
+            message = message.replace(f"interrupted by {name}: ", "").replace(f"interrupted by {name}", "")
+            message = f"interrupted by {name}: " + (message or "the journals say where to resume (blockmig status)")
         print(f"blockmig: error: {message}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
