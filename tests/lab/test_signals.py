@@ -22,6 +22,7 @@ from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
     migration_lab,
     report_of,
     start_blockmig,
+    wait_for_journal,
     wait_until_stopped,
 )
 from test_online import LvmHost, assert_switched as assert_switched_online, lvm_host  # noqa: F401 (fixture)
@@ -103,6 +104,8 @@ def test_a_second_signal_does_not_abort_the_revert(migration_lab):
         destination = lio.find_volume(journal("sr")["destination"]["volume"])
         lio.unexport_volume(destination, migration_lab.host_initiator, keep_acl=True)
         _signal_at_stop(process, signal.SIGINT)
+        # Stopped again once the revert is journaled (not right after SIGCONT: the state may still read stopped).
+        wait_for_journal("sr", lambda data: data["steps"].get("switch", {}).get("facts", {}).get("reverted"))
         _signal_at_stop(process, signal.SIGTERM)  # at the revert's end, still inside the hold
         lines = _ended(process, signal.SIGINT)
         assert len(lines) == 2, lines
