@@ -657,7 +657,7 @@ class Migration:
         switch = self.host_switch()
         try:
             return switch.run()
-        except MigrationError:
+        except BaseException:  # reverted for any reason: the host writes the source again, copy anew
             if switch.facts.get("reverted"):
                 switch.record_revert()
             raise

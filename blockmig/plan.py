@@ -371,7 +371,8 @@ def run_plan(plan_id: str, on_event: EventHandler | None = None, after_chunk=Non
         with signals.deferred("waiting for every member to stop at its next safe point; no volume lock is "
                               "released before", f"plan {plan_id} stopped, every member at a safe point "
                               f"(blockmig resume {plan_id} or blockmig rollback {plan_id})"):
-            with ThreadPoolExecutor(max_workers=plan.data["parallel"], thread_name_prefix="member") as pool:
+            with ThreadPoolExecutor(max_workers=plan.data["parallel"], thread_name_prefix="member",
+                                    initializer=signals.only_the_main_thread_receives) as pool:
                 list(pool.map(lambda journal: run_member(journal, "switch" if together else None), journals))
             if together:
                 _switch_and_finish_group(plan, journals, outcomes, emit, after_chunk)

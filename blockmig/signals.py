@@ -58,6 +58,13 @@ def _on_signal(signum: int, frame) -> None:
         raise Interrupted(signum)
 
 
+def only_the_main_thread_receives() -> None:
+    """For worker threads (and the threads they start): the kernel then delivers the three signals to the main
+    thread, whose blocking wait (a plan joining its members) they interrupt; a worker receiving one would not
+    wake it, and its Python handler would run only when that wait ends."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+
 def _reasons() -> list[str]:
     if not hasattr(_local, "reasons"):
         _local.reasons = []

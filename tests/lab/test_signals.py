@@ -56,7 +56,11 @@ def _signal_at_stop(process: subprocess.Popen, *signums: int) -> None:
 
 def _ended(process: subprocess.Popen, signum: int, timeout: float = 300) -> list[str]:
     """Its exit code is the signal's; returns its stderr lines (with --json, stderr has only blockmig's lines)."""
-    _, stderr = process.communicate(timeout=timeout)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()  # it holds the volumes' locks: the fixtures' teardown needs them
+        raise
     lines = stderr.strip().splitlines()
     assert process.returncode == EXIT_CODES[signum], f"exit {process.returncode}: {stderr}"
     assert lines and lines[-1].startswith(f"blockmig: error: interrupted by {signal.Signals(signum).name}"), lines

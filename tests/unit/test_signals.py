@@ -170,3 +170,4 @@ def test_blockmig_copy_stopped_by_a_signal_exits_with_one_line_and_resumes(tmp_p
                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert resumed.returncode == 0, resumed.stderr
     assert read_volume(str(destination)) == data
+
