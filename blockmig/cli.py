@@ -8,6 +8,8 @@ and failure through BlockmigError; this module renders both.
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 
 from blockmig import __version__, sizes
@@ -682,7 +684,15 @@ def _cmd_array(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from blockmig import signals
+
+    signals.install(_tell_admin)
     return run(build_parser().parse_args(argv))
+
+
+def _tell_admin(text: str) -> None:
+    """From a signal handler: os.write, as a print could land inside another print to stderr (reentrant)."""
+    os.write(sys.stderr.fileno(), f"blockmig: {text}\n".encode())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -691,11 +701,21 @@ def run(args: argparse.Namespace) -> int:
         from blockmig import timeline
 
         timeline.set_syslog(False)
+    from blockmig import signals
+
     try:
         return args.func(args) or 0
     except BlockmigError as exc:
-        print(f"blockmig: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        message, code = str(exc), exc.exit_code
+        signum = signals.received()
+        if signum is not None:  # whatever error the stop ended in, the exit says which signal asked for it
+            name = signal.Signals(signum).name
+            code = 128 + signum
+            # One shape for scripts and admins: "interrupted by SIGTERM: <where it stopped, how to go on>".
+            message = message.replace(f"interrupted by {name}: ", "").replace(f"interrupted by {name}", "")
+            message = f"interrupted by {name}: " + (message or "the journals say where to resume (blockmig status)")
+        print(f"blockmig: error: {message}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("blockmig: interrupted; the journal allows resume or rollback", file=sys.stderr)
         return 130

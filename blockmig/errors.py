@@ -51,3 +51,19 @@ class MigrationError(BlockmigError):
 
 class LabError(BlockmigError):
     """The lab (VM or lab arrays) cannot be built, started or reached."""
+
+
+class Interrupted(BlockmigError):
+    """SIGINT, SIGTERM or SIGHUP: blockmig stopped at a safe point; the journal says where to resume.
+
+    The exit code is the shell's convention for a death by that signal (128 + its number):
+    130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP.
+    """
+
+    def __init__(self, signum: int, detail: str = ""):
+        import signal
+
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {self.signal_name}" + (f": {detail}" if detail else ""))

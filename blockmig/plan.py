@@ -24,7 +24,7 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from blockmig import timeline
+from blockmig import signals, timeline
 from blockmig.array import lio
 from blockmig.datapath.digest import MAX_MANIFEST_BYTES
 from blockmig.errors import BlockmigError, JournalError, MigrationError, UsageError
@@ -423,10 +423,16 @@ def _run_plan(plan: PlanJournal, journals: list[MigrationJournal], emit: EventHa
         for journal in journals:
             run_member(journal, "fence")
         checkpoint("plan:destinations-created")
-        with ThreadPoolExecutor(max_workers=plan.data["parallel"], thread_name_prefix="member") as pool:
-            list(pool.map(lambda journal: run_member(journal, "switch" if together else None), journals))
-        if together:
-            _switch_and_finish_group(plan, journals, outcomes, emit, after_chunk)
+        # Threads cannot be interrupted: a signal asks each member to stop at its next safe point
+        # (signals.check), and no volume lock is released (the ExitStack) while a member still runs.
+        with signals.deferred("waiting for every member to stop at its next safe point; no volume lock is "
+                              "released before", f"plan {plan_id} stopped, every member at a safe point "
+                              f"(blockmig resume {plan_id} or blockmig rollback {plan_id})"):
+            with ThreadPoolExecutor(max_workers=plan.data["parallel"], thread_name_prefix="member",
+                                    initializer=signals.only_the_main_thread_receives) as pool:
+                list(pool.map(lambda journal: run_member(journal, "switch" if together else None), journals))
+            if together:
+                _switch_and_finish_group(plan, journals, outcomes, emit, after_chunk)
     report = _plan_report(plan, journals, outcomes, time.monotonic() - began)
     plan.data["state"] = "done" if report["failed"] == 0 else "failed"
     plan.data["report"] = report
@@ -438,7 +444,7 @@ def _switch_and_finish_group(
     plan: PlanJournal, journals: list[MigrationJournal], outcomes: dict, emit, after_chunk
 ) -> None:
     waiting = [journal for journal in journals if not journal.is_done("switch")]
-    if any(outcomes[journal.id]["outcome"] == "failed" for journal in journals):
+    if signals.stop_requested() or any(outcomes[journal.id]["outcome"] == "failed" for journal in journals):
         # The group cannot switch now: no member keeps the host's IO held (or writes refused) meanwhile.
         for journal in waiting:
             if outcomes[journal.id]["outcome"] == "failed":

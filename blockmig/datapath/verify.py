@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from blockmig import signals
 from blockmig.datapath.blockdev import open_source
 from blockmig.datapath.copy import DEFAULT_QUEUE_DEPTH, EventHandler
 from blockmig.datapath.digest import Manifest
@@ -46,6 +47,7 @@ def verify_volume(
                 _, end = manifest.chunk_range(chunk.index)
                 emit({"event": "verified_chunk", "path": volume.info.path, "index": chunk.index, "end": end,
                       "match": chunk.digest == expected})
+                signals.check(f"verify of {path} stopped at byte {end} of {manifest.size}")  # a plan's member thread
     finally:
         volume.close()
     if mismatches:

@@ -51,6 +51,16 @@ def map_disks(map_name: str) -> list[str]:
     return sorted(os.listdir(slaves)) if os.path.isdir(slaves) else []
 
 
+def resume_map_with_a_path(map_name: str) -> None:
+    """Resume a held map, but never one without a path: its queued IO would fail about 24 s later
+    (multipathd's no_path_retry countdown), so it stays suspended and queueing for resume to finish."""
+    if not map_disks(map_name):
+        raise HostError(f"map {map_name} has no path (the switch could neither finish nor revert): its IO "
+                        "stays held, suspended and queueing, until blockmig resume finishes the switch or "
+                        "rollback reverts it")
+    multipath.resume_map(map_name)
+
+
 def holder_maps(map_name: str) -> list[str]:
     """dm names of the maps stacked directly on the host's map (LVs, partitions, linear maps)."""
     dm = os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}"))

@@ -15,7 +15,7 @@ import contextlib
 from blockmig.array import lio
 from blockmig.errors import ArrayError, MigrationError
 from blockmig.host import multipath
-from blockmig.host.devices import freeze_filesystems, thaw_filesystems
+from blockmig.host.devices import freeze_filesystems, resume_map_with_a_path, thaw_filesystems
 from blockmig.orchestrator import online
 from blockmig.orchestrator.sequencer import BaseStep
 
@@ -86,7 +86,7 @@ def lift_fence(migration) -> None:
         lio.set_mapping_write_protect(_source_volume(migration), migration.source["host_initiator"], False)
     map_name = migration.source["map"]
     if map_name and multipath.is_suspended(map_name):
-        multipath.resume_map(map_name)
+        resume_map_with_a_path(map_name)
     if map_name:
         thaw_filesystems(map_name, migration.journal.frozen, migration.journal.save)
 
@@ -113,7 +113,7 @@ def release_online_hold(migration) -> None:
 def resume_and_thaw(migration) -> None:
     map_name = migration.source["map"]
     if multipath.is_suspended(map_name):
-        multipath.resume_map(map_name)
+        resume_map_with_a_path(map_name)
     thaw_filesystems(map_name, migration.journal.frozen, migration.journal.save)
 
 

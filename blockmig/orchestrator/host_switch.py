@@ -37,7 +37,7 @@ from blockmig.array import lio
 from blockmig.errors import ArrayError, BlockmigError, HostError, MigrationError
 from blockmig.faults import checkpoint
 from blockmig.host import iscsi, multipath, udev, usage
-from blockmig.host.devices import freeze_filesystems, map_disks, thaw_filesystems
+from blockmig.host.devices import freeze_filesystems, map_disks, resume_map_with_a_path, thaw_filesystems
 from blockmig.host.runner import extend_phase_deadline, phase_deadline
 from blockmig.state import MigrationJournal
 
@@ -123,7 +123,7 @@ class HostSwitch:
                 try:
                     self.take_source_out()
                     disk = self.bring_destination_in()
-                except BlockmigError as exc:
+                except BaseException as exc:  # a bug or a KeyboardInterrupt too: never leave it path-less
                     if self.facts.destination_joined:
                         raise
                     try:
@@ -133,6 +133,8 @@ class HostSwitch:
                     failure = exc
             if failure is not None:
                 self.after_revert()  # outside the hold: the host already works on the source again
+                if not isinstance(failure, BlockmigError):
+                    raise failure
                 raise MigrationError(
                     f"switch reverted, the host is on the source again: {failure}"
                 ) from failure
@@ -252,7 +254,7 @@ class HostSwitch:
     def _end_hold(self) -> None:
         self._end_queueing_hold()
         if multipath.is_suspended(self.map_name):
-            multipath.resume_map(self.map_name)
+            resume_map_with_a_path(self.map_name)
             self._record(io_flowing_at=time.time())
         if thaw_filesystems(self.map_name, self.journal.frozen, self.journal.save):
             self._record(thawed_at=time.time())
@@ -531,7 +533,7 @@ def switch_group(switches: list[HostSwitch]) -> list[dict]:
                 switch.attach_destination()
             for switch in moving:  # while udev processes the new disks
                 switch.finish_source_removal()
-        except BlockmigError as exc:
+        except BaseException as exc:  # a bug or a KeyboardInterrupt too: the group goes back to the source
             failures = {switch.journal.id: exc for switch in moving}
         else:
             for switch in moving:

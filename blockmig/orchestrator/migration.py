@@ -15,7 +15,7 @@ back from what each step declares; host and array work is in host/ and array/.
 
 from __future__ import annotations
 
-from blockmig import timeline
+from blockmig import signals, timeline
 from blockmig.errors import MigrationError
 from blockmig.host.control_plane import HostControlPlane
 from blockmig.orchestrator import fence
@@ -125,6 +125,7 @@ def rollback_migration(migration_id: str, on_event: EventHandler | None = None) 
     if journal.data["state"] == "rolled_back":
         return journal.summary()
     with VolumeLock(journal.data["source"]["wwid"], migration_id), CONTROL_PLANE, \
+            signals.deferred("the rollback goes on until the host is on the source", then_stop=False), \
             timeline.recording(journal, on_event, "rollback") as emit:
         return Migration(journal, emit).rollback()
 

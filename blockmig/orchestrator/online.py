@@ -52,6 +52,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from blockmig import signals
 from blockmig.datapath.blockdev import allocate_aligned_buffer, open_source
 from blockmig.datapath.digest import Manifest, digest_chunk, load_manifest
 from blockmig.datapath.guard import DeltaGuard
@@ -383,6 +384,8 @@ def converge(
             return manifest
         if len(history) > STALLED_PASSES and min(history[-STALLED_PASSES:]) >= history[-STALLED_PASSES - 1]:
             break
+        signals.check(f"migration {journal.id} stopped between delta passes")  # a plan's member thread
+        signals.check(f"migration {journal.id} stopped between delta passes")  # a plan's member thread
         state["pass"] += 1
         journal.save()
         checkpoint("online:delta")

@@ -2,7 +2,8 @@
 
 Each step declares what it is; the sequencer only reads those declarations:
   name                 its key in the journal (`steps.<name>`: state, attempts, facts)
-  needs_control_plane  runs under the process-wide control-plane lock (else it runs beside other migrations)
+  needs_control_plane  runs under the process-wide control-plane lock (else it runs beside other migrations);
+                       a signal then waits for the step's end (`when_signalled` says why, to the admin)
   invalidates          steps whose result stops holding when this one is undone or redone
   run(migration)       does the step (again after a crash: it finds what an attempt did); returns facts
   after_failure(migration, failed)   called for every step, last first, once any step failed: leave
@@ -21,6 +22,7 @@ import contextlib
 import threading
 from typing import Protocol
 
+from blockmig import signals
 from blockmig.errors import BlockmigError, MigrationError
 from blockmig.state import MigrationJournal
 
@@ -29,6 +31,7 @@ class Step(Protocol):
     name: str
     needs_control_plane: bool
     invalidates: tuple[str, ...]
+    when_signalled: str
 
     def run(self, migration) -> dict | None: ...
 
@@ -47,6 +50,7 @@ class BaseStep:
     name = ""
     needs_control_plane = True
     invalidates: tuple[str, ...] = ()
+    when_signalled = ""  # what a signal waits for while the step runs (told to the admin); "" the default
 
     def run(self, migration) -> dict | None:
         raise NotImplementedError
@@ -96,7 +100,15 @@ class Sequencer:
             migration.emit({"event": "step", "step": step.name, "state": "started"})
             self.journal.mark_started(step.name)
             try:
-                with self._control_plane(migration) if step.needs_control_plane else contextlib.nullcontext():
+                # A signal stops us here, between steps (the failure's cleanup lifts a suspend fence), or in
+                # a data step at a chunk boundary; a control-plane step (the switch: finished or reverted
+                # within --switch-timeout) runs to its end first.
+                signals.check("before the step began")
+                with contextlib.ExitStack() as guarded:
+                    if step.needs_control_plane:
+                        guarded.enter_context(self._control_plane(migration))
+                        waits_for = step.when_signalled or f"step {step.name} goes on to its end"
+                        guarded.enter_context(signals.deferred(waits_for, then_stop=False))
                     facts = step.run(migration) or {}
             except BaseException as exc:  # cleanup on anything; only our own errors are reworded
                 self._fail(migration, step.name, exc)
@@ -109,7 +121,8 @@ class Sequencer:
         return getattr(migration, "control_plane", self.control_plane)
 
     def _fail(self, migration, name: str, exc: BaseException):
-        with self.control_plane:
+        # A signal (a first one, or a second after the one that stopped the step) waits for the cleanup.
+        with self.control_plane, signals.deferred("lifting the fence and journaling", then_stop=False):
             cleanup_error = self.after_failure(migration, name)
         message = str(exc) or type(exc).__name__
         if cleanup_error:

@@ -10,19 +10,26 @@ from blockmig.errors import MigrationError
 from blockmig.host import multipath
 from blockmig.orchestrator import online
 from blockmig.orchestrator.create_destination import migrator_disk
-from blockmig.orchestrator.fence import STEPS_BEFORE_THE_SWITCH, release_online_hold, resume_and_thaw
+from blockmig.orchestrator.fence import (
+    STEPS_BEFORE_THE_SWITCH,
+    FenceStep,
+    lift_fence,
+    release_online_hold,
+    resume_and_thaw,
+)
 from blockmig.orchestrator.host_switch import HostSwitch, SwitchFacts
 from blockmig.orchestrator.sequencer import BaseStep
 
 
 class SwitchStep(BaseStep):
     name = "switch"
+    when_signalled = "the switch goes on until it has finished or reverted (within --switch-timeout)"
 
     def run(self, migration) -> dict:
         switch = host_switch_of(migration)
         try:
             return switch.run()
-        except MigrationError:
+        except BaseException:  # reverted for any reason: the host writes the source again, copy anew
             if switch.facts.reverted:
                 switch.record_revert()
             raise
@@ -34,7 +41,14 @@ class SwitchStep(BaseStep):
         release_online_hold(migration)
         map_name = migration.source["map"]
         if map_name and (multipath.is_suspended(map_name) or migration.journal.data.get("frozen")):
-            resume_and_thaw(migration)
+            joined = migration.journal.is_done(self.name) or SwitchFacts.load(
+                migration.journal
+            ).destination_joined
+            if migration.journal.data["fence"] == "suspend" and not joined:  # the host writes the source
+                lift_fence(migration)  # again: the copy starts over
+                migration.invalidate(FenceStep.name)
+            else:
+                resume_and_thaw(migration)
             migration.emit({"event": "io_resumed", "map": map_name, "after_failure_in": failed})
 
     def check_undo(self, migration) -> None:
