@@ -8,6 +8,7 @@ import os
 
 from blockmig.array import lio
 from blockmig.errors import ArrayError, MigrationError
+from blockmig.faults import checkpoint
 from blockmig.host import iscsi, multipath, udev
 from blockmig.orchestrator.host_switch import HostSwitch, existing_destination_volume
 from blockmig.orchestrator.sequencer import BaseStep
@@ -23,6 +24,7 @@ class CreateDestinationStep(BaseStep):
     def run(self, migration) -> dict:
         volume = destination_volume(migration, create=True)
         disk = migrator_disk(migration)
+        checkpoint("create:migrator-disk-ready")
         return {"volume": volume.name, "lun": volume.lun, "serial": volume.serial, "migrator_disk": disk}
 
     def after_failure(self, migration, failed: str) -> None:

@@ -116,6 +116,13 @@ def wait_until_stopped(process: subprocess.Popen, timeout: float = 300) -> None:
     raise AssertionError("blockmig never reached its stop point")
 
 
+# qemu under TCG (the lab's runner where user-mode-linux cannot run) copies a delta at about 1 MB/s
+# and takes seconds to join a path: timings tuned for UML get this much room there.
+SLOW_LAB = os.environ.get("BLOCKMIG_LAB_RUNNER") == "qemu"
+# A switch timeout a test makes short on purpose (a revert comes quickly), long enough for a join.
+SHORT_SWITCH_TIMEOUT = "10" if SLOW_LAB else "3"
+
+
 def migrate_args(map_device: str, backing_dir: str, *extra: str) -> list[str]:
     return [
         "migrate", map_device,

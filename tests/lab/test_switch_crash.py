@@ -9,6 +9,7 @@ import signal
 
 import pytest
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
+    SHORT_SWITCH_TIMEOUT,
     blockmig,
     journal,
     migration_lab,
@@ -88,7 +89,7 @@ def test_a_destination_that_never_appears_is_reverted(migration_lab):
     """The host's mapping of the destination vanishes inside the hold: the switch times out and reverts."""
     with _writer(migration_lab) as writer:
         process = start_blockmig(
-            *migration_lab.migrate_args("--fence", "suspend", "--id", "nv", "--switch-timeout", "3"),
+            *migration_lab.migrate_args("--fence", "suspend", "--id", "nv", "--switch-timeout", SHORT_SWITCH_TIMEOUT),
             stop_at="switch:destination mapped",
         )
         wait_until_stopped(process)

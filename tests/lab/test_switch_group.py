@@ -23,12 +23,23 @@ from blockmig.state import MigrationJournal
 from blockmig.switch import HostSwitch, switch_group
 
 
-def _bring_to_the_switch(volume, migration_id: str) -> None:
-    """Copied and verified, prepared for the switch, then killed: its map stays held by the suspend fence."""
-    process = start_blockmig(*volume.migrate_args("--fence", "suspend", "--id", migration_id), stop_at="switch:prepared")
+def _kill_at(stop_at: str, *args: str) -> None:
+    process = start_blockmig(*args, stop_at=stop_at)
     wait_until_stopped(process)
     process.send_signal(signal.SIGKILL)
     process.wait(30)
+
+
+def _bring_to_the_switch(volumes: list, migration_ids: list[str]) -> None:
+    """Copied and verified, prepared for the switch, then killed: their maps stay held by the suspend fence.
+
+    Every destination is made first: making one reconfigures multipathd (the migrator's disk is
+    blacklisted), which blockmig refuses while another volume's suspend fence holds its map.
+    """
+    for volume, migration_id in zip(volumes, migration_ids):
+        _kill_at("create:migrator-disk-ready", *volume.migrate_args("--fence", "suspend", "--id", migration_id))
+    for migration_id in migration_ids:
+        _kill_at("switch:prepared", "resume", migration_id)
 
 
 def _two_volumes_with_an_ordered_writer(migration_lab, backing_dir):
@@ -42,8 +53,7 @@ def test_two_volumes_switch_in_one_hold_under_an_ordered_writer(migration_lab, b
     log, data, writer = _two_volumes_with_an_ordered_writer(migration_lab, backing_dir)
     events = []
     with writer:
-        _bring_to_the_switch(log, "g-log")
-        _bring_to_the_switch(data, "g-data")
+        _bring_to_the_switch([log, data], ["g-log", "g-data"])
         results = switch_group([HostSwitch(MigrationJournal.load(m), events.append) for m in ("g-log", "g-data")])
         for member in ("g-log", "g-data"):
             assert blockmig("resume", member).returncode == 0
@@ -66,8 +76,7 @@ def test_two_volumes_switch_in_one_hold_under_an_ordered_writer(migration_lab, b
 def test_one_member_that_cannot_switch_reverts_the_group(migration_lab, backing_dir):
     log, data, writer = _two_volumes_with_an_ordered_writer(migration_lab, backing_dir)
     with writer:
-        _bring_to_the_switch(log, "r-log")
-        _bring_to_the_switch(data, "r-data")
+        _bring_to_the_switch([log, data], ["r-log", "r-data"])
         # The log's destination disappears: it fails first, before the data volume's LUN is mapped.
         lio.remove_volume(lio.find_volume(journal("r-log")["destination"]["volume"]))
         try:
