@@ -385,7 +385,6 @@ def converge(
         if len(history) > STALLED_PASSES and min(history[-STALLED_PASSES:]) >= history[-STALLED_PASSES - 1]:
             break
         signals.check(f"migration {journal.id} stopped between delta passes")  # a plan's member thread
-        signals.check(f"migration {journal.id} stopped between delta passes")  # a plan's member thread
         state["pass"] += 1
         journal.save()
         checkpoint("online:delta")

@@ -5,6 +5,7 @@ Every fixture that builds something tears it down again, also when the test fail
 """
 
 import pytest
+from file_queue import pytest_runtestloop  # noqa: F401  (guests side by side share the files)
 
 from blockmig import lab
 from blockmig.host import iscsi, multipath

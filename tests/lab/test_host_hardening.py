@@ -36,9 +36,8 @@ from workloads import FsAppender
 from blockmig import lab
 from blockmig.array import lio
 from blockmig.errors import HostError
-from blockmig.host import iscsi, multipath
+from blockmig.host import iscsi, multipath, udev
 from blockmig.host.control_plane import HostControlPlane
-from blockmig.host.udev import wait_until
 
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
@@ -148,8 +147,14 @@ def _bare_source_disk(migration_lab):
     with open(drop_in, "w") as handle:
         handle.write(f'blacklist {{\n    wwid "{migration_lab.wwid}"\n}}\n')
     try:
+        udev.settle()  # udev's probe after the fixture's writes holds the map: multipathd would keep it
         multipath.reconfigure()
-        wait_until(lambda: multipath.map_for_wwid(migration_lab.wwid) is None, "the map to go")
+        try:
+            udev.wait_until(lambda: multipath.map_for_wwid(migration_lab.wwid) is None, "the map to go", 10)
+        except HostError:  # it was in use at the reconfigure: multipathd does not try again by itself
+            found = multipath.map_for_wwid(migration_lab.wwid)
+            if found is not None:
+                multipath.flush_map(found.name, timeout=30)
         yield next(disk for s in iscsi.sessions() if s.target_iqn == lab.SOURCE_IQN
                    for disk in iscsi.session_disks(s).values())
     finally:
