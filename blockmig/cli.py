@@ -159,6 +159,10 @@ def _add_migrate(sub) -> None:
     backing = parser.add_mutually_exclusive_group()
     backing.add_argument("--backing-dir", metavar="DIR", help="file-backed destination in DIR (default: the source's)")
     backing.add_argument("--backing-device", metavar="DEV", help="destination on this block device (exact size)")
+    parser.add_argument("--backstore", choices=("handler", "kernel"),
+                        help="what serves the destination during the copy: blockmig's handler, whose guard "
+                             "executes the migrator's writes only at the reserved address (default), or the "
+                             "kernel's fileio/iblock from the start; after the copy it is the kernel's")
     parser.add_argument("--mode", choices=("online", "offline"),
                         help="online: the host keeps writing, changes are tracked on the maps stacked on its multipath "
                              "map (LVM) and copied in delta passes, IO is held only for the last delta; offline: a "
@@ -188,7 +192,7 @@ def _add_migrate(sub) -> None:
 
 
 MIGRATE_OPTIONS = ("to_target", "to_portal", "backing_dir", "backing_device", "fence", "switch", "switch_timeout",
-                   "chunk_size", "max_rate", "worm", "mode", "max_hold")
+                   "chunk_size", "max_rate", "worm", "mode", "max_hold", "backstore")
 
 
 def _cmd_migrate(args) -> int:
@@ -630,6 +634,8 @@ def _add_array(sub) -> None:
     serve.add_argument("--serial", help="VPD unit serial (hex digits make the NAA/WWID); random if omitted")
     serve.add_argument("--geometry-from", metavar="VOLUME",
                        help="present this LIO volume's geometry and identity")
+    serve.add_argument("--geometry", metavar="JSON",
+                       help="present this geometry (lio.volume_geometry's keys; what `blockmig migrate` passes)")
     serve.add_argument("--guard-initiator", metavar="IQN",
                        help="also serve NAME-migrator for this initiator only, guarded; NAME refuses writes")
     serve.add_argument("--state-dir",
@@ -655,10 +661,14 @@ def _cmd_array(args) -> int:
         except ArrayError as exc:
             raise UsageError(str(exc)) from None
     geometry = {}
+    if args.geometry_from and args.geometry:
+        raise UsageError("give --geometry-from or --geometry, not both")
     if args.geometry_from:
         from blockmig.array.lio import volume_geometry
 
         geometry = volume_geometry(args.geometry_from)
+    elif args.geometry:
+        geometry = _geometry_argument(args.geometry)
     if args.backing_file:
         service.prepare_backing_file(args.backing_file, args.size)
     request = service.ServeRequest(
@@ -681,6 +691,19 @@ def _cmd_array(args) -> int:
         raise
     server.stop()
     return 0
+
+
+def _geometry_argument(text: str) -> dict[str, str]:
+    from blockmig.errors import UsageError
+
+    try:
+        geometry = json.loads(text)
+    except ValueError:
+        geometry = None
+    if not isinstance(geometry, dict) or not all(isinstance(k, str) and isinstance(v, (str, int))
+                                                  for k, v in geometry.items()):
+        raise UsageError(f"--geometry must be a JSON object of names to values, not {text[:60]!r}")
+    return {key: str(value) for key, value in geometry.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

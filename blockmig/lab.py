@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterable
 
 from blockmig.array import lio
+from blockmig.array.tcmu import client
 from blockmig.errors import BlockmigError, LabError
 from blockmig.host import iscsi, multipath
 from blockmig.host.runner import run_command
@@ -180,6 +181,16 @@ def lab_down(backing_dir: str = DEFAULT_BACKING_DIR, on_step: Callable[[str], No
         removed.append(f"iSCSI session {session.sid} to {session.target_iqn} via {session.iface}")
     for iqn in LAB_TARGETS:
         iscsi.run_iscsiadm(["-m", "node", "-T", iqn, "-o", "delete"], ok=(0, iscsi.ISCSI_ERR_NO_OBJS_FOUND))
+    for process in client.handler_processes():  # migrations' destinations served by blockmig's backstore
+        name = client.served_name(process.info["cmdline"])
+        if name and name.startswith("blockmig-"):
+            on_step(f"stopping the backstore handler of {name}")
+            client.stop_handler(name)
+            removed.append(f"backstore handler of {name}")
+    for volume in lio.list_volumes():  # what a killed handler left (its host view is on no LUN)
+        if volume.plugin == "user" and volume.name.startswith("blockmig-") and volume.target_iqn in (None, *LAB_TARGETS):
+            lio.remove_volume(volume)
+            removed.append(f"storage object {volume.name}")
     for array in arrays:
         on_step(f"removing array {array.target_iqn}")
         for volume in lio.remove_array(array.target_iqn):

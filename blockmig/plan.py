@@ -45,6 +45,7 @@ from blockmig.migration import (
 )
 from blockmig.orchestrator.host_switch import SwitchFacts
 from blockmig.orchestrator.online import MODES
+from blockmig.orchestrator.served_destination import BACKSTORES
 from blockmig.safefile import read_bounded
 from blockmig.sizes import parse_chunk_size, parse_max_rate
 from blockmig.state import MigrationJournal, PlanJournal, VolumeLock, migration_exists
@@ -66,6 +67,7 @@ VOLUME_OPTIONS = (
     "worm",
     "mode",
     "max_hold",
+    "backstore",
 )
 PLAN_KEYS = ("id", "parallel", "defaults", "volumes")
 
@@ -248,6 +250,8 @@ def _checked_options(options: dict, where: str) -> dict:
                 value = parse_chunk_size(value) if key == "chunk_size" else parse_max_rate(value)
             except ValueError as exc:
                 problem = str(exc)
+        elif key == "backstore" and value not in BACKSTORES:
+            problem = f"{value!r}: must be one of {', '.join(BACKSTORES)}"
         elif key == "mode" and value not in MODES:
             problem = f"{value!r}: must be one of {', '.join(MODES)}"
         elif key == "max_hold":

@@ -205,9 +205,20 @@ def _tpg(rtslib, target_iqn: str):
     raise ArrayError(f"target {target_iqn} has no TPG {TPG_TAG}; it was not made by blockmig")
 
 
+# A storage object of blockmig's own backstore (array/tcmu): a TCMU object whose config is blockmig/NAME.
+SERVED_CONFIG_PREFIX = "blockmig/"
+
+
+def _is_volume(so) -> bool:
+    """A kernel fileio/block volume, or one blockmig's handler serves (not other TCMU handlers' objects)."""
+    if so.plugin in ("fileio", "block"):
+        return True
+    return so.plugin == "user" and str(getattr(so, "config", "") or "").startswith(SERVED_CONFIG_PREFIX)
+
+
 def _find_storage_object(rtslib, name: str):
     for so in _root(rtslib).storage_objects:
-        if so.name == name and so.plugin in ("fileio", "block"):
+        if so.name == name and _is_volume(so):
             return so
     raise ArrayError(f"no volume (storage object) named {name}")
 
@@ -221,7 +232,7 @@ def _volume_from(so) -> Volume:
         name=so.name,
         size=int(so.size),
         serial=so.wwn,
-        backing=so.udev_path,
+        backing=so.udev_path or "",  # a served volume's backing is its handler's (array/tcmu)
         plugin=so.plugin,
         target_iqn=lun.parent_tpg.parent_target.wwn if lun else None,
         lun=lun.lun if lun else None,
@@ -530,6 +541,19 @@ def create_volume(
         return volume
 
 
+def export_storage_object(target_iqn: str, name: str) -> Volume:
+    """Put an existing storage object (a served volume's, array/tcmu) on a LUN of the array; the volume as it
+    is when it has one already."""
+    with _lio(f"cannot export storage object {name} on {target_iqn}") as rtslib:
+        so = _find_storage_object(rtslib, name)
+        if not list(so.attached_luns):
+            rtslib.LUN(_tpg(rtslib, target_iqn), None, storage_object=so)
+        volume = _volume_from(so)
+    if volume.target_iqn != target_iqn:
+        raise ArrayError(f"storage object {name} is a LUN of {volume.target_iqn}, not of {target_iqn}")
+    return volume
+
+
 def _adopt_half_made_volume(name: str, backing: str) -> Volume | None:
     """What a killed create_volume of `name` on `backing` left: the volume if whole, else nothing (a storage
     object without its LUN is deleted). A storage object of that name on another backing is not ours."""
@@ -601,7 +625,7 @@ def list_volumes(target_iqn: str | None = None) -> list[Volume]:
         volumes = [
             _volume_from(so)
             for so in _root(rtslib).storage_objects
-            if so.plugin in ("fileio", "block")
+            if _is_volume(so)
         ]
     if target_iqn is not None:
         volumes = [v for v in volumes if v.target_iqn == target_iqn]

@@ -53,6 +53,7 @@ def copy_volume(
     queue_depth: int | None = DEFAULT_QUEUE_DEPTH,
     on_event: EventHandler | None = None,
     after_chunk: AfterChunkHook | None = None,
+    arm_destination: Callable[[int], None] | None = None,
 ) -> Manifest:
     """Copy `source` onto the first bytes of `destination`; return the complete manifest.
 
@@ -64,6 +65,8 @@ def copy_volume(
         (the guard resumes at the journaled reserved address, so it accepts them).
     after_chunk: called with the guard and each acknowledgement (a hook for tests and
         the migrate orchestrator; it may try writes the guard must refuse).
+    arm_destination: called with the address the copy starts (or resumes) from, before its first
+        write: a destination array that guards the copy itself (array/tcmu) reserves it.
     """
     emit = on_event or (lambda event: None)
     require_root_for_block_devices(source, destination)
@@ -79,6 +82,8 @@ def copy_volume(
                                 private_journal)
         check_copy_pair(source_volume.info, destination_volume.info, journal.manifest.chunk_size)
         journal.save()  # proves the journal is writable before the first byte is
+        if arm_destination is not None and not journal.manifest.complete:
+            arm_destination(journal.reserved_address)
         guard = DestinationGuard(destination_volume, journal.reserved_address)
         destination_volume = None  # the guard owns it now
         with guard:

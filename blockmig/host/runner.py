@@ -133,13 +133,20 @@ def _kill_group(process: subprocess.Popen) -> None:
                 pipe.close()
 
 
-def start_daemon(args: list[str], what: str) -> subprocess.Popen:
+def start_daemon(args: list[str], what: str, log_path: str | None = None) -> subprocess.Popen:
     """A long-lived helper process (the array-side backstore handler): no timeout, its owner stops it.
 
-    Here so that every process blockmig starts is started in this module; the caller reads its pipes.
+    Here so that every process blockmig starts is started in this module. Without `log_path` the caller
+    reads its pipes; with it, the process writes there and runs in a session of its own, so it outlives
+    blockmig (a kill -9, a Ctrl-C in blockmig's terminal): a migration's destination must not vanish with
+    the process that started it.
     """
     try:
-        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        if log_path is None:
+            return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
     except OSError as exc:
         raise HostError(f"{what}: cannot start {args[0]}: {exc.strerror}") from None

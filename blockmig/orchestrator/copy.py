@@ -2,7 +2,9 @@
 
 Where a byte goes: read from the host's own path to the source (plan.host_source_disk, O_DIRECT),
 digested, written through the guard (datapath/guard.py) to the migrator's disk of the destination
-(create_destination.migrator_disk). Online, delta passes follow until the last delta fits the hold.
+(create_destination.migrator_disk), and by the destination array's own guard where blockmig's backstore
+serves it (served_destination.py; handed to the kernel's backstore at the end). Online, delta passes
+follow until the last delta fits the hold.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import time
 from blockmig.datapath.copy import copy_volume
 from blockmig.datapath.journal import write_json_atomically
 from blockmig.errors import DeviceError
-from blockmig.orchestrator import online
+from blockmig.orchestrator import online, served_destination
 from blockmig.orchestrator.create_destination import check_destination_is_the_migrators_alone, migrator_disk
 from blockmig.orchestrator.fence import check_suspend_fence_held
+from blockmig.orchestrator.host_switch import HostSwitch
 from blockmig.orchestrator.plan import host_source_disk
 from blockmig.orchestrator.progress import Progress
 from blockmig.orchestrator.sequencer import BaseStep
@@ -43,6 +46,8 @@ class CopyStep(BaseStep):
         for attempt in range(COPY_RETRIES + 1):
             with migration.control_plane:
                 source = f"/dev/{host_source_disk(migration)}"
+                if attempt and served_destination.is_served(migration):
+                    served_destination.serve(migration)  # a handler killed meanwhile starts again
             try:
                 manifest = copy_volume(
                     source,
@@ -53,6 +58,7 @@ class CopyStep(BaseStep):
                     max_rate=journal.data["max_rate"],
                     on_event=progress,
                     after_chunk=migration.after_chunk,
+                    arm_destination=lambda reserved: served_destination.arm_sequential(migration, reserved),
                 )
                 break
             except DeviceError as exc:
@@ -63,9 +69,13 @@ class CopyStep(BaseStep):
         check_suspend_fence_held(migration)
         if migration.online:
             manifest = online.converge(
-                journal, manifest, migration.source_device, destination, migration.emit, progress.seconds
+                journal, manifest, migration.source_device, destination, migration.emit, progress.seconds,
+                arm=lambda extents: served_destination.arm_delta(migration, extents),
             )
         write_json_atomically(journal.manifest_path, manifest.to_dict())
+        with migration.control_plane:
+            served_destination.hand_to_kernel(migration, HostSwitch(journal, migration.emit).logout_migrator)
+            destination = f"/dev/{migrator_disk(migration)}"
         return {
             "source_disk": source,
             "destination_disk": destination,

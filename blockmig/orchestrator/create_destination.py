@@ -1,5 +1,6 @@
 """The create_destination step: the destination volume (the source's size and geometry, a serial of its own),
-exported to the migrator alone, whose disk of it is where the copy writes."""
+exported to the migrator alone, whose disk of it is where the copy writes. By default blockmig's own
+backstore serves it until the copy is done (served_destination.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from blockmig.array import lio
 from blockmig.errors import ArrayError, MigrationError
 from blockmig.faults import checkpoint
 from blockmig.host import iscsi, multipath, udev
+from blockmig.orchestrator import served_destination
 from blockmig.orchestrator.host_switch import HostSwitch, existing_destination_volume
 from blockmig.orchestrator.sequencer import BaseStep
 from blockmig.safefile import write_atomically
@@ -34,8 +36,10 @@ class CreateDestinationStep(BaseStep):
             self.undo(migration)
 
     def undo(self, migration) -> None:
-        """The migrator's session and iface, the destination volume and its backing file, the blacklist."""
+        """The migrator's session and iface, the handler and its objects, the destination volume and its
+        backing file, the blacklist."""
         HostSwitch(migration.journal, migration.emit).logout_migrator()
+        served_destination.remove_served_objects(migration)
         ours = bool(migration.journal.facts(self.name).get("backing_made"))
         destination = migration.destination
         lio.remove_volume_leftovers(destination["volume"], destination["backing"] if ours else None,
@@ -46,6 +50,8 @@ class CreateDestinationStep(BaseStep):
 def destination_volume(migration, create: bool = False) -> lio.Volume:
     """The destination volume; made (and its backing file) with `create`, else a MigrationError if it is
     gone."""
+    if served_destination.is_served(migration):
+        return served_destination.serve(migration)  # the migrator's view of the handler's volume
     if not create:
         return existing_destination_volume(migration.journal)
     destination = migration.destination

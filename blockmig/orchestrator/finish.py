@@ -42,6 +42,8 @@ def report(migration) -> dict:
         "destination": {
             **{key: destination[key] for key in ("target", "portal", "volume", "backing")},
             "host_lun": switch.get("destination_host_lun"),
+            "copy_backstore": destination.get("backstore", "kernel"),
+            "array_guard": journal.facts("create_destination").get("array_guard"),
         },
         "volume_digest": switch.get("volume_digest") or verify.get("volume_digest"),
         "copy_seconds": copy.get("seconds"),

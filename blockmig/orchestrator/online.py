@@ -341,10 +341,12 @@ def converge(
     destination: str,
     emit: EventHandler,
     pass1_seconds: float | None = None,
+    arm: Callable[[list[tuple[int, int]]], None] | None = None,
 ) -> Manifest:
     """Delta passes until the next delta fits --max-hold; the writer outpacing the copy stops the migration.
 
     `manifest`: pass 1's (ignored once pass 1 is recorded: manifest.json then holds the newer digests).
+    `arm`: tells a destination that guards the copy itself which extents each pass writes, before it does.
     """
     state = journal.data["online"]
     if not state["pass1_done"]:
@@ -388,7 +390,7 @@ def converge(
         state["pass"] += 1
         journal.save()
         checkpoint("online:delta")
-        seconds = copy_delta(source(), destination, chunks, manifest, journal.data["max_rate"])
+        seconds = copy_delta(source(), destination, chunks, manifest, journal.data["max_rate"], arm)
         write_json_atomically(journal.manifest_path, manifest.to_dict())
         state["base_era"] = new_base
         state["passes"].append(
@@ -424,7 +426,8 @@ def _delta_rate(state: dict) -> float:
 
 
 def copy_delta(
-    source: str, destination: str, chunks: list[int], manifest: Manifest, max_rate: float | None = None
+    source: str, destination: str, chunks: list[int], manifest: Manifest, max_rate: float | None = None,
+    arm: Callable[[list[tuple[int, int]]], None] | None = None,
 ) -> float:
     """Copy these chunks through the delta guard (source O_DIRECT, digest, guarded write), then read them
     back.
@@ -435,6 +438,8 @@ def copy_delta(
     if not chunks:
         return 0.0
     chunk_size = manifest.chunk_size
+    if arm is not None:
+        arm([(start, end - start) for start, end in map(manifest.chunk_range, chunks)])
     buffer = allocate_aligned_buffer(chunk_size)
     reader = open_source(source)
     try:

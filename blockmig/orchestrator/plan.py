@@ -22,6 +22,7 @@ from blockmig.ids import check_id
 from blockmig.orchestrator import online
 from blockmig.orchestrator.host_switch import DEFAULT_SWITCH_TIMEOUT
 from blockmig.orchestrator.sequencer import BaseStep
+from blockmig.orchestrator.served_destination import BACKSTORES, DEFAULT_BACKSTORE
 from blockmig.state import MigrationJournal, VolumeLock, refuse_unfinished_migration_of
 
 FENCES = ("writeprotect", "suspend", "none")
@@ -45,6 +46,7 @@ class MigrationRequest:
     switch_timeout: float = DEFAULT_SWITCH_TIMEOUT
     mode: str | None = None  # online | offline; None: online where the host's writes can be tracked
     max_hold: float = online.DEFAULT_MAX_HOLD
+    backstore: str = DEFAULT_BACKSTORE  # what serves the destination during the copy (served_destination.py)
 
 
 class PlanStep(BaseStep):
@@ -147,6 +149,7 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
                 "temporary_serial": temporary_serial,
                 "temporary_wwid": lio.wwid_for_serial(temporary_serial),
                 "lun": None,
+                "backstore": request.backstore,
             },
             migrator={
                 "iface": f"blockmig-{migration_id}",
@@ -168,6 +171,8 @@ def _check_request(request: MigrationRequest) -> None:
         raise UsageError(f"--fence must be one of {', '.join(FENCES)}")
     if request.switch not in SWITCHES:
         raise UsageError(f"--switch must be one of {', '.join(SWITCHES)}")
+    if request.backstore not in BACKSTORES:
+        raise UsageError(f"--backstore must be one of {', '.join(BACKSTORES)}")
     if request.backing_dir and request.backing_device:
         raise UsageError("give --backing-dir or --backing-device, not both")
     try:  # the CLI and plan files parse these already; an API caller's values meet the same bounds

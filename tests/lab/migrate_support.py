@@ -21,6 +21,8 @@ import pytest
 from blockio import read_direct, read_file, write_direct
 
 from blockmig import faults, lab
+from blockmig.array import lio
+from blockmig.array.tcmu import client
 from blockmig.errors import HostError
 from blockmig.host import iscsi, multipath
 
@@ -210,6 +212,16 @@ def assert_host_on_destination(map_name: str, wwid: str, data: bytes, backing_di
     assert read_file(source_backing, 8192, 4096) == data[8192:8192 + 4096]
     if not other_source_volumes:
         assert not any(s.target_iqn == lab.SOURCE_IQN for s in iscsi.sessions()), "host still logged in to the source"
+    assert_no_served_destination()
+
+
+def assert_no_served_destination() -> None:
+    """After a migration or its rollback: no backstore handler of a migration runs, none of its objects is left
+    (the destination is the kernel's, or gone)."""
+    handlers = [client.served_name(p.info["cmdline"]) for p in client.handler_processes()]
+    assert not [name for name in handlers if name and name.startswith("blockmig-")], f"handlers left: {handlers}"
+    served = [v.name for v in lio.list_volumes() if v.plugin == "user"]
+    assert served == [], f"storage objects of blockmig's backstore left: {served}"
 
 
 def destination_backing_file(backing_dir: str) -> str:
@@ -298,6 +310,7 @@ class MigrationLab:
         assert destination["volumes"] == [], f"destination still has {destination['volumes']}"
         assert not [s for s in status["sessions"] if s["target"] == lab.DESTINATION_IQN]
         assert not [i for i in iscsi.list_ifaces() if i.startswith("blockmig-")]
+        assert_no_served_destination()
 
 
 @pytest.fixture

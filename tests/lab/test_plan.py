@@ -39,10 +39,11 @@ from workloads import (
     run_during,
 )
 
-from blockmig import lab, plan
+from blockmig import lab, plan, timeline
+from blockmig import report as migration_report
 from blockmig.array import lio
 from blockmig.host import iscsi, multipath
-from blockmig.state import VolumeLock
+from blockmig.state import MigrationJournal, VolumeLock
 
 VOLUME = 32 * MiB
 XFS_VOLUME = 320 * MiB
@@ -189,6 +190,30 @@ def test_four_volumes_with_workloads_in_one_plan(host_volumes, backing_dir, stat
         assert_switched(volume, entry)
         assert_verified(entry["id"])
     assert read_direct(read.device, 0, VOLUME) == read.data
+    _check_the_plans_picture("four", [v.map_name for v in (xfs, ext4, raw, read)], report, str(tmp_path / "four.png"))
+
+
+def _check_the_plans_picture(plan_id: str, maps: list[str], report: dict, png: str) -> None:
+    """`blockmig report --plot`'s picture of a plan: a row per volume, its hold, its copy, the waits for the
+    control plane where its journal recorded them."""
+    shown = blockmig("report", plan_id, "--plot", png)
+    assert shown.returncode == 0 and f"plan {plan_id}" in shown.stdout, shown.stderr
+    figure = migration_report.draw(migration_report.load(plan_id), png)
+    steps_ax, _, delta_ax = figure.axes[:3]
+
+    def drawn(ax, prefix: str) -> list:
+        return [a for a in list(ax.patches) + list(ax.texts) if (a.get_gid() or "").startswith(prefix)]
+
+    assert [t.get_text().split("\n")[0] for t in steps_ax.get_yticklabels()] == maps
+    holds = sorted(round(p.get_width(), 3) for p in drawn(steps_ax, "hold"))
+    assert holds == sorted(round(v["io_held_seconds"], 3) for v in report["volumes"])
+    assert len(drawn(steps_ax, "step:copy:done")) == len(maps) and drawn(delta_ax, "no-deltas")
+    waits = [r for member in report["volumes"]
+             for r in timeline.load_records(MigrationJournal.load(member["id"]).directory)
+             if r["e"] == "control_plane_wait" and r["state"] == "done"]
+    assert len(drawn(steps_ax, "wait")) == len(waits)
+    print(f"  picture {png}: {len(maps)} rows, {len(waits)} control-plane waits "
+          f"({sum(w['seconds'] for w in waits):.2f} s in all)")
 
 
 # -- (b) one bad volume: refused in plan, nothing touched ---------------------------------------

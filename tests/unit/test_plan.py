@@ -128,6 +128,7 @@ def test_command_line_options_beat_the_files_defaults(tmp_path):
     ({"defaults": {**DEFAULTS, "switch_timeout": "10"}}, ": defaults: switch_timeout: '10': must be a number"),
     ({"defaults": {**DEFAULTS, "mode": "live"}}, ": defaults: mode: 'live': must be one of online, offline"),
     ({"defaults": {**DEFAULTS, "max_hold": 0}}, ": defaults: max_hold: 0: must be a positive number"),
+    ({"defaults": {**DEFAULTS, "backstore": "tcmu"}}, ": defaults: backstore: 'tcmu': must be one of handler, kernel"),
     ({"defaults": {**DEFAULTS, "to_portal": "nowhere"}}, ": defaults: to_portal: 'nowhere' is not IP:PORT"),
     ({"defaults": {**DEFAULTS, "to_target": 7}}, ": defaults: to_target: must be a non-empty string"),
     ({"defaults": {"to_portal": "127.0.0.2:3260"}}, ": volume 1 (/dev/mapper/mpatha): to_target: required"),

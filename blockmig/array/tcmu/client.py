@@ -8,13 +8,17 @@ when the handler is down.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+
+import psutil
 
 from blockmig.array.tcmu.guard import load_state
 from blockmig.array.tcmu.service import RUN_DIR, STATE_DIR, socket_path, state_path
@@ -67,6 +71,89 @@ def start_served_volume(
         process.wait()
         raise ArrayError(error[-1] if error else f"the backstore handler for {name} exited without serving")
     return ServedVolume(name, process, line, run_dir, state_dir)
+
+
+def serve_detached(
+    name: str,
+    *,
+    backing: str,
+    size: int,
+    serial: str,
+    geometry: dict,
+    guard_initiator: str,
+    state_dir: str,
+    log_path: str,
+    run_dir: str = RUN_DIR,
+    timeout: float = 60,
+) -> dict:
+    """Start the handler in a session of its own (it outlives blockmig), its output appended to `log_path`;
+    return its state once it answers on its socket. The backing file must exist (prepare_backing_file)."""
+    argv = [sys.executable, "-m", "blockmig", "array", "serve", "--name", name, "--state-dir", state_dir,
+            "--run-dir", run_dir, "--serial", serial, "--geometry", json.dumps(geometry),
+            "--guard-initiator", guard_initiator]
+    if os.path.isfile(backing):
+        argv += ["--backing-file", backing, "--size", str(size)]
+    else:
+        argv += ["--backing-device", backing]
+    process = start_daemon(argv, f"the backstore handler for {name}", log_path=log_path)
+    client = BackstoreClient(name, run_dir)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise ArrayError(_last_line(log_path) or f"the backstore handler for {name} exited, not serving")
+        try:
+            state = client.state()
+        except ArrayError:
+            state = None
+        if state is not None and state.get("pid") == process.pid:
+            return state
+        if time.monotonic() > deadline:
+            process.kill()
+            raise ArrayError(f"the backstore handler for {name} did not serve in {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, "rb") as log:
+            lines = log.read()[-4096:].decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def handler_processes(name: str | None = None) -> list[psutil.Process]:
+    """Every running `blockmig array serve --name NAME` (also one that no longer answers its socket); every
+    handler's without `name`."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        serving = "blockmig" in cmdline and cmdline[cmdline.index("blockmig") + 1:][:2] == ["array", "serve"]
+        if serving and "--name" in cmdline and name in (None, served_name(cmdline)):
+            found.append(process)
+    return found
+
+
+def served_name(cmdline: list[str]) -> str | None:
+    """The volume a handler's command line serves."""
+    after = cmdline[cmdline.index("--name") + 1:] if "--name" in cmdline else []
+    return after[0] if after else None
+
+
+def stop_handler(name: str, timeout: float = 60) -> bool:
+    """SIGTERM every handler of `name` and wait: each completes what is in flight and removes its storage
+    objects. One that does not stop in `timeout` is killed (its objects stay: remove_volume_leftovers).
+    Returns whether one was running."""
+    processes = handler_processes(name)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=10)
+    return bool(processes)
 
 
 def stop_served_volume(served: ServedVolume, timeout: float = 60) -> None:

@@ -435,8 +435,10 @@ class VolumeServer:
 
 
 # What a TCMU storage object takes from a source's geometry in configfs (block size goes in as
-# hw_block_size at creation); the handler presents the rest itself.
-_SETTABLE = frozenset({"emulate_write_cache", "vendor_id", "product_id", "revision"})
+# hw_block_size at creation); the handler presents the rest itself. Not emulate_write_cache: the
+# handler answers the caching mode page and the VPD itself (scsi.Identity.write_cache), and the kernel's
+# store of it for a TCMU device sends a netlink event no one listens to and fails with ESRCH.
+_SETTABLE = frozenset({"vendor_id", "product_id", "revision"})
 
 
 def _settable(so, name: str) -> bool:

@@ -1,0 +1,129 @@
+"""The destination while it receives the copy: served by blockmig's own backstore (array/tcmu), whose guard
+is the claim's second storage device; then handed to the kernel's backstore (fileio/iblock).
+
+  create_destination  the backing, then the handler: NAME (the host's view, refusing writes until handed
+                      over; on no LUN) and NAME-migrator (guarded; on a LUN of the destination mapped to the
+                      migrator alone), both with the temporary serial
+  copy                arm_sequential(the address the copy resumes from); arm_delta(the chunks) before each
+                      delta pass; a write anywhere else is refused by the array and nothing is written
+  end of the copy     the migrator logs out, the handler stops (its objects go), NAME becomes a kernel
+                      volume on the same backing with the same serial: verify, the switch and the host
+                      see that from then on (the final delta of an online switch goes through the
+                      migrator-side DeltaGuard only: restarting the handler inside the hold costs seconds)
+
+The handler runs in a session of its own and outlives blockmig; its state file (the guard's reserved
+address) is in the migration's folder. A resume finds it gone (kill -9, a reboot of the array host) and
+starts it again: it takes over its storage objects and rings, and the copy arms it at its own journaled
+address. `--backstore kernel` skips all this: the kernel's backstore from the start, guarded by the
+migrator alone (what blockmig did before).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from blockmig.array import lio
+from blockmig.array.tcmu import client, service
+from blockmig.errors import ArrayError
+
+BACKSTORES = ("handler", "kernel")
+DEFAULT_BACKSTORE = "handler"
+CREATE = "create_destination"  # whose facts say how far the hand-over went
+
+
+def is_served(migration) -> bool:
+    """The destination is (still) the handler's."""
+    return (migration.destination.get("backstore") == "handler"
+            and not migration.journal.facts(CREATE).get("handed_to_kernel"))
+
+
+def migrator_view_name(migration) -> str:
+    return migration.destination["volume"] + service.MIGRATOR_SUFFIX
+
+
+def _client(migration) -> client.BackstoreClient:
+    return client.BackstoreClient(migration.destination["volume"])
+
+
+def _state_dir(migration) -> str:
+    return os.path.join(migration.journal.directory, "backstore")
+
+
+def serve(migration) -> lio.Volume:
+    """The migrator's view, on a LUN of the destination, its handler running (started again if it is not)."""
+    destination, source = migration.destination, migration.source
+    if destination["backing_created"] and not os.path.exists(destination["backing"]):
+        migration.journal.record(CREATE, backing_made=True)  # intent first: a rollback removes it
+        service.prepare_backing_file(destination["backing"], source["size"])
+    try:
+        state = _client(migration).state()
+    except ArrayError:
+        state = None
+    if state is None:
+        client.stop_handler(destination["volume"])  # one that hangs, not answering its socket
+        os.makedirs(_state_dir(migration), mode=0o700, exist_ok=True)
+        state = client.serve_detached(
+            destination["volume"],
+            backing=destination["backing"],
+            size=source["size"],
+            serial=destination["temporary_serial"],
+            geometry=source.get("geometry") or {},
+            guard_initiator=migration.migrator["initiator"],
+            state_dir=_state_dir(migration),
+            log_path=os.path.join(_state_dir(migration), "handler.log"),
+        )
+        migration.emit({"event": "backstore", "state": "serving", "pid": state["pid"],
+                        "volume": destination["volume"]})
+    volume = lio.export_storage_object(destination["target"], migrator_view_name(migration))
+    destination["lun"] = volume.lun
+    return volume
+
+
+def arm_sequential(migration, reserved: int) -> None:
+    """The array executes the migrator's next write only at `reserved` (the copy's resume address)."""
+    if is_served(migration):
+        state = _client(migration).arm_sequential(reserved)
+        migration.emit({"event": "backstore", "state": "armed", "mode": state["mode"],
+                        "reserved_address": state["reserved"]})
+
+
+def arm_delta(migration, extents: list[tuple[int, int]]) -> None:
+    """The array executes only these (offset, length) extents, ascending, each whole, in turn."""
+    if is_served(migration):
+        _client(migration).arm_delta(extents)
+
+
+def hand_to_kernel(migration, logout_migrator) -> None:
+    """The copy is done: the same backing becomes a kernel volume NAME (the temporary serial still)."""
+    destination = migration.destination
+    if not is_served(migration):
+        return
+    with contextlib.suppress(ArrayError):  # what the array's guard saw: the report's proof, not a condition
+        state = _client(migration).state()
+        migration.journal.record(CREATE, array_guard={"mode": state["mode"], "reserved": state["reserved"]})
+    migration.journal.record(CREATE, handing_to_kernel=True)
+    logout_migrator()  # its disk of the handler's LUN goes before the LUN does
+    client.stop_handler(destination["volume"])
+    remove_served_objects(migration)
+    volume = lio.create_volume(
+        destination["target"], destination["volume"], migration.source["size"], destination["backing"],
+        serial=destination["temporary_serial"], geometry=migration.source.get("geometry"), adopt=True,
+    )
+    destination["lun"] = volume.lun
+    migration.journal.record(CREATE, handed_to_kernel=True)
+    migration.emit({"event": "backstore", "state": "handed to the kernel", "volume": volume.name,
+                    "plugin": volume.plugin})
+
+
+def remove_served_objects(migration) -> list[str]:
+    """Stop the handler and remove the storage objects it (or a killed one) left; never a kernel volume."""
+    client.stop_handler(migration.destination["volume"])
+    removed = []
+    for name in (migration.destination["volume"], migrator_view_name(migration)):
+        with contextlib.suppress(ArrayError):
+            volume = lio.find_volume(name)
+            if volume.plugin == "user":
+                lio.remove_volume(volume)
+                removed.append(f"storage object {name}")
+    return removed
