@@ -19,7 +19,6 @@ from blockmig.errors import DeviceError
 from blockmig.orchestrator import online, served_destination
 from blockmig.orchestrator.create_destination import check_destination_is_the_migrators_alone, migrator_disk
 from blockmig.orchestrator.fence import check_suspend_fence_held
-from blockmig.orchestrator.host_switch import HostSwitch
 from blockmig.orchestrator.plan import host_source_disk
 from blockmig.orchestrator.progress import Progress
 from blockmig.orchestrator.sequencer import BaseStep
@@ -38,6 +37,8 @@ class CopyStep(BaseStep):
     def run(self, migration) -> dict:
         journal = migration.journal
         with migration.control_plane:
+            if served_destination.hand_over_unfinished(migration):  # killed in it: finish it first
+                served_destination.hand_to_kernel(migration)
             check_destination_is_the_migrators_alone(migration)
             destination = f"/dev/{migrator_disk(migration)}"
         progress = Progress(migration.emit, "copy")
@@ -74,7 +75,7 @@ class CopyStep(BaseStep):
             )
         write_json_atomically(journal.manifest_path, manifest.to_dict())
         with migration.control_plane:
-            served_destination.hand_to_kernel(migration, HostSwitch(journal, migration.emit).logout_migrator)
+            served_destination.hand_to_kernel(migration)
             destination = f"/dev/{migrator_disk(migration)}"
         return {
             "source_disk": source,

@@ -26,6 +26,8 @@ import os
 from blockmig.array import lio
 from blockmig.array.tcmu import client, service
 from blockmig.errors import ArrayError
+from blockmig.faults import checkpoint
+from blockmig.orchestrator.host_switch import HostSwitch
 
 BACKSTORES = ("handler", "kernel")
 DEFAULT_BACKSTORE = "handler"
@@ -33,9 +35,15 @@ CREATE = "create_destination"  # whose facts say how far the hand-over went
 
 
 def is_served(migration) -> bool:
-    """The destination is (still) the handler's."""
+    """The destination is (still) the handler's: its hand-over to the kernel has not begun."""
     return (migration.destination.get("backstore") == "handler"
-            and not migration.journal.facts(CREATE).get("handed_to_kernel"))
+            and not migration.journal.facts(CREATE).get("handing_to_kernel"))
+
+
+def hand_over_unfinished(migration) -> bool:
+    """A hand-over to the kernel's backstore was killed half way (finish it before using the volume)."""
+    facts = migration.journal.facts(CREATE)
+    return bool(facts.get("handing_to_kernel")) and not facts.get("handed_to_kernel")
 
 
 def migrator_view_name(migration) -> str:
@@ -75,6 +83,7 @@ def serve(migration) -> lio.Volume:
         )
         migration.emit({"event": "backstore", "state": "serving", "pid": state["pid"],
                         "volume": destination["volume"]})
+        checkpoint("create:handler-serving")
     volume = lio.export_storage_object(destination["target"], migrator_view_name(migration))
     destination["lun"] = volume.lun
     return volume
@@ -94,18 +103,18 @@ def arm_delta(migration, extents: list[tuple[int, int]]) -> None:
         _client(migration).arm_delta(extents)
 
 
-def hand_to_kernel(migration, logout_migrator) -> None:
+def hand_to_kernel(migration) -> None:
     """The copy is done: the same backing becomes a kernel volume NAME (the temporary serial still)."""
     destination = migration.destination
-    if not is_served(migration):
+    if not (is_served(migration) or hand_over_unfinished(migration)):
         return
     with contextlib.suppress(ArrayError):  # what the array's guard saw: the report's proof, not a condition
         state = _client(migration).state()
         migration.journal.record(CREATE, array_guard={"mode": state["mode"], "reserved": state["reserved"]})
     migration.journal.record(CREATE, handing_to_kernel=True)
-    logout_migrator()  # its disk of the handler's LUN goes before the LUN does
-    client.stop_handler(destination["volume"])
+    HostSwitch(migration.journal, migration.emit).logout_migrator()  # its disk goes before the LUN does
     remove_served_objects(migration)
+    checkpoint("copy:handing-to-kernel")  # the worst moment: no storage object of the volume at all
     volume = lio.create_volume(
         destination["target"], destination["volume"], migration.source["size"], destination["backing"],
         serial=destination["temporary_serial"], geometry=migration.source.get("geometry"), adopt=True,

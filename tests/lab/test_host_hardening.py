@@ -272,15 +272,21 @@ def test_a_host_name_portal(migration_lab):
 # -- a creation killed half way -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("point, then", [
-    ("create:backing-file-made", "resume"),
-    ("create:backing-file-made", "rollback"),
-    ("create:storage-object-made", "resume"),
-    ("create:storage-object-made", "rollback"),
-    ("export:acl-made", "rollback"),
+@pytest.mark.parametrize("point, then, backstore", [
+    ("create:backing-file-made", "resume", "kernel"),
+    ("create:backing-file-made", "rollback", "kernel"),
+    ("create:storage-object-made", "resume", "kernel"),
+    ("create:storage-object-made", "rollback", "kernel"),
+    ("export:acl-made", "rollback", "kernel"),
+    ("create:handler-serving", "resume", "handler"),
+    ("create:handler-serving", "rollback", "handler"),
+    ("export:acl-made", "resume", "handler"),
+    ("copy:handing-to-kernel", "resume", "handler"),
+    ("copy:handing-to-kernel", "rollback", "handler"),
 ])
-def test_kill_inside_create_destination(migration_lab, point, then):
-    process = start_blockmig(*migration_lab.migrate_args("--id", "half"), stop_at=point)
+def test_kill_inside_create_destination(migration_lab, point, then, backstore):
+    """Killed while the destination is made (or, with blockmig's handler, handed to the kernel's backstore)."""
+    process = start_blockmig(*migration_lab.migrate_args("--id", "half", "--backstore", backstore), stop_at=point)
     wait_until_stopped(process)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)

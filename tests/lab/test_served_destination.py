@@ -89,8 +89,9 @@ def test_a_killed_handler_is_started_again_by_resume(migration_lab):
     data = _killed_in_the_copy(migration_lab, "hk")
     name = data["destination"]["volume"]
     (pid,) = _handler_pids(name)
-    psutil.Process(pid).kill()  # the array host's handler dies too: the kernel keeps its objects and rings
-    psutil.Process(pid).wait(timeout=30)
+    handler = psutil.Process(pid)
+    handler.kill()  # the array host's handler dies too: the kernel keeps its objects and rings
+    handler.wait(timeout=30)
     assert [v.plugin for v in lio.list_volumes() if v.name in (name, name + "-migrator")] == ["user", "user"]
     with HostReader(migration_lab.device, migration_lab.data) as reader:
         result = blockmig("resume", "hk", "--json")

@@ -12,10 +12,10 @@ from datapath_helpers import run_blockmig
     (["--backing-file", "{d}/v.img", "--size", "1000"], "multiple of 512"),
     (["--backing-file", "{d}/missing/v.img", "--size", "4M"], "does not exist"),
     (["--backing-file", "{d}/v.img", "--size", "4M", "--serial", "has space"], "serial"),
-    (["--backing-file", "{d}/v.img", "--size", "4M", "--geometry", "[4096]"], "--geometry must be a JSON object"),
-    (["--backing-file", "{d}/v.img", "--size", "4M", "--geometry", "{"], "--geometry must be a JSON object"),
+    (["--backing-file", "{d}/v.img", "--size", "4M", "--geometry", "[4096]"], "must be a JSON object"),
+    (["--backing-file", "{d}/v.img", "--size", "4M", "--geometry", "{"], "must be a JSON object"),
     (["--backing-file", "{d}/v.img", "--size", "4M", "--geometry", '{"block_size": [1]}'], "JSON object of"),
-    (["--backing-file", "{d}/v.img", "--size", "4M", "--geometry", "{}", "--geometry-from", "v0"], "not both"),
+    (["--backing-file", "{d}/v.img", "--size", "4M", "--geometry", "{}", "--geometry-from", "v"], "not both"),
 ])
 def test_serve_refuses_bad_input_before_anything_is_made(tmp_path, args, says):
     argv = [a.replace("{d}", str(tmp_path)) for a in args]
