@@ -1,6 +1,6 @@
-"""`blockmig migrate` with blockmig's own backstore serving the destination during the copy (the default).
+"""`blockmig migrate --backstore handler`: blockmig's own backstore serves the destination during the copy.
 
-Every other lab migration goes through it too; these look at the array's side of it: the guard in the
+These look at the array's side of it: the guard in the
 destination refusing a misplaced write of the migrator, the handler outliving a kill -9 of blockmig, a
 killed handler started again by `resume`, the kernel's backstore taking over after the copy, and
 `--backstore kernel` still doing what blockmig did before.
@@ -32,7 +32,8 @@ MiB = 1024 * 1024
 
 
 def _killed_in_the_copy(migration_lab, migration_id: str) -> dict:
-    process = start_blockmig(*migration_lab.migrate_args("--id", migration_id, *SLOW))
+    args = migration_lab.migrate_args("--id", migration_id, "--backstore", "handler", *SLOW)
+    process = start_blockmig(*args)
     wait_for_journal(migration_id, lambda data: copied_bytes(migration_id) >= 3 * MiB)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
