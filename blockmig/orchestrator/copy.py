@@ -74,9 +74,10 @@ class CopyStep(BaseStep):
                 arm=lambda extents: served_destination.arm_delta(migration, extents),
             )
         write_json_atomically(journal.manifest_path, manifest.to_dict())
-        with migration.control_plane:
-            served_destination.hand_to_kernel(migration)
-            destination = f"/dev/{migrator_disk(migration)}"
+        if served_destination.is_served(migration):
+            with migration.control_plane:
+                served_destination.hand_to_kernel(migration)
+                destination = f"/dev/{migrator_disk(migration)}"  # the kernel volume's disk now
         return {
             "source_disk": source,
             "destination_disk": destination,
