@@ -133,11 +133,8 @@ class CommandRing:
             self._fetch = (self._fetch + length) % self.cmdr_size
         return commands
 
-    def complete(self, cmd_id: int, status: int, sense: bytes = b"", read_len: int | None = None,
-                 notify: bool = True) -> None:
-        """Write the response into the next command slot at the tail, move the tail, tell the kernel (or,
-        without `notify`, leave that to one `notify()` after a batch: the kernel takes every completion up to
-        the tail at once)."""
+    def complete(self, cmd_id: int, status: int, sense: bytes = b"", read_len: int | None = None) -> None:
+        """Write the response into the next command slot at the tail, move the tail, tell the kernel."""
         with self._lock:
             tail = self._u32(MAILBOX_CMD_TAIL)
             while True:
@@ -153,12 +150,7 @@ class CommandRing:
             sense_at = entry + RSP_SENSE
             self.mem[sense_at:sense_at + SENSE_BUFFER_SIZE] = sense.ljust(SENSE_BUFFER_SIZE, b"\0")
             _U32.pack_into(self.mem, MAILBOX_CMD_TAIL, (tail + (len_op & ~OP_MASK)) % self.cmdr_size)
-            if notify:
-                os.write(self.fd, b"\0\0\0\0")
-
-    def notify(self) -> None:
-        """Tell the kernel that completions are in the ring (a 4-byte write of the uio fd)."""
-        os.write(self.fd, b"\0\0\0\0")
+            os.write(self.fd, b"\0\0\0\0")
 
     def close(self) -> None:
         self.mem.release()

@@ -45,9 +45,6 @@ MIGRATOR_SUFFIX = "-migrator"
 HW_MAX_SECTORS = 2048
 DEFAULT_DATA_AREA_MB = 32
 MAPPING_CHECK_SECONDS = 1.0
-# Below this backing time per 4 KiB (a page cache, tmpfs, NVMe) commands run in the loop itself: the
-# hand-off to a worker thread costs more than the IO it would overlap (~0.2 ms of Python per command).
-INLINE_IO_SECONDS = 50e-6
 CONFIGFS_CORE = "/sys/kernel/config/target/core"
 
 
@@ -212,7 +209,6 @@ class VolumeServer:
         self._listener: socket.socket | None = None
         self._selector = selectors.DefaultSelector()
         self.identity: scsi.Identity | None = None
-        self._io_seconds = 0.0  # the backing's recent time per 4 KiB read or written
 
     # --- setup ----------------------------------------------------------------------------
     def start(self) -> list[tuple[str, str, str]]:
@@ -274,40 +270,35 @@ class VolumeServer:
                     view = key.data
                     view.ring.wait()
                     commands = view.ring.fetch()
-                    # A thread hand-off is most of a command's cost: worth it only while the backing's IO
-                    # is slower than it (a disk), not for one command or a backing as fast as a page
-                    # cache. Inline, a batch's completions go to the kernel with one notification.
-                    inline = len(commands) == 1 or self._io_seconds < INLINE_IO_SECONDS
+                    # One command per wake-up (queue depth 1): no thread hand-off, it is most of the cost.
+                    inline = len(commands) == 1
                     for command in commands:
-                        self._dispatch(view, command, inline, notify=not inline)
-                    if inline:
-                        view.ring.notify()
+                        self._dispatch(view, command, inline)
         except Stop:
             pass
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _dispatch(self, view: View, command: Command, inline: bool = False, notify: bool = True) -> None:
-        """Answer one command here, or hand a read or write to the pool (which notifies the kernel itself)."""
+    def _dispatch(self, view: View, command: Command, inline: bool = False) -> None:
         try:
             decoded = view.emulation.decode(command.cdb, command.data_length)
             if decoded.reply is not None:
-                self._complete(view, command, decoded.reply, notify)
+                self._complete(view, command, decoded.reply)
                 return
             transfer = decoded.transfer
             if transfer.opcode in scsi.MODIFYING:
                 refusal = self._write_refusal(view, transfer)
                 if refusal is not None:
-                    self._complete(view, command, refusal, notify)
+                    self._complete(view, command, refusal)
                     return
                 if view.role == "migrator" and self.guard.state.mode != "off":
-                    self._execute(view, command, decoded, guarded=True, notify=notify)
+                    self._execute(view, command, decoded, guarded=True)
                     return
             if not inline and (transfer.opcode in scsi.READS or transfer.opcode in scsi.WRITES):
                 self._pool.submit(self._execute, view, command, decoded)
             else:
-                self._execute(view, command, decoded, notify=notify)
+                self._execute(view, command, decoded)
         except Exception:  # a command must never hang: answer it, then let the error be seen
             self._complete(view, command, scsi.Reply.check(scsi.MEDIUM_ERROR, scsi.WRITE_ERROR))
             raise
@@ -334,22 +325,16 @@ class VolumeServer:
             view.mapping_checked = now
         return view.mapping_ok
 
-    def _execute(self, view: View, command: Command, decoded: scsi.Decoded, guarded: bool = False,
-                 notify: bool = True) -> None:
+    def _execute(self, view: View, command: Command, decoded: scsi.Decoded, guarded: bool = False) -> None:
         transfer, backing = decoded.transfer, self.backing
         op = transfer.opcode
         reply = scsi.Reply()
         try:
-            if op in scsi.READS or op in scsi.WRITES:
-                began = time.perf_counter()
-                if op in scsi.READS:
-                    backing.read_into(transfer.offset, _limit(command.iovecs, transfer.length))
-                else:
-                    backing.write_from(transfer.offset, _limit(command.iovecs, transfer.length))
-                # per 4 KiB, so that a 1 MiB transfer from a page cache does not count as a slow disk
-                per_page = (time.perf_counter() - began) * 4096 / max(transfer.length, 4096)
-                self._io_seconds += (per_page - self._io_seconds) / 16  # a moving average, races harmless
-                if guarded and op in scsi.WRITES:
+            if op in scsi.READS:
+                backing.read_into(transfer.offset, _limit(command.iovecs, transfer.length))
+            elif op in scsi.WRITES:
+                backing.write_from(transfer.offset, _limit(command.iovecs, transfer.length))
+                if guarded:
                     self.guard.executed(transfer.offset, transfer.length)
             elif op in (scsi.SYNCHRONIZE_CACHE_10, scsi.SYNCHRONIZE_CACHE_16):
                 backing.flush()
@@ -369,7 +354,7 @@ class VolumeServer:
         except OSError:
             key_asc = scsi.UNRECOVERED_READ_ERROR if op in scsi.READS else scsi.WRITE_ERROR
             reply = scsi.Reply.check(scsi.MEDIUM_ERROR, key_asc)
-        self._complete(view, command, reply, notify)
+        self._complete(view, command, reply)
 
     def _write_same(self, view, command, transfer, unmap: bool) -> scsi.Reply:
         block = command.gather()[:view.emulation.identity.block_size]
@@ -389,11 +374,11 @@ class VolumeServer:
         self.backing.write(transfer.offset, data[transfer.length:2 * transfer.length])
         return scsi.Reply()
 
-    def _complete(self, view: View, command: Command, reply: scsi.Reply, notify: bool = True) -> None:
+    def _complete(self, view: View, command: Command, reply: scsi.Reply) -> None:
         read_len = None
         if reply.data is not None:
             read_len = command.copy_in(reply.data)
-        view.ring.complete(command.cmd_id, reply.status, reply.sense, read_len, notify)
+        view.ring.complete(command.cmd_id, reply.status, reply.sense, read_len)
 
     # --- control ---------------------------------------------------------------------------
     def _answer_control(self) -> None:
