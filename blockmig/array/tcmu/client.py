@@ -54,16 +54,9 @@ def start_served_volume(
     run_dir: str = RUN_DIR,
 ) -> ServedVolume:
     """Start the handler process and wait until it serves (or fails with its own one-line error)."""
-    argv = [sys.executable, "-m", "blockmig", "array", "serve", "--name", name,
-            "--state-dir", state_dir, "--run-dir", run_dir]
-    if backing_file:
-        argv += ["--backing-file", backing_file, "--size", str(size)]
-    else:
-        argv += ["--backing-device", backing_device]
-    for option, value in (("--serial", serial), ("--geometry-from", geometry_from),
-                          ("--guard-initiator", guard_initiator)):
-        if value:
-            argv += [option, value]
+    argv = _serve_argv(name, state_dir, run_dir, backing_file, size, backing_device,
+                       {"--serial": serial, "--geometry-from": geometry_from,
+                        "--guard-initiator": guard_initiator})
     process = start_daemon(argv, f"the backstore handler for {name}")
     line = process.stdout.readline().strip()
     if not line:
@@ -88,13 +81,10 @@ def serve_detached(
 ) -> dict:
     """Start the handler in a session of its own (it outlives blockmig), its output appended to `log_path`;
     return its state once it answers on its socket. The backing file must exist (prepare_backing_file)."""
-    argv = [sys.executable, "-m", "blockmig", "array", "serve", "--name", name, "--state-dir", state_dir,
-            "--run-dir", run_dir, "--serial", serial, "--geometry", json.dumps(geometry),
-            "--guard-initiator", guard_initiator]
-    if os.path.isfile(backing):
-        argv += ["--backing-file", backing, "--size", str(size)]
-    else:
-        argv += ["--backing-device", backing]
+    backing_file, backing_device = (backing, None) if os.path.isfile(backing) else (None, backing)
+    argv = _serve_argv(name, state_dir, run_dir, backing_file, size, backing_device,
+                       {"--serial": serial, "--geometry": json.dumps(geometry),
+                        "--guard-initiator": guard_initiator})
     process = start_daemon(argv, f"the backstore handler for {name}", log_path=log_path)
     client = BackstoreClient(name, run_dir)
     deadline = time.monotonic() + timeout
@@ -154,6 +144,21 @@ def stop_handler(name: str, timeout: float = 60) -> bool:
             process.kill()
     psutil.wait_procs(alive, timeout=10)
     return bool(processes)
+
+
+def _serve_argv(name: str, state_dir: str, run_dir: str, backing_file: str | None, size: int | None,
+                backing_device: str | None, options: dict[str, str | None]) -> list[str]:
+    """`blockmig array serve`'s command line; options whose value is None are left out."""
+    argv = [sys.executable, "-m", "blockmig", "array", "serve", "--name", name,
+            "--state-dir", state_dir, "--run-dir", run_dir]
+    if backing_file:
+        argv += ["--backing-file", backing_file, "--size", str(size)]
+    else:
+        argv += ["--backing-device", backing_device]
+    for option, value in options.items():
+        if value:
+            argv += [option, value]
+    return argv
 
 
 def stop_served_volume(served: ServedVolume, timeout: float = 60) -> None:
