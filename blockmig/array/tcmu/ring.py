@@ -29,15 +29,17 @@ UFLAG_READ_LEN = 0x2
 ENTRY_IOV_CNT = 8
 ENTRY_CDB_OFF = 24
 ENTRY_IOVECS = 48
-RSP_STATUS = 8
-RSP_READ_LEN = 12
 RSP_SENSE = 16
 SENSE_BUFFER_SIZE = 96
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_HEADER = struct.Struct("<IH")  # len_op, cmd_id
+_RESPONSE = struct.Struct("<HBBBBHI")  # at entry+4: cmd_id, kflags, uflags; at +8: status, pads, read_len
 _IOVEC = struct.Struct("<QQ")
+_WAKE = b"\0\0\0\0"
 
 
-@dataclass
+@dataclass(slots=True)
 class Command:
     """One SCSI command as fetched from the ring; `iovecs` are views into the data area."""
 
@@ -113,44 +115,53 @@ class CommandRing:
 
     def fetch(self) -> list[Command]:
         """Every command the kernel queued since the last fetch, in ring order."""
-        head = self._u32(MAILBOX_CMD_HEAD)
+        mem, cmdr_off, size = self.mem, self.cmdr_off, self.cmdr_size
+        head = _U32.unpack_from(mem, MAILBOX_CMD_HEAD)[0]
         commands = []
         while self._fetch != head:
-            entry = self._entry(self._fetch)
-            len_op, cmd_id = struct.unpack_from("<IH", self.mem, entry)
+            entry = cmdr_off + self._fetch
+            len_op, cmd_id = _HEADER.unpack_from(mem, entry)
             length = len_op & ~OP_MASK
             if length == 0:
                 raise ArrayError(f"the command ring of {self.uio_path} has an entry of length 0: broken")
             if len_op & OP_MASK == OP_CMD:
-                iov_cnt = self._u32(entry + ENTRY_IOV_CNT)
-                cdb_off = struct.unpack_from("<Q", self.mem, entry + ENTRY_CDB_OFF)[0]
-                cdb = bytes(self.mem[cdb_off:cdb_off + _cdb_length(self.mem[cdb_off])])
+                iov_cnt = _U32.unpack_from(mem, entry + ENTRY_IOV_CNT)[0]
+                cdb_off = _U64.unpack_from(mem, entry + ENTRY_CDB_OFF)[0]
+                cdb = bytes(mem[cdb_off:cdb_off + _cdb_length(mem[cdb_off])])
                 iovecs = []
-                for i in range(iov_cnt):
-                    base, iov_len = _IOVEC.unpack_from(self.mem, entry + ENTRY_IOVECS + 16 * i)
-                    iovecs.append(self.mem[base:base + iov_len])
+                for at in range(entry + ENTRY_IOVECS, entry + ENTRY_IOVECS + 16 * iov_cnt, 16):
+                    base, iov_len = _IOVEC.unpack_from(mem, at)
+                    iovecs.append(mem[base:base + iov_len])
                 commands.append(Command(cmd_id, cdb, iovecs))
-            self._fetch = (self._fetch + length) % self.cmdr_size
+            self._fetch = (self._fetch + length) % size
         return commands
 
-    def complete(self, cmd_id: int, status: int, sense: bytes = b"", read_len: int | None = None) -> None:
-        """Write the response into the next command slot at the tail, move the tail, tell the kernel."""
+    def complete(self, cmd_id: int, status: int, sense: bytes = b"", read_len: int | None = None,
+                 notify: bool = True) -> None:
+        """Write the response into the next command slot at the tail and move the tail; with `notify`
+        tell the kernel too (else the caller's `notify` after a batch: one wake-up of the kernel each)."""
+        mem = self.mem
         with self._lock:
-            tail = self._u32(MAILBOX_CMD_TAIL)
+            tail = _U32.unpack_from(mem, MAILBOX_CMD_TAIL)[0]
             while True:
-                entry = self._entry(tail)
-                len_op = self._u32(entry)
+                entry = self.cmdr_off + tail
+                len_op = _U32.unpack_from(mem, entry)[0]
                 if len_op & OP_MASK == OP_CMD:
                     break
                 tail = (tail + (len_op & ~OP_MASK)) % self.cmdr_size
-            uflags = UFLAG_READ_LEN if read_len is not None else 0
-            struct.pack_into("<HBB", self.mem, entry + 4, cmd_id, 0, uflags)
-            struct.pack_into("<BBHI", self.mem, entry + RSP_STATUS, status, 0, 0, read_len or 0)
-            sense = sense[:SENSE_BUFFER_SIZE]
-            sense_at = entry + RSP_SENSE
-            self.mem[sense_at:sense_at + SENSE_BUFFER_SIZE] = sense.ljust(SENSE_BUFFER_SIZE, b"\0")
-            _U32.pack_into(self.mem, MAILBOX_CMD_TAIL, (tail + (len_op & ~OP_MASK)) % self.cmdr_size)
-            os.write(self.fd, b"\0\0\0\0")
+            _RESPONSE.pack_into(mem, entry + 4, cmd_id, 0, UFLAG_READ_LEN if read_len is not None else 0,
+                                status, 0, 0, read_len or 0)
+            if status:  # the kernel reads the sense buffer of a CHECK CONDITION only
+                sense = sense[:SENSE_BUFFER_SIZE]
+                sense_at = entry + RSP_SENSE
+                mem[sense_at:sense_at + SENSE_BUFFER_SIZE] = sense.ljust(SENSE_BUFFER_SIZE, b"\0")
+            _U32.pack_into(mem, MAILBOX_CMD_TAIL, (tail + (len_op & ~OP_MASK)) % self.cmdr_size)
+            if notify:
+                os.write(self.fd, _WAKE)
+
+    def notify(self) -> None:
+        """Tell the kernel that completions are in the ring (a 4-byte write of the uio fd)."""
+        os.write(self.fd, _WAKE)
 
     def close(self) -> None:
         self.mem.release()

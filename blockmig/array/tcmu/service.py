@@ -82,6 +82,7 @@ class View:
     emulation: scsi.Emulation
     mapping_checked: float = 0.0
     mapping_ok: bool = False
+    completed_inline: bool = False  # completions in the ring the kernel has not been told of yet
 
 
 class Stop(Exception):
@@ -269,38 +270,45 @@ class VolumeServer:
                         continue
                     view = key.data
                     view.ring.wait()
-                    commands = view.ring.fetch()
-                    # One command per wake-up (queue depth 1): no thread hand-off, it is most of the cost.
-                    inline = len(commands) == 1
-                    for command in commands:
-                        self._dispatch(view, command, inline)
+                    for command in view.ring.fetch():
+                        self._dispatch(view, command)
+                    if view.completed_inline:  # one wake-up of the kernel for the batch's completions
+                        view.completed_inline = False
+                        view.ring.notify()
         except Stop:
             pass
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _dispatch(self, view: View, command: Command, inline: bool = False) -> None:
+    def _dispatch(self, view: View, command: Command) -> None:
+        """Answer a command in the ring's thread, or hand it to a worker if it would wait for the medium."""
         try:
             decoded = view.emulation.decode(command.cdb, command.data_length)
             if decoded.reply is not None:
                 self._complete(view, command, decoded.reply)
                 return
-            transfer = decoded.transfer
-            if transfer.opcode in scsi.MODIFYING:
+            transfer, backing = decoded.transfer, self.backing
+            op = transfer.opcode
+            if op in scsi.MODIFYING:
                 refusal = self._write_refusal(view, transfer)
                 if refusal is not None:
                     self._complete(view, command, refusal)
                     return
                 if view.role == "migrator" and self.guard.state.mode != "off":
-                    self._execute(view, command, decoded, guarded=True)
+                    self._execute(view, command, decoded, guarded=True)  # in order: the guard's address
                     return
-            if not inline and (transfer.opcode in scsi.READS or transfer.opcode in scsi.WRITES):
-                self._pool.submit(self._execute, view, command, decoded)
+            if op in scsi.READS and not backing.in_memory:
+                if backing.read_cached(transfer.offset, _limit(command.iovecs, transfer.length)):
+                    self._complete(view, command, scsi.Reply())
+                else:
+                    self._pool.submit(self._execute, view, command, decoded, notify=True)
+            elif op in scsi.WRITES and not backing.in_memory:
+                self._pool.submit(self._execute, view, command, decoded, notify=True)
             else:
                 self._execute(view, command, decoded)
         except Exception:  # a command must never hang: answer it, then let the error be seen
-            self._complete(view, command, scsi.Reply.check(scsi.MEDIUM_ERROR, scsi.WRITE_ERROR))
+            self._complete(view, command, scsi.Reply.check(scsi.MEDIUM_ERROR, scsi.WRITE_ERROR), notify=True)
             raise
 
     def _write_refusal(self, view: View, transfer: scsi.Transfer) -> scsi.Reply | None:
@@ -325,7 +333,8 @@ class VolumeServer:
             view.mapping_checked = now
         return view.mapping_ok
 
-    def _execute(self, view: View, command: Command, decoded: scsi.Decoded, guarded: bool = False) -> None:
+    def _execute(self, view: View, command: Command, decoded: scsi.Decoded, guarded: bool = False,
+                 notify: bool = False) -> None:
         transfer, backing = decoded.transfer, self.backing
         op = transfer.opcode
         reply = scsi.Reply()
@@ -354,7 +363,7 @@ class VolumeServer:
         except OSError:
             key_asc = scsi.UNRECOVERED_READ_ERROR if op in scsi.READS else scsi.WRITE_ERROR
             reply = scsi.Reply.check(scsi.MEDIUM_ERROR, key_asc)
-        self._complete(view, command, reply)
+        self._complete(view, command, reply, notify)
 
     def _write_same(self, view, command, transfer, unmap: bool) -> scsi.Reply:
         block = command.gather()[:view.emulation.identity.block_size]
@@ -374,11 +383,14 @@ class VolumeServer:
         self.backing.write(transfer.offset, data[transfer.length:2 * transfer.length])
         return scsi.Reply()
 
-    def _complete(self, view: View, command: Command, reply: scsi.Reply) -> None:
+    def _complete(self, view: View, command: Command, reply: scsi.Reply, notify: bool = False) -> None:
+        """Answer a command; a worker (`notify`) wakes the kernel itself, the ring's thread once per batch."""
         read_len = None
         if reply.data is not None:
             read_len = command.copy_in(reply.data)
-        view.ring.complete(command.cmd_id, reply.status, reply.sense, read_len)
+        if not notify:
+            view.completed_inline = True
+        view.ring.complete(command.cmd_id, reply.status, reply.sense, read_len, notify=notify)
 
     # --- control ---------------------------------------------------------------------------
     def _answer_control(self) -> None:
