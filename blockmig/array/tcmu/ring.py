@@ -84,16 +84,26 @@ class CommandRing:
     """Fetch and complete commands of one uio device; `complete` may be called from any thread."""
 
     def __init__(self, uio_path: str):
-        self.uio_path = uio_path
         uio = os.path.basename(uio_path)
         size = int(read_attribute(f"/sys/class/uio/{uio}/maps/map0/size"), 0)
-        self.fd = os.open(uio_path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(uio_path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            ring_map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
-            os.close(self.fd)
+            os.close(fd)
             raise ArrayError(f"cannot map the command ring of {uio_path}: {exc.strerror}") from exc
-        self.mem = memoryview(self._map)
+        self._take(uio_path, fd, ring_map)
+
+    @classmethod
+    def over(cls, name: str, fd: int, ring_map: mmap.mmap) -> "CommandRing":
+        """A ring over a map laid out as the kernel's (the unit tests' stand-in for a uio device)."""
+        ring = cls.__new__(cls)
+        ring._take(name, fd, ring_map)
+        return ring
+
+    def _take(self, uio_path: str, fd: int, ring_map: mmap.mmap) -> None:
+        self.uio_path, self.fd, self._map = uio_path, fd, ring_map
+        self.mem = memoryview(ring_map)
         self.cmdr_off = self._u32(MAILBOX_CMDR_OFF)
         self.cmdr_size = self._u32(MAILBOX_CMDR_SIZE)
         self._fetch = self._u32(MAILBOX_CMD_TAIL)  # a restarted handler resumes where the last one completed
