@@ -409,6 +409,7 @@ def _run_plan(plan: PlanJournal, journals: list[MigrationJournal], emit: EventHa
             locks.enter_context(VolumeLock(journal.data["source"]["wwid"], journal.id))
         plan.data["state"] = "running"
         plan.save()
+        locks.push(_stopped_on_error(plan))  # before the locks are released
 
         def run_member(journal: MigrationJournal, until: str | None) -> None:
             if outcomes.get(journal.id, {}).get("outcome") == "failed":
@@ -439,9 +440,21 @@ def _run_plan(plan: PlanJournal, journals: list[MigrationJournal], emit: EventHa
                 _switch_and_finish_group(plan, journals, outcomes, emit, after_chunk)
     report = _plan_report(plan, journals, outcomes, time.monotonic() - began)
     plan.data["state"] = "done" if report["failed"] == 0 else "failed"
+    plan.data.pop("error", None)
     plan.data["report"] = report
     plan.save()
     return report
+
+
+def _stopped_on_error(plan: PlanJournal):
+    """An exit callback: a plan left by a signal or an error no member caught is "stopped", not "running"."""
+    def leave(exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            plan.data["state"] = "stopped"
+            plan.data["error"] = str(exc) or exc_type.__name__
+            plan.save()
+        return False
+    return leave
 
 
 def _switch_and_finish_group(

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 
 from blockmig.errors import HostError
 from blockmig.host import runner
+from blockmig.safefile import PRIVATE_FILE_MODE
 
 SECTOR = 512
 PRIVATE_PREFIX = "blockmig-era-origin-"
@@ -126,8 +127,13 @@ def start_tracking(tracking: Tracking, on_change=lambda t: None) -> Tracking:
     try:
         length = _length(tracking.original_table)
         blocks = -(-length // tracking.block_sectors)
-        with open(tracking.metadata_file, "wb") as f:  # zeros: era formats it on first load
-            f.truncate(metadata_size(blocks))
+        # Zeros: era formats it on first load. Private and never through a link, as every state file.
+        fd = os.open(tracking.metadata_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     PRIVATE_FILE_MODE)
+        try:
+            os.ftruncate(fd, metadata_size(blocks))
+        finally:
+            os.close(fd)
         tracking.loop_device = run(
             ["losetup", "--find", "--show", tracking.metadata_file], "cannot attach the era metadata file"
         ).strip()

@@ -61,7 +61,8 @@ from blockmig.errors import DeviceError, HostError, MigrationError, UsageError, 
 from blockmig.faults import checkpoint
 from blockmig.host import era, multipath, usage
 from blockmig.host.devices import freeze_filesystems, holder_maps
-from blockmig.orchestrator.host_switch import HostSwitch
+from blockmig.host.runner import phase_deadline
+from blockmig.orchestrator.host_switch import END_HOLD_TIMEOUT, HostSwitch
 from blockmig.state import MigrationJournal
 
 MODES = ("online", "offline")
@@ -564,22 +565,25 @@ class OnlineSwitch(HostSwitch):
         try:
             if self.facts.suspended_at is None:
                 self._record(suspended_at=time.time())
-            freeze_filesystems(
-                self.map_name, self.journal.frozen, self.journal.save, self.facts.mountpoints
-            )
-            self.journal.data["online"]["holding"] = True  # intent: whoever comes next resumes them
-            self.journal.save()
-            for tracking in _trackings(self.journal):
-                if not multipath.is_suspended(tracking.private_map):
-                    _suspend(tracking.private_map)
-            self.emit({"event": "io_held", "map": self.map_name})
-            self._phase("held")
-            yield
+            # As the offline hold's: every command to the destination's join within the switch timeout.
+            with phase_deadline(self.timeout, f"the switch timeout of map {self.map_name}"):
+                freeze_filesystems(
+                    self.map_name, self.journal.frozen, self.journal.save, self.facts.mountpoints
+                )
+                self.journal.data["online"]["holding"] = True  # intent: whoever comes next resumes them
+                self.journal.save()
+                for tracking in _trackings(self.journal):
+                    if not multipath.is_suspended(tracking.private_map):
+                        _suspend(tracking.private_map)
+                self.emit({"event": "io_held", "map": self.map_name})
+                self._phase("held")
+                yield
         finally:
             self.end_hold()
 
     def end_hold(self) -> None:
-        resumed_at = time.time() if resume_private_maps(self.journal) else None
+        with phase_deadline(END_HOLD_TIMEOUT, f"the end of the hold of map {self.map_name}"):
+            resumed_at = time.time() if resume_private_maps(self.journal) else None
         if resumed_at:
             self._phase("private maps resumed")
         super().end_hold()

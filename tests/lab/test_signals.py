@@ -8,6 +8,7 @@ thawed, and `blockmig resume` (or rollback) finishing the job from the journal.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import tempfile
@@ -204,6 +205,8 @@ def test_a_plan_stops_every_member_at_a_safe_point_and_holds_its_locks_until_the
         "(blockmig resume ps or blockmig rollback ps)",
     ], lines
     first, second = journal("ps-1"), journal("ps-2")
+    stopped = blockmig("status", "ps", "--json")
+    assert json.loads(stopped.stdout)["state"] == "stopped", stopped.stdout  # not "running" any more
     assert "copy" not in first["steps"] and "interrupted by SIGINT" in first["error"], first  # fence lifted
     assert second["steps"]["switch"]["state"] == "done", second["steps"]  # its switch went on to the end
     for volume in volumes:
