@@ -638,6 +638,11 @@ def _add_array(sub) -> None:
                        help="present this geometry (lio.volume_geometry's keys; what `blockmig migrate` passes)")
     serve.add_argument("--guard-initiator", metavar="IQN",
                        help="also serve NAME-migrator for this initiator only, guarded; NAME refuses writes")
+    serve.add_argument("--pass-through-source", metavar="DEV",
+                       help="until the commit, NAME reads from and writes to this device (the source volume "
+                            "over the array's own session to the source array), the destination kept current; "
+                            "needs --guard-initiator and --chunk-size")
+    serve.add_argument("--chunk-size", type=parse_size, help="the migration's chunk (the pass-through's dirty map)")
     serve.add_argument("--state-dir",
                        help="where the guard's state file lives (default /var/lib/blockmig/backstore)")
     serve.add_argument("--run-dir", help="where the control socket lives (default /run/blockmig)")
@@ -652,6 +657,10 @@ def _cmd_array(args) -> int:
         raise UsageError("--backing-file needs --size")
     if args.backing_device and args.size:
         raise UsageError("--size is only for --backing-file: a device serves its whole size")
+    if bool(args.pass_through_source) != bool(args.chunk_size):
+        raise UsageError("--pass-through-source and --chunk-size go together")
+    if args.pass_through_source and not args.guard_initiator:
+        raise UsageError("--pass-through-source needs --guard-initiator (the migrator's view the copy writes)")
     if args.serial:
         from blockmig.array.lio import check_serial
         from blockmig.errors import ArrayError
@@ -674,6 +683,7 @@ def _cmd_array(args) -> int:
     request = service.ServeRequest(
         name=args.name, backing=args.backing_file or args.backing_device, size=args.size, serial=args.serial,
         geometry=geometry, guard_initiator=args.guard_initiator,
+        source=args.pass_through_source, chunk_size=args.chunk_size or 0,
         state_dir=args.state_dir or service.STATE_DIR, run_dir=args.run_dir or service.RUN_DIR,
     )
     server = service.VolumeServer(request)

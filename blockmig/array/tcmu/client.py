@@ -50,13 +50,16 @@ def start_served_volume(
     serial: str | None = None,
     geometry_from: str | None = None,
     guard_initiator: str | None = None,
+    pass_through_source: str | None = None,
+    chunk_size: int | None = None,
     state_dir: str = STATE_DIR,
     run_dir: str = RUN_DIR,
 ) -> ServedVolume:
     """Start the handler process and wait until it serves (or fails with its own one-line error)."""
     argv = _serve_argv(name, state_dir, run_dir, backing_file, size, backing_device,
                        {"--serial": serial, "--geometry-from": geometry_from,
-                        "--guard-initiator": guard_initiator})
+                        "--guard-initiator": guard_initiator, "--pass-through-source": pass_through_source,
+                        "--chunk-size": str(chunk_size) if chunk_size else None})
     process = start_daemon(argv, f"the backstore handler for {name}")
     line = process.stdout.readline().strip()
     if not line:
@@ -198,8 +201,17 @@ class BackstoreClient:
     def state(self) -> dict:
         return self.request("state")
 
-    def arm_sequential(self, reserved: int = 0) -> dict:
-        return self.request("arm_sequential", reserved=reserved)
+    def arm_sequential(self, reserved: int = 0, window: int = 0) -> dict:
+        """Before the copy's first read; `window`: how far past `reserved` it reads ahead."""
+        return self.request("arm_sequential", reserved=reserved, window=window)
+
+    def take_dirty(self) -> list[int]:
+        """Pass-through: the chunks written where the copy may have read them first (for a delta pass)."""
+        return self.request("take_dirty")["taken"]
+
+    def commit(self) -> dict:
+        """Pass-through ends: the host's view serves the destination alone."""
+        return self.request("commit")
 
     def arm_delta(self, chunks) -> dict:
         return self.request("arm_delta", chunks=[list(c) for c in chunks])

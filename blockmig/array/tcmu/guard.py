@@ -19,6 +19,7 @@ re-executed without advancing, instead of being refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -40,6 +41,8 @@ class GuardState:
     last_executed: list[int] | None = None
     receiving: bool = False
     guard_initiator: str | None = None
+    window: int = 0  # how far past the reserved address the migrator may have read (pass-through)
+    pass_through: bool = False  # the host's view reaches the source (passthrough.py) until the commit
 
     def reserved_address(self) -> int | None:
         """Where the next guarded write must start; None when a delta pass is complete."""
@@ -73,9 +76,13 @@ class ArrayGuard:
             raise ArrayError(f"state file {path} belongs to volume {self.state.volume}, not {volume}")
 
     # --- control (from blockmig over the socket) --------------------------------------------
-    def arm_sequential(self, reserved: int = 0) -> None:
+    def arm_sequential(self, reserved: int = 0, window: int = 0) -> None:
+        """Before the migrator's first read: `window` is how far past the reserved address it reads ahead."""
+        if int(window) < 0:
+            raise ArrayError(f"read-ahead window {window} must not be negative")
         with self._lock:
             self.state.mode, self.state.reserved, self.state.last_executed = "sequential", int(reserved), None
+            self.state.window = int(window)
             self._save()
 
     def arm_delta(self, chunks) -> None:
@@ -89,6 +96,17 @@ class ArrayGuard:
         with self._lock:
             self.state.mode = "off"
             self._save()
+
+    def set_pass_through(self, on: bool) -> None:
+        with self._lock:
+            self.state.pass_through = on
+            self._save()
+
+    @contextlib.contextmanager
+    def locked(self):
+        """The state, unchanged by the migrator's view while held."""
+        with self._lock:
+            yield self.state
 
     def set_receiving(self, receiving: bool, guard_initiator: str | None = None) -> None:
         with self._lock:

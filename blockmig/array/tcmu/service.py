@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from blockmig.array import lio
 from blockmig.array.tcmu import scsi
 from blockmig.array.tcmu.guard import ArrayGuard
+from blockmig.array.tcmu.passthrough import PassThrough
 from blockmig.array.tcmu.ring import Command, CommandRing, find_uio_device
 from blockmig.array.tcmu.storage import Backing
 from blockmig.errors import ArrayError, BlockmigError, UsageError
@@ -50,6 +51,10 @@ CONFIGFS_CORE = "/sys/kernel/config/target/core"
 
 def state_path(name: str, state_dir: str = STATE_DIR) -> str:
     return os.path.join(state_dir, f"{name}.json")
+
+
+def chunk_map_path(name: str, state_dir: str = STATE_DIR) -> str:
+    return os.path.join(state_dir, f"{name}.chunks")
 
 
 def socket_path(name: str, run_dir: str = RUN_DIR) -> str:
@@ -70,6 +75,8 @@ class ServeRequest:
     run_dir: str = RUN_DIR
     data_area_mb: int = DEFAULT_DATA_AREA_MB
     workers: int = 8
+    source: str | None = None  # pass the host's view through to this device (passthrough.py)
+    chunk_size: int = 0  # the migration's chunk: the pass-through's dirty map counts in it
 
 
 @dataclass
@@ -210,6 +217,7 @@ class VolumeServer:
         self._listener: socket.socket | None = None
         self._selector = selectors.DefaultSelector()
         self.identity: scsi.Identity | None = None
+        self.passthrough: PassThrough | None = None
 
     # --- setup ----------------------------------------------------------------------------
     def start(self) -> list[tuple[str, str, str]]:
@@ -219,7 +227,15 @@ class VolumeServer:
         size = req.size if req.size is not None else self.backing.size
         if size <= 0 or size > self.backing.size:
             raise UsageError(f"size {size} does not fit backing {req.backing} ({self.backing.size} bytes)")
-        if req.guard_initiator:  # a new volume receives (refuses the host's writes) until handed over
+        if req.source:  # the host uses the volume from the start: through to the source until the commit
+            if not req.guard_initiator:
+                raise UsageError("pass-through to a source needs the migrator's view (--guard-initiator)")
+            if self.guard.is_new:
+                self.guard.set_pass_through(True)
+            self.guard.set_receiving(False, req.guard_initiator)
+            self.passthrough = PassThrough(req.source, self.backing, self.guard, chunk_map_path(
+                req.name, req.state_dir), size, req.chunk_size)
+        elif req.guard_initiator:  # a new volume receives (refuses the host's writes) until handed over
             receiving = True if self.guard.is_new else self.guard.state.receiving
             self.guard.set_receiving(receiving, req.guard_initiator)
         rtslib = _rtslib()
@@ -288,7 +304,7 @@ class VolumeServer:
             if decoded.reply is not None:
                 self._complete(view, command, decoded.reply)
                 return
-            transfer, backing = decoded.transfer, self.backing
+            transfer, backing = decoded.transfer, self._backing_for(view)
             op = transfer.opcode
             if op in scsi.MODIFYING:
                 refusal = self._write_refusal(view, transfer)
@@ -333,9 +349,16 @@ class VolumeServer:
             view.mapping_checked = now
         return view.mapping_ok
 
+    def _backing_for(self, view: View):
+        """Where a view's IO goes: the destination's backing, or for the host's view until the commit
+        the pass-through (the source, with the destination kept current)."""
+        if view.role == "host" and self.passthrough is not None and self.guard.state.pass_through:
+            return self.passthrough
+        return self.backing
+
     def _execute(self, view: View, command: Command, decoded: scsi.Decoded, guarded: bool = False,
                  notify: bool = False) -> None:
-        transfer, backing = decoded.transfer, self.backing
+        transfer, backing = decoded.transfer, self._backing_for(view)
         op = transfer.opcode
         reply = scsi.Reply()
         try:
@@ -357,7 +380,7 @@ class VolumeServer:
                     for offset, length in ranges:
                         backing.discard(offset, length)
             elif op == scsi.COMPARE_AND_WRITE:
-                reply = self._compare_and_write(command, transfer)
+                reply = self._compare_and_write(view, command, transfer)
             elif op in (scsi.MODE_SELECT_6, scsi.MODE_SELECT_10):
                 reply = view.emulation.mode_select(command.cdb, command.gather())
         except OSError:
@@ -367,20 +390,22 @@ class VolumeServer:
 
     def _write_same(self, view, command, transfer, unmap: bool) -> scsi.Reply:
         block = command.gather()[:view.emulation.identity.block_size]
+        backing = self._backing_for(view)
         if unmap and not any(block):
-            self.backing.discard(transfer.offset, transfer.length)
+            backing.discard(transfer.offset, transfer.length)
         else:
-            self.backing.write_same(transfer.offset, transfer.length, block)
+            backing.write_same(transfer.offset, transfer.length, block)
         return scsi.Reply()
 
-    def _compare_and_write(self, command, transfer) -> scsi.Reply:
+    def _compare_and_write(self, view, command, transfer) -> scsi.Reply:
         data = command.gather()
-        current = self.backing.read(transfer.offset, transfer.length)
+        backing = self._backing_for(view)
+        current = backing.read(transfer.offset, transfer.length)
         verify = data[:transfer.length]
         if current != verify:
             first = next(i for i in range(transfer.length) if current[i] != verify[i])
             return scsi.Reply.check(scsi.MISCOMPARE, scsi.MISCOMPARE_DURING_VERIFY, first)
-        self.backing.write(transfer.offset, data[transfer.length:2 * transfer.length])
+        backing.write(transfer.offset, data[transfer.length:2 * transfer.length])
         return scsi.Reply()
 
     def _complete(self, view: View, command: Command, reply: scsi.Reply, notify: bool = False) -> None:
@@ -407,9 +432,9 @@ class VolumeServer:
 
     def control(self, request: dict) -> dict:
         """One control request: state, arm_sequential, arm_delta, disarm, hand_over, receive."""
-        op = request["op"]
+        op, taken = request["op"], None
         if op == "arm_sequential":
-            self.guard.arm_sequential(int(request.get("reserved", 0)))
+            self.guard.arm_sequential(int(request.get("reserved", 0)), int(request.get("window", 0)))
         elif op == "arm_delta":
             self.guard.arm_delta(request["chunks"])
         elif op == "disarm":
@@ -418,6 +443,13 @@ class VolumeServer:
             self.guard.set_receiving(False)
         elif op == "receive":
             self.guard.set_receiving(True)
+        elif op == "take_dirty":  # pass-through: the chunks the next delta pass copies again
+            if self.passthrough is None:
+                raise UsageError("take_dirty: this volume is not passed through to a source")
+            taken = self.passthrough.chunks.take_dirty()
+        elif op == "commit":  # pass-through ends: the destination is the volume (the source gets no more)
+            if self.passthrough is not None:
+                self.passthrough.commit()
         elif op != "state":
             raise UsageError(f"unknown control request {op!r}")
         state = self.guard.state
@@ -425,7 +457,9 @@ class VolumeServer:
             "ok": True, "volume": state.volume, "mode": state.mode, "reserved": state.reserved_address(),
             "receiving": state.receiving, "guard_initiator": state.guard_initiator,
             "views": {v.role: {"storage_object": v.so.name, "uio": v.ring.uio_path} for v in self.views},
-            "pid": os.getpid(),
+            "pid": os.getpid(), "pass_through": state.pass_through,
+            **({"dirty_chunks": self.passthrough.chunks.dirty_count()} if self.passthrough else {}),
+            **({"taken": taken} if taken is not None else {}),
         }
 
     # --- teardown --------------------------------------------------------------------------
@@ -442,6 +476,8 @@ class VolumeServer:
         if remove:
             for so in _unique([v.so for v in self.views] + self.made):
                 so.delete()
+        if self.passthrough is not None:
+            self.passthrough.close()
         if self.backing is not None:
             self.backing.close()
 

@@ -1,0 +1,244 @@
+"""The host's view passed through to the source until the copy converges (the array side of online moves).
+
+While the destination is filled, the host's IO reaches the source through the
+handler, over a session of the array's own to the source array (a block device
+here, opened O_DIRECT: the host may still write the source by its own path too,
+so no cache of it may be trusted). Reads come from the source, which stays
+complete and current. Writes go to the source first, then:
+to the destination too, and where the copy may have read the chunk before
+this write and not yet written it (from the reserved address to the end of
+the `window` the migrator declares when it arms: its read-ahead; a chunk of
+the delta pass not yet executed) the chunks are marked dirty: the next delta
+pass copies them again. Elsewhere the destination is current (the copy has
+passed) or will be (the copy reads the chunk from the source later). A pass
+must be armed before the migrator reads its first chunk.
+
+The chunk map (one byte per chunk, in the state directory) is written
+O_DSYNC before the write it records is acknowledged: INTENT before the
+source is written (a handler killed between the source's write and the
+destination's leaves the chunk possibly different on the two), DIRTY before
+the completion. A restarted handler counts every INTENT chunk as DIRTY.
+Overlapping host writes are serialised per chunk (striped locks), so the
+source and the destination see them in the same order.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import mmap
+import os
+import threading
+
+from blockmig.array.tcmu.storage import Backing
+from blockmig.errors import ArrayError, UsageError
+
+CLEAN, INTENT, DIRTY = 0, 1, 2
+LOCK_STRIPES = 64
+
+
+class ChunkMap:
+    """One byte per chunk, persisted with O_DSYNC writes of the bytes that change."""
+
+    def __init__(self, path: str, size: int, chunk_size: int):
+        self.path, self.chunk_size = path, chunk_size
+        self.count = -(-size // chunk_size)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DSYNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        existing = os.fstat(fd).st_size
+        if existing not in (0, self.count):
+            os.close(fd)
+            raise ArrayError(f"chunk map {path} has {existing} chunks, not the volume's {self.count}")
+        if existing == 0:
+            os.ftruncate(fd, self.count)
+        self.fd = fd
+        self.bytes = bytearray(os.pread(fd, self.count, 0))
+        self._lock = threading.Lock()
+        restarted = [i for i, v in enumerate(self.bytes) if v == INTENT]
+        self.mark(restarted, DIRTY)  # killed between a source's write and a destination's: copy again
+
+    def chunks_of(self, offset: int, length: int) -> range:
+        return range(offset // self.chunk_size, -(-(offset + length) // self.chunk_size))
+
+    def mark(self, chunks, value: int) -> None:
+        """Raise the chunks to `value` (never lower them), on disk before returning."""
+        with self._lock:
+            for run_start, run_end in _runs([c for c in chunks if self.bytes[c] < value]):
+                self.bytes[run_start:run_end] = bytes([value]) * (run_end - run_start)
+                os.pwrite(self.fd, self.bytes[run_start:run_end], run_start)
+
+    def take_dirty(self) -> list[int]:
+        """The dirty chunks, ascending, now INTENT (a delta pass copies them; a write meanwhile dirties
+        them again)."""
+        with self._lock:
+            dirty = [i for i, v in enumerate(self.bytes) if v == DIRTY]
+            for run_start, run_end in _runs(dirty):
+                self.bytes[run_start:run_end] = bytes([INTENT]) * (run_end - run_start)
+                os.pwrite(self.fd, self.bytes[run_start:run_end], run_start)
+            return dirty
+
+    def dirty_count(self) -> int:
+        return self.bytes.count(DIRTY)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _overlaps(extents: list[list[int]], first: int, start: int, end: int) -> bool:
+    """Whether [start, end) meets one of the ascending (offset, length) extents from index `first` on."""
+    i = bisect.bisect_left(extents, end, lo=first, key=lambda extent: extent[0]) - 1
+    return i >= first and extents[i][0] + extents[i][1] > start
+
+
+def _runs(indices: list[int]):
+    """Ascending indices as (start, end) runs of consecutive ones."""
+    start = prev = None
+    for i in sorted(indices):
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            yield start, prev + 1
+            start = prev = i
+    if start is not None:
+        yield start, prev + 1
+
+
+class SourceDevice(Backing):
+    """The source volume as the array host reaches it: O_DIRECT, written through (O_DSYNC)."""
+
+    def __init__(self, path: str):
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_DSYNC | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UsageError(f"cannot open the source {path} for pass-through: {exc.strerror}") from exc
+        self.path, self.is_block_device, self.in_memory, self._nowait = path, True, False, False
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self._bounce = threading.local()
+
+    def read_into(self, offset: int, views: list[memoryview]) -> None:
+        try:
+            super().read_into(offset, views)
+        except OSError as exc:
+            if exc.errno not in (errno.EFAULT, errno.EINVAL):
+                raise
+            for view in views:  # the ring's pages refused for direct IO: through an aligned buffer
+                bounce = self._buffer(len(view))
+                super().read_into(offset, [bounce])
+                view[:] = bounce
+                offset += len(view)
+
+    def write_from(self, offset: int, views: list[memoryview]) -> None:
+        try:
+            super().write_from(offset, views)
+        except OSError as exc:
+            if exc.errno not in (errno.EFAULT, errno.EINVAL):
+                raise
+            for view in views:
+                bounce = self._buffer(len(view))
+                bounce[:] = view
+                super().write_from(offset, [bounce])
+                offset += len(view)
+
+    def _buffer(self, length: int) -> memoryview:
+        held = getattr(self._bounce, "map", None)
+        if held is None or len(held) < length:
+            held = self._bounce.map = mmap.mmap(-1, max(length, 1 << 20))
+        return memoryview(held)[:length]
+
+
+class PassThrough:
+    """The host view's IO while the source is authoritative (see the module docstring)."""
+
+    def __init__(self, source_path: str, destination: Backing, guard, map_path: str, size: int,
+                 chunk_size: int):
+        if chunk_size <= 0 or chunk_size % 4096:
+            raise UsageError(f"chunk size {chunk_size} must be a positive multiple of 4096")
+        self.source = SourceDevice(source_path)
+        if self.source.size < size:
+            raise UsageError(f"the source {source_path} holds {self.source.size} bytes, less than the "
+                             f"volume's {size}")
+        self.destination, self.guard, self.size = destination, guard, size
+        self.chunks = ChunkMap(map_path, size, chunk_size)
+        self._stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
+
+    # --- the Backing interface the handler executes commands on --------------------------------
+    in_memory = False
+
+    def read_cached(self, offset: int, views: list[memoryview]) -> bool:
+        return False  # the source is across the network: a worker reads it
+
+    def read_into(self, offset: int, views: list[memoryview]) -> None:
+        self.source.read_into(offset, views)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.source.read(offset, length)
+
+    def write_from(self, offset: int, views: list[memoryview]) -> None:
+        self.modify(offset, sum(len(v) for v in views), lambda target, at: target.write_from(at, views))
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.write_from(offset, [memoryview(data)])
+
+    def discard(self, offset: int, length: int) -> None:
+        self.modify(offset, length, lambda target, at: target.discard(at, length))
+
+    def write_same(self, offset: int, length: int, block: bytes) -> None:
+        self.modify(offset, length, lambda target, at: target.write_same(at, length, block))
+
+    def commit(self) -> None:
+        """The destination becomes the volume: no host write is half-way (every stripe held) when the
+        host's view leaves the source."""
+        with self._locked(range(LOCK_STRIPES)):
+            self.guard.set_pass_through(False)
+
+    def modify(self, offset: int, length: int, apply) -> None:
+        """Run `apply(backing, offset)` on the source, then on the destination; mark what the copy must
+        take again. Writing the destination is always safe: a chunk the copy may still overwrite with
+        what it read before is dirty, and one it has not read yet it will read from the source."""
+        chunks = self.chunks.chunks_of(offset, length)
+        with self._locked(chunks):
+            self.chunks.mark(chunks, INTENT)
+            apply(self.source, offset)  # an error here is the host's: the source is authoritative
+            dirty = self._dirty(chunks)
+            if dirty:
+                self.chunks.mark(dirty, DIRTY)
+            try:
+                apply(self.destination, offset)
+            except OSError:  # the source has it: the destination's copy of these chunks is redone
+                self.chunks.mark(chunks, DIRTY)
+
+    def flush(self) -> None:
+        self.source.flush()
+        with contextlib.suppress(OSError):  # written through (O_DSYNC) already; the source is what counts
+            self.destination.flush()
+
+    def _dirty(self, chunks: range) -> list[int]:
+        """The touched chunks the copy may have read before this write and not yet written."""
+        size = self.chunks.chunk_size
+        with self.guard.locked() as state:
+            if state.mode == "sequential":
+                window_end = state.reserved + state.window
+                return [c for c in chunks if (c + 1) * size > state.reserved and c * size < window_end]
+            if state.mode == "delta":
+                pending = any(_overlaps(state.chunks, state.chunk_index, c * size, (c + 1) * size)
+                              for c in chunks)
+                return list(chunks) if pending else []
+            return []  # no pass in flight: the destination, written above, is current here
+
+
+    @contextlib.contextmanager
+    def _locked(self, chunks: range):
+        stripes = sorted({c % LOCK_STRIPES for c in chunks})
+        for s in stripes:
+            self._stripes[s].acquire()
+        try:
+            yield
+        finally:
+            for s in reversed(stripes):
+                self._stripes[s].release()
+
+    def close(self) -> None:
+        self.chunks.close()
+        self.source.close()
