@@ -43,6 +43,7 @@ def pass_through(served, backing_dir, third_iface):
     the array's session and the host share one kernel: multipathd is kept off the WWID (else it would make
     the array's disk and the host's one map), and the host's disk is used directly."""
     wwid = lio.wwid_for_serial(SERIAL)
+    os.makedirs(os.path.dirname(BLACKLIST), exist_ok=True)
     with open(BLACKLIST, "w") as f:
         f.write(f'blacklist {{\n    wwid "{wwid}"\n}}\n')
     multipath.reconfigure()
