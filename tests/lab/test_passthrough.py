@@ -73,11 +73,10 @@ def guarded_copy(volume, array_disk: str, migrator_disk: str, writes_meanwhile=l
     finds nothing; `writes_meanwhile` runs between chunks."""
     volume.client.arm_sequential(0, window=DEPTH * CHUNK)
     read_ahead = [read_direct(array_disk, i * CHUNK, CHUNK) for i in range(DEPTH)]
-    for index in range(SIZE // CHUNK):
-        data = read_ahead.pop(0)
+    for index in range(SIZE // CHUNK):  # read chunks: from the reserved address on, DEPTH of them at most
+        write_direct(migrator_disk, index * CHUNK, read_ahead.pop(0))
         if index + DEPTH < SIZE // CHUNK:
             read_ahead.append(read_direct(array_disk, (index + DEPTH) * CHUNK, CHUNK))
-        write_direct(migrator_disk, index * CHUNK, data)
         writes_meanwhile()
     for _ in range(20):
         dirty = volume.client.take_dirty()
