@@ -40,6 +40,7 @@ class GuardState:
     last_executed: list[int] | None = None
     receiving: bool = False
     guard_initiator: str | None = None
+    removed: str | None = None  # a storage object taken away while served (an admin's removal, not a crash)
 
     def reserved_address(self) -> int | None:
         """Where the next guarded write must start; None when a delta pass is complete."""
@@ -88,6 +89,11 @@ class ArrayGuard:
     def disarm(self) -> None:
         with self._lock:
             self.state.mode = "off"
+            self._save()
+
+    def set_removed(self, name: str) -> None:
+        with self._lock:
+            self.state.removed = name
             self._save()
 
     def set_receiving(self, receiving: bool, guard_initiator: str | None = None) -> None:
