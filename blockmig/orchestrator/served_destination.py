@@ -25,7 +25,7 @@ import os
 
 from blockmig.array import lio
 from blockmig.array.tcmu import client, service
-from blockmig.errors import ArrayError
+from blockmig.errors import ArrayError, MigrationError
 from blockmig.faults import checkpoint
 from blockmig.orchestrator.host_switch import HostSwitch
 
@@ -69,6 +69,7 @@ def serve(migration) -> lio.Volume:
     except ArrayError:
         state = None
     if state is None:
+        _refuse_if_removed(migration)
         client.stop_handler(destination["volume"])  # one that hangs, not answering its socket
         os.makedirs(_state_dir(migration), mode=0o700, exist_ok=True)
         state = client.serve_detached(
@@ -87,6 +88,16 @@ def serve(migration) -> lio.Volume:
     volume = lio.export_storage_object(destination["target"], migrator_view_name(migration))
     destination["lun"] = volume.lun
     return volume
+
+
+def _refuse_if_removed(migration) -> None:
+    """A handler that stopped because an admin removed one of its storage objects is not started again
+    (that would make the object anew): the destination is gone, as a kernel volume removed would be."""
+    with contextlib.suppress(ArrayError):  # no state file yet: the first start
+        removed = client.saved_state(migration.destination["volume"], _state_dir(migration)).removed
+        if removed:
+            raise MigrationError(f"destination volume {migration.destination['volume']} is gone: its storage "
+                                 f"object {removed} was removed while blockmig's handler served it")
 
 
 def arm_sequential(migration, reserved: int) -> None:

@@ -153,3 +153,21 @@ def test_a_read_of_a_page_not_cached_goes_to_a_worker(served):
     serve_one_batch(server, view)
     assert kernel.responses()[cmd_id][0] == scsi.GOOD and kernel.wakeups() == 1  # the worker's
     assert not view.completed_inline
+
+
+def test_a_ring_failing_because_its_object_was_removed_is_journaled_and_ends_serving(served, tmp_path):
+    kernel, server, view, _ = served
+
+    class Removed:
+        name, path = "v", str(tmp_path / "configfs-gone")
+
+    def fail():
+        raise OSError(5, "Input/output error")
+
+    view.so, view.ring.wait = Removed(), fail
+    with pytest.raises(service.ArrayError, match="storage object v was removed while served"):
+        server._wait(view)
+    assert server.guard.state.removed == "v"
+    Removed.path = str(tmp_path)  # the object is there: an IO error of the ring is a bug, raised as such
+    with pytest.raises(OSError):
+        server._wait(view)

@@ -43,6 +43,7 @@ class GuardState:
     guard_initiator: str | None = None
     window: int = 0  # how far past the reserved address the migrator may have read (pass-through)
     pass_through: bool = False  # the host's view reaches the source (passthrough.py) until the commit
+    removed: str | None = None  # a storage object taken away while served (an admin's removal, not a crash)
 
     def reserved_address(self) -> int | None:
         """Where the next guarded write must start; None when a delta pass is complete."""
@@ -107,6 +108,11 @@ class ArrayGuard:
         """The state, unchanged by the migrator's view while held."""
         with self._lock:
             yield self.state
+
+    def set_removed(self, name: str) -> None:
+        with self._lock:
+            self.state.removed = name
+            self._save()
 
     def set_receiving(self, receiving: bool, guard_initiator: str | None = None) -> None:
         with self._lock:

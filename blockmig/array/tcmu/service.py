@@ -285,7 +285,7 @@ class VolumeServer:
                         self._answer_control()
                         continue
                     view = key.data
-                    view.ring.wait()
+                    self._wait(view)
                     for command in view.ring.fetch():
                         self._dispatch(view, command)
                     if view.completed_inline:  # one wake-up of the kernel for the batch's completions
@@ -296,6 +296,18 @@ class VolumeServer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _wait(self, view: View) -> None:
+        """The ring's wake-up; a uio device that fails because its storage object was removed under us
+        (an admin's `targetcli` delete, not a crash) is journaled as such, and serving ends."""
+        try:
+            view.ring.wait()
+        except OSError as exc:
+            if os.path.exists(view.so.path):
+                raise
+            self.guard.set_removed(view.so.name)
+            raise ArrayError(f"storage object {view.so.name} was removed while served; stopped serving "
+                             f"volume {self.request.name}") from exc
 
     def _dispatch(self, view: View, command: Command) -> None:
         """Answer a command in the ring's thread, or hand it to a worker if it would wait for the medium."""
