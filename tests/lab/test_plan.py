@@ -112,8 +112,14 @@ def run_with_a_destination_gone(args: list[str], volume_name: str) -> dict:
     lio.remove_volume(lio.find_volume(volume_name), remove_backing=False)
     process.send_signal(signal.SIGCONT)
     stdout, stderr = process.communicate(timeout=600)
-    assert process.returncode == 1, stderr
+    assert process.returncode == 1, stderr + _handler_logs()
     return plan_report(subprocess.CompletedProcess(args, 1, stdout, stderr))
+
+
+def _handler_logs() -> str:
+    """What the migrations' backstore handlers logged (why one went on serving, or stopped)."""
+    logs = glob.glob(os.path.join(os.environ["BLOCKMIG_STATE_DIR"], "*", "backstore", "handler.log"))
+    return "".join(f"\n--- {path}:\n{open(path).read()[-2000:]}" for path in logs)
 
 
 def plan_journal(state_dir, plan_id: str) -> dict:

@@ -155,7 +155,8 @@ def test_a_read_of_a_page_not_cached_goes_to_a_worker(served):
     assert not view.completed_inline
 
 
-def test_a_ring_failing_because_its_object_was_removed_is_journaled_and_ends_serving(served, tmp_path):
+def test_a_ring_failing_because_its_object_was_removed_is_journaled_and_ends_serving(served, tmp_path,
+                                                                                     monkeypatch):
     kernel, server, view, _ = served
 
     class Removed:
@@ -169,5 +170,6 @@ def test_a_ring_failing_because_its_object_was_removed_is_journaled_and_ends_ser
         server._wait(view)
     assert server.guard.state.removed == "v"
     Removed.path = str(tmp_path)  # the object is there: an IO error of the ring is a bug, raised as such
+    monkeypatch.setattr(service, "REMOVAL_SECONDS", 0.2)
     with pytest.raises(OSError):
         server._wait(view)

@@ -46,6 +46,7 @@ MIGRATOR_SUFFIX = "-migrator"
 HW_MAX_SECTORS = 2048
 DEFAULT_DATA_AREA_MB = 32
 MAPPING_CHECK_SECONDS = 1.0
+REMOVAL_SECONDS = 5.0  # how long a failed ring waits for its storage object's folder to go
 CONFIGFS_CORE = "/sys/kernel/config/target/core"
 
 
@@ -303,6 +304,10 @@ class VolumeServer:
         try:
             view.ring.wait()
         except OSError as exc:
+            # The kernel fails the ring inside the removal's rmdir: the folder goes a moment later.
+            deadline = time.monotonic() + REMOVAL_SECONDS
+            while os.path.exists(view.so.path) and time.monotonic() < deadline:
+                time.sleep(0.1)
             if os.path.exists(view.so.path):
                 raise
             self.guard.set_removed(view.so.name)
