@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable  # not typing: ~20 ms less start-up in the lab VM
 
 from blockmig import signals
+from blockmig.datapath import readahead
 from blockmig.datapath.blockdev import (
     Volume,
     check_copy_pair,
@@ -53,7 +54,7 @@ def copy_volume(
     queue_depth: int | None = DEFAULT_QUEUE_DEPTH,
     on_event: EventHandler | None = None,
     after_chunk: AfterChunkHook | None = None,
-    arm_destination: Callable[[int], None] | None = None,
+    arm_destination: Callable[[int, int], None] | None = None,
 ) -> Manifest:
     """Copy `source` onto the first bytes of `destination`; return the complete manifest.
 
@@ -65,8 +66,10 @@ def copy_volume(
         (the guard resumes at the journaled reserved address, so it accepts them).
     after_chunk: called with the guard and each acknowledgement (a hook for tests and
         the migrate orchestrator; it may try writes the guard must refuse).
-    arm_destination: called with the address the copy starts (or resumes) from, before its first
-        write: a destination array that guards the copy itself (array/tcmu) reserves it.
+    arm_destination: called with the address the copy starts (or resumes) from and how far past it the
+        read-ahead may read, before its first read: a destination array that guards the copy itself
+        (array/tcmu) reserves the address, and one that passes the host's IO through to the source marks
+        what the host writes inside that window dirty.
     """
     emit = on_event or (lambda event: None)
     require_root_for_block_devices(source, destination)
@@ -83,7 +86,9 @@ def copy_volume(
         check_copy_pair(source_volume.info, destination_volume.info, journal.manifest.chunk_size)
         journal.save()  # proves the journal is writable before the first byte is
         if arm_destination is not None and not journal.manifest.complete:
-            arm_destination(journal.reserved_address)
+            chunk = journal.manifest.chunk_size
+            depth = readahead.default_depth(chunk) if queue_depth is None else queue_depth
+            arm_destination(journal.reserved_address, (depth + 1) * chunk)  # one chunk of margin
         guard = DestinationGuard(destination_volume, journal.reserved_address)
         destination_volume = None  # the guard owns it now
         with guard:

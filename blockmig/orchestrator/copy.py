@@ -59,7 +59,8 @@ class CopyStep(BaseStep):
                     max_rate=journal.data["max_rate"],
                     on_event=progress,
                     after_chunk=migration.after_chunk,
-                    arm_destination=lambda reserved: served_destination.arm_sequential(migration, reserved),
+                    arm_destination=lambda reserved, window: served_destination.arm_sequential(
+                        migration, reserved, window),
                 )
                 break
             except DeviceError as exc:

@@ -100,10 +100,11 @@ def _refuse_if_removed(migration) -> None:
                                  f"object {removed} was removed while blockmig's handler served it")
 
 
-def arm_sequential(migration, reserved: int) -> None:
-    """The array executes the migrator's next write only at `reserved` (the copy's resume address)."""
+def arm_sequential(migration, reserved: int, window: int = 0) -> None:
+    """The array executes the migrator's next write only at `reserved` (the copy's resume address);
+    `window`: how far past it the copy reads ahead."""
     if is_served(migration):
-        state = _client(migration).arm_sequential(reserved)
+        state = _client(migration).arm_sequential(reserved, window)
         migration.emit({"event": "backstore", "state": "armed", "mode": state["mode"],
                         "reserved_address": state["reserved"]})
 
