@@ -161,8 +161,8 @@ def _add_migrate(sub) -> None:
     backing.add_argument("--backing-device", metavar="DEV", help="destination on this block device (exact size)")
     parser.add_argument("--backstore", choices=("handler", "kernel"),
                         help="what serves the destination during the copy: blockmig's handler, whose guard "
-                             "executes the migrator's writes only at the reserved address (default), or the kernel's "
-                             "fileio/iblock from the start; after the copy it is the kernel's")
+                             "executes the migrator's writes only at the reserved address, or the kernel's "
+                             "fileio/iblock from the start (default); after the copy it is the kernel's")
     parser.add_argument("--mode", choices=("online", "offline"),
                         help="online: the host keeps writing, changes are tracked on the maps stacked on its multipath "
                              "map (LVM) and copied in delta passes, IO is held only for the last delta; offline: a "

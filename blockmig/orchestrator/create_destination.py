@@ -1,5 +1,5 @@
 """The create_destination step: the destination volume (the source's size and geometry, a serial of its own),
-exported to the migrator alone, whose disk of it is where the copy writes. Unless `--backstore kernel`,
+exported to the migrator alone, whose disk of it is where the copy writes. With `--backstore handler`,
 blockmig's own backstore serves it until the copy is done (served_destination.py)."""
 
 from __future__ import annotations
