@@ -32,7 +32,7 @@ import os
 import threading
 
 from blockmig.array.tcmu.storage import Backing
-from blockmig.errors import ArrayError, UsageError
+from blockmig.errors import ArrayError, DeviceError, UsageError
 
 CLEAN, INTENT, DIRTY = 0, 1, 2
 LOCK_STRIPES = 64
@@ -63,19 +63,21 @@ class ChunkMap:
     def mark(self, chunks, value: int) -> None:
         """Raise the chunks to `value` (never lower them), on disk before returning."""
         with self._lock:
-            for run_start, run_end in _runs([c for c in chunks if self.bytes[c] < value]):
-                self.bytes[run_start:run_end] = bytes([value]) * (run_end - run_start)
-                os.pwrite(self.fd, self.bytes[run_start:run_end], run_start)
+            self._set([c for c in chunks if self.bytes[c] < value], value)
 
     def take_dirty(self) -> list[int]:
         """The dirty chunks, ascending, now INTENT (a delta pass copies them; a write meanwhile dirties
         them again)."""
         with self._lock:
             dirty = [i for i, v in enumerate(self.bytes) if v == DIRTY]
-            for run_start, run_end in _runs(dirty):
-                self.bytes[run_start:run_end] = bytes([INTENT]) * (run_end - run_start)
-                os.pwrite(self.fd, self.bytes[run_start:run_end], run_start)
+            self._set(dirty, INTENT)
             return dirty
+
+    def _set(self, chunks: list[int], value: int) -> None:
+        """In memory and on disk, a pwrite per run of consecutive chunks; the caller holds the lock."""
+        for run_start, run_end in _runs(chunks):
+            self.bytes[run_start:run_end] = bytes([value]) * (run_end - run_start)
+            os.pwrite(self.fd, self.bytes[run_start:run_end], run_start)
 
     def dirty_count(self) -> int:
         return self.bytes.count(DIRTY)
@@ -110,35 +112,33 @@ class SourceDevice(Backing):
 
     def __init__(self, path: str):
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_DSYNC | os.O_CLOEXEC)
-        except OSError as exc:
-            raise UsageError(f"cannot open the source {path} for pass-through: {exc.strerror}") from exc
-        self.path, self.is_block_device, self.in_memory, self._nowait = path, True, False, False
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            super().__init__(path, extra_flags=os.O_DIRECT)
+        except DeviceError as exc:
+            raise UsageError(f"pass-through: {exc}") from exc
+        self.in_memory, self._nowait = False, False  # across the network: never read in the ring's thread
         self._bounce = threading.local()
 
     def read_into(self, offset: int, views: list[memoryview]) -> None:
-        try:
-            super().read_into(offset, views)
-        except OSError as exc:
-            if exc.errno not in (errno.EFAULT, errno.EINVAL):
-                raise
-            for view in views:  # the ring's pages refused for direct IO: through an aligned buffer
-                bounce = self._buffer(len(view))
-                super().read_into(offset, [bounce])
-                view[:] = bounce
-                offset += len(view)
+        self._direct(super().read_into, offset, views, into_views=True)
 
     def write_from(self, offset: int, views: list[memoryview]) -> None:
+        self._direct(super().write_from, offset, views, into_views=False)
+
+    def _direct(self, io, offset: int, views: list[memoryview], into_views: bool) -> None:
+        """`io` on the views, or view by view through an aligned buffer where the ring's pages are
+        refused for direct IO."""
         try:
-            super().write_from(offset, views)
+            io(offset, views)
         except OSError as exc:
             if exc.errno not in (errno.EFAULT, errno.EINVAL):
                 raise
             for view in views:
                 bounce = self._buffer(len(view))
-                bounce[:] = view
-                super().write_from(offset, [bounce])
+                if not into_views:
+                    bounce[:] = view
+                io(offset, [bounce])
+                if into_views:
+                    view[:] = bounce
                 offset += len(view)
 
     def _buffer(self, length: int) -> memoryview:
@@ -226,7 +226,6 @@ class PassThrough:
                               for c in chunks)
                 return list(chunks) if pending else []
             return []  # no pass in flight: the destination, written above, is current here
-
 
     @contextlib.contextmanager
     def _locked(self, chunks: range):

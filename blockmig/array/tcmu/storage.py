@@ -30,10 +30,10 @@ _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 class Backing:
     """Positional IO on the backing; thread-safe (pread/pwrite), like the kernel's fileio."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, extra_flags: int = 0):
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_DSYNC | os.O_CLOEXEC)
+            self.fd = os.open(path, os.O_RDWR | os.O_DSYNC | os.O_CLOEXEC | extra_flags)
         except OSError as exc:
             raise DeviceError(f"cannot open backing {path}: {exc.strerror}") from exc
         mode = os.fstat(self.fd).st_mode
