@@ -163,9 +163,11 @@ def _add_migrate(sub) -> None:
                         help="what serves the destination during the copy: blockmig's handler, whose guard "
                              "executes the migrator's writes only at the reserved address, or the kernel's "
                              "fileio/iblock from the start (default); after the copy it is the kernel's")
-    parser.add_argument("--mode", choices=("online", "offline"),
+    parser.add_argument("--mode", choices=("online", "offline", "pass-through"),
                         help="online: the host keeps writing, changes are tracked on the maps stacked on its multipath "
-                             "map (LVM) and copied in delta passes, IO is held only for the last delta; offline: a "
+                             "map (LVM) and copied in delta passes, IO is held only for the last delta; where the map "
+                             "is used directly, pass-through: the destination joins the map first, passed through "
+                             "to the source until the copy converges, no IO held at any path change; offline: a "
                              "fence for the whole copy (default: online where the host's writes can be tracked)")
     parser.add_argument("--max-hold", type=_seconds_argument(0, 60, low_included=False), metavar="SECONDS",
                         help="online: hold host IO only once the last delta is estimated to copy in this long (default 1)")
@@ -359,7 +361,12 @@ def _cmd_status(args) -> int:
               f"({destination.get('backing')})")
         print(f"  mode {summary['mode']}, fence {summary['fence']}, switch {summary['switch']}, "
               f"worm {'yes' if summary['worm'] else 'no'}")
-        if summary.get("online"):
+        if summary.get("online", {}) and summary["online"].get("mechanism") == "pass-through":
+            state = summary["online"]
+            print(f"  pass-through: {len(state['passes'])} delta passes, "
+                  + ", ".join(f"{i['phase']} {i['seconds']} s{' (writes held)' if i.get('held') else ''}"
+                              for i in state["intervals"]))
+        elif summary.get("online"):
             state = summary["online"]
             delta = state.get("delta_bytes")
             print(f"  online pass {state.get('pass')}, delta {'?' if delta is None else f'{delta / 2**20:.1f} MiB'}, "
@@ -397,7 +404,12 @@ def _print_report(report: dict, as_json: bool) -> None:
           f"total {report['total_seconds']} s")
     print(f"  mode {report.get('mode', 'offline')}, fence {report['fence']}, switch {report['switch']}, "
           f"worm {'yes' if report['worm'] else 'no'}")
-    if report.get("online"):
+    if report.get("online") and report["online"].get("mechanism") == "pass-through":
+        state = report["online"]
+        print(f"  pass-through: {len(state['passes'])} delta passes; host IO slowed or held: "
+              + ", ".join(f"{i['phase']} {i['seconds']} s{' (writes to the last chunks held)' if i.get('held') else ''}"
+                          for i in state["intervals"]))
+    elif report.get("online"):
         final = report.get("final_delta") or {}
         print(f"  online: {len(report['online']['passes'])} delta passes before the hold, last delta "
               f"{final.get('chunks', '?')} chunks copied in the hold")
@@ -632,6 +644,7 @@ def _add_array(sub) -> None:
     backing.add_argument("--backing-device", help="backing block device (its whole size)")
     serve.add_argument("--size", type=parse_size, help="volume size with --backing-file, e.g. 64M")
     serve.add_argument("--serial", help="VPD unit serial (hex digits make the NAA/WWID); random if omitted")
+    serve.add_argument("--migrator-serial", help="NAME-migrator's own serial (default: NAME's)")
     serve.add_argument("--geometry-from", metavar="VOLUME",
                        help="present this LIO volume's geometry and identity")
     serve.add_argument("--geometry", metavar="JSON",
@@ -661,14 +674,17 @@ def _cmd_array(args) -> int:
         raise UsageError("--pass-through-source and --chunk-size go together")
     if args.pass_through_source and not args.guard_initiator:
         raise UsageError("--pass-through-source needs --guard-initiator (the migrator's view the copy writes)")
-    if args.serial:
-        from blockmig.array.lio import check_serial
-        from blockmig.errors import ArrayError
+    if args.migrator_serial and not args.guard_initiator:
+        raise UsageError("--migrator-serial is for the migrator's view: it needs --guard-initiator")
+    for serial in (args.serial, args.migrator_serial):
+        if serial:
+            from blockmig.array.lio import check_serial
+            from blockmig.errors import ArrayError
 
-        try:
-            check_serial(args.serial)
-        except ArrayError as exc:
-            raise UsageError(str(exc)) from None
+            try:
+                check_serial(serial)
+            except ArrayError as exc:
+                raise UsageError(str(exc)) from None
     geometry = {}
     if args.geometry_from and args.geometry:
         raise UsageError("give --geometry-from or --geometry, not both")
@@ -682,6 +698,7 @@ def _cmd_array(args) -> int:
         service.prepare_backing_file(args.backing_file, args.size)
     request = service.ServeRequest(
         name=args.name, backing=args.backing_file or args.backing_device, size=args.size, serial=args.serial,
+        migrator_serial=args.migrator_serial,
         geometry=geometry, guard_initiator=args.guard_initiator,
         source=args.pass_through_source, chunk_size=args.chunk_size or 0,
         state_dir=args.state_dir or service.STATE_DIR, run_dir=args.run_dir or service.RUN_DIR,

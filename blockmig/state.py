@@ -37,7 +37,8 @@ from blockmig.safefile import ensure_private_dir, read_bounded
 FORMAT = "blockmig-migration/1"
 PLAN_FORMAT = "blockmig-plan/1"
 MAX_JOURNAL_BYTES = 16 << 20  # a migration journal is a few KiB; a plan's lists its members
-STEPS = ("plan", "create_destination", "fence", "copy", "verify", "switch", "finish")
+STEPS = ("plan", "reach_source", "create_destination", "fence", "join", "copy", "verify", "commit", "switch",
+         "hand_over", "finish")  # both tables' (offline/era and pass-through), in order
 
 
 def state_root() -> str:

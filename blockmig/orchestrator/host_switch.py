@@ -72,8 +72,8 @@ class SwitchFacts:
     volume_digest: str | None = None  # online: the manifest's digest after the last delta
 
     @classmethod
-    def load(cls, journal: MigrationJournal) -> SwitchFacts:
-        recorded = journal.facts("switch")
+    def load(cls, journal: MigrationJournal, step: str = "switch") -> SwitchFacts:
+        recorded = journal.facts(step)
         return cls(**{f.name: recorded[f.name] for f in fields(cls) if f.name in recorded})
 
     @classmethod
@@ -87,6 +87,7 @@ class HostSwitch:
     """The switch step of one migration; every method can run again after a crash."""
 
     revert_invalidates = "fence"  # the host wrote the source again: fence and copy again
+    step = "switch"  # the journal entry that holds its facts
 
     def __init__(self, journal: MigrationJournal, emit: EventHandler):
         self.journal = journal
@@ -101,11 +102,11 @@ class HostSwitch:
     # -- journal ---------------------------------------------------------------
     @property
     def facts(self) -> SwitchFacts:
-        return SwitchFacts.load(self.journal)
+        return SwitchFacts.load(self.journal, self.step)
 
     def _record(self, **facts) -> None:
         SwitchFacts.check_names(facts)
-        self.journal.record("switch", **facts)
+        self.journal.record(self.step, **facts)
 
     def _phase(self, phase: str) -> None:
         """Where the hold's time goes (events), and a point where tests can stop us."""

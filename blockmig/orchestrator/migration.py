@@ -24,6 +24,7 @@ from blockmig.orchestrator.create_destination import CreateDestinationStep
 from blockmig.orchestrator.fence import FenceStep
 from blockmig.orchestrator.finish import FinishStep
 from blockmig.orchestrator.host_switch import switch_group
+from blockmig.orchestrator.online import PASS_THROUGH
 from blockmig.orchestrator.plan import MigrationRequest, PlanStep, host_source_disk, plan_migration
 from blockmig.orchestrator.progress import EventHandler
 from blockmig.orchestrator.sequencer import Sequencer
@@ -40,6 +41,17 @@ STEPS = [
     SwitchStep(),
     FinishStep(),
 ]
+
+def steps_of(journal: MigrationJournal) -> list:
+    """The table for the journal's mode: a pass-through move has its own (pass_through.py)."""
+    if journal.data.get("mode") == PASS_THROUGH:
+        from blockmig.orchestrator.pass_through import (
+            STEPS as PASS_THROUGH_STEPS,  # imports this table's steps
+        )
+
+        return PASS_THROUGH_STEPS
+    return STEPS
+
 
 # Several migrations of one plan run in threads of one process. Their copies and verifies run side by
 # side; everything else (rtslib configfs writes, iscsiadm's node db, LIO's LUN numbering, multipathd,
@@ -59,8 +71,8 @@ class Migration:
         self.source = journal.data["source"]
         self.destination = journal.data["destination"]
         self.migrator = journal.data["migrator"]
-        self.online = journal.data.get("mode") == "online"
-        self.sequencer = Sequencer(STEPS if steps is None else steps, journal, CONTROL_PLANE)
+        self.online = journal.data.get("mode") == "online"  # era on the stacked maps (online.py)
+        self.sequencer = Sequencer(steps or steps_of(journal), journal, CONTROL_PLANE)
 
     @property
     def control_plane(self):

@@ -65,7 +65,8 @@ from blockmig.host.runner import phase_deadline
 from blockmig.orchestrator.host_switch import END_HOLD_TIMEOUT, HostSwitch
 from blockmig.state import MigrationJournal
 
-MODES = ("online", "offline")
+MODES = ("online", "offline", "pass-through")
+PASS_THROUGH = "pass-through"
 DEFAULT_MAX_HOLD = 1.0
 MAX_DELTA_PASSES = 8  # per convergence; then the writer is said to outpace the copy
 STALLED_PASSES = 3  # a delta that has not shrunk in this many passes in a row will not converge
@@ -130,21 +131,22 @@ def choose_mode(requested: str | None, fence_given: bool, map_name: str | None, 
         raise UsageError(f"--mode must be one of {', '.join(MODES)}")
     if requested == "offline":
         return "offline"
-    if requested == "online" and fence_given:
+    if requested in ("online", PASS_THROUGH) and fence_given:
         raise UsageError("--fence is for --mode offline: online mode lets the host write during the copy")
+    if requested == PASS_THROUGH:
+        if map_name is None:
+            raise UsageError(f"--mode pass-through moves the host by its multipath map: {device} is not one")
+        return PASS_THROUGH
     if requested is None and fence_given:
         return "offline"
     refusal = online_refusal(map_name, device)
     if refusal is None:
         return "online"
     if requested == "online":
-        raise UsageError(
-            f"--mode online cannot track writes here: {refusal}; the kernel never lets a multipath map be "
-            "reloaded "
-            "as a tracking target, so online mode needs the volume used through maps stacked on it (LVM "
-            "on the map); "
-            "use --mode offline"
-        )
+        if map_name is None:
+            raise UsageError(f"--mode online moves the host by its multipath map: {refusal}; use --mode "
+                             "offline with --switch relogin")
+        return PASS_THROUGH  # used directly: the destination passes through to the source (pass_through.py)
     return "offline"
 
 
@@ -428,10 +430,10 @@ def _delta_rate(state: dict) -> float:
 
 def copy_delta(
     source: str, destination: str, chunks: list[int], manifest: Manifest, max_rate: float | None = None,
-    arm: Callable[[list[tuple[int, int]]], None] | None = None,
+    arm: Callable[[list[tuple[int, int]]], None] | None = None, read_back: bool = True,
 ) -> float:
     """Copy these chunks through the delta guard (source O_DIRECT, digest, guarded write), then read them
-    back.
+    back (not where the host writes the destination too: a pass-through's chunk may change after its copy).
 
     The manifest gets each chunk's new digest; returns the seconds taken.
     """
@@ -458,7 +460,8 @@ def copy_delta(
                         time.sleep(ahead)
     finally:
         reader.close()
-    check_chunks(destination, chunks, manifest, buffer)
+    if read_back:
+        check_chunks(destination, chunks, manifest, buffer)
     buffer.close()
     return time.monotonic() - began
 
@@ -620,7 +623,7 @@ class OnlineSwitch(HostSwitch):
 def summary(journal: MigrationJournal) -> dict | None:
     """What status and the report show of an online migration."""
     state = journal.data.get("online")
-    if not state:
+    if not state or state.get("mechanism") == PASS_THROUGH:
         return None
     return {
         key: state.get(key)

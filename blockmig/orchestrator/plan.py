@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from blockmig import sizes
-from blockmig.array import lio
+from blockmig.array import lio, source_session
 from blockmig.datapath.copy import DEFAULT_CHUNK_SIZE
 from blockmig.errors import ArrayError, DeviceError, HostError, MigrationError, UsageError
 from blockmig.host import iscsi, multipath, usage
@@ -92,9 +92,11 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
     mode = online.choose_mode(request.mode, request.fence is not None, host_device.map_name, request.device)
     if mode == "online" and request.switch != "multipath":
         raise UsageError("--mode online switches the host by its multipath map: use --switch multipath")
+    if mode == online.PASS_THROUGH and request.switch != "multipath":
+        raise UsageError("--mode pass-through switches the host by its multipath map: use --switch multipath")
     fence = (
-        "none" if mode == "online" else request.fence or "writeprotect"
-    )  # online: era tracks, nothing fences
+        "none" if mode in ("online", online.PASS_THROUGH) else request.fence or "writeprotect"
+    )  # online: era tracks or the destination passes through; nothing fences
     if mode == "offline":
         _refuse_a_fence_that_breaks_writers(host_device, fence)
     if host_device.map_name is None:  # relogin of a bare disk: every user of it gets EIO meanwhile
@@ -149,7 +151,8 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
                 "temporary_serial": temporary_serial,
                 "temporary_wwid": lio.wwid_for_serial(temporary_serial),
                 "lun": None,
-                "backstore": request.backstore,
+                # a pass-through's host view is the handler's
+                "backstore": "handler" if mode == online.PASS_THROUGH else request.backstore,
             },
             migrator={
                 "iface": f"blockmig-{migration_id}",
@@ -157,13 +160,22 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
             },
             fence=fence,
             mode=mode,
-            online=online.new_state(host_device.map_name, request.max_hold) if mode == "online" else None,
+            online=_online_state(mode, host_device.map_name, request.max_hold),
+            array_session=source_session.new_record(migration_id) if mode == online.PASS_THROUGH else None,
             switch=request.switch,
             switch_timeout=request.switch_timeout,
             worm=request.worm,
             chunk_size=request.chunk_size,
             max_rate=request.max_rate,
         )
+
+
+def _online_state(mode: str, map_name: str | None, max_hold: float) -> dict | None:
+    if mode == online.PASS_THROUGH:
+        from blockmig.orchestrator.pass_through import new_state  # its steps use this module's
+
+        return new_state(max_hold)
+    return online.new_state(map_name, max_hold) if mode == "online" else None
 
 
 def _check_request(request: MigrationRequest) -> None:

@@ -30,6 +30,8 @@ from blockmig.faults import checkpoint
 from blockmig.orchestrator.host_switch import HostSwitch
 
 BACKSTORES = ("handler", "kernel")
+PASS_THROUGH = "pass-through"  # the journal's mode of a move whose host view passes through (pass_through.py)
+PASS_THROUGH_SUFFIX = "-pt"
 DEFAULT_BACKSTORE = "kernel"  # "handler" once the whole lab suite fits CI through it (see README)
 CREATE = "create_destination"  # whose facts say how far the hand-over went
 
@@ -46,15 +48,27 @@ def hand_over_unfinished(migration) -> bool:
     return bool(facts.get("handing_to_kernel")) and not facts.get("handed_to_kernel")
 
 
+def is_pass_through(journal) -> bool:
+    return journal.data.get("mode") == PASS_THROUGH
+
+
+def served_name(journal) -> str:
+    """The handler's volume: the destination's own name, or in a pass-through move NAME-pt (NAME is the
+    kernel volume it is handed to, both exported at once for a moment)."""
+    name = journal.data["destination"]["volume"]
+    return name + PASS_THROUGH_SUFFIX if is_pass_through(journal) else name
+
+
 def migrator_view_name(migration) -> str:
-    return migration.destination["volume"] + service.MIGRATOR_SUFFIX
+    return served_name(migration.journal) + service.MIGRATOR_SUFFIX
 
 
-def _client(migration) -> client.BackstoreClient:
-    return client.BackstoreClient(migration.destination["volume"])
+def client_of(migration) -> client.BackstoreClient:
+    return client.BackstoreClient(served_name(migration.journal))
 
 
-def _state_dir(migration) -> str:
+
+def state_dir(migration) -> str:
     return os.path.join(migration.journal.directory, "backstore")
 
 
@@ -65,25 +79,32 @@ def serve(migration) -> lio.Volume:
         migration.journal.record(CREATE, backing_made=True)  # intent first: a rollback removes it
         service.prepare_backing_file(destination["backing"], source["size"])
     try:
-        state = _client(migration).state()
+        state = client_of(migration).state()
     except ArrayError:
         state = None
     if state is None:
         _refuse_if_removed(migration)
-        client.stop_handler(destination["volume"])  # one that hangs, not answering its socket
-        os.makedirs(_state_dir(migration), mode=0o700, exist_ok=True)
+        client.stop_handler(served_name(migration.journal))  # one that hangs, not answering its socket
+        os.makedirs(state_dir(migration), mode=0o700, exist_ok=True)
+        passing = {}
+        if is_pass_through(migration.journal):  # the host's view: the source's identity, through to it
+            from blockmig.array.source_session import SourceSession
+
+            passing = {"serial": source["serial"], "migrator_serial": destination["temporary_serial"],
+                       "pass_through_source": "/dev/" + SourceSession(migration.journal).disk(),
+                       "chunk_size": migration.journal.data["chunk_size"]}
         state = client.serve_detached(
-            destination["volume"],
+            served_name(migration.journal),
             backing=destination["backing"],
             size=source["size"],
-            serial=destination["temporary_serial"],
             geometry=source.get("geometry") or {},
             guard_initiator=migration.migrator["initiator"],
-            state_dir=_state_dir(migration),
-            log_path=os.path.join(_state_dir(migration), "handler.log"),
+            state_dir=state_dir(migration),
+            log_path=os.path.join(state_dir(migration), "handler.log"),
+            **{"serial": destination["temporary_serial"], **passing},
         )
         migration.emit({"event": "backstore", "state": "serving", "pid": state["pid"],
-                        "volume": destination["volume"]})
+                        "volume": served_name(migration.journal)})
         checkpoint("create:handler-serving")
     volume = lio.export_storage_object(destination["target"], migrator_view_name(migration))
     destination["lun"] = volume.lun
@@ -94,7 +115,7 @@ def _refuse_if_removed(migration) -> None:
     """A handler that stopped because an admin removed one of its storage objects is not started again
     (that would make the object anew): the destination is gone, as a kernel volume removed would be."""
     with contextlib.suppress(ArrayError):  # no state file yet: the first start
-        removed = client.saved_state(migration.destination["volume"], _state_dir(migration)).removed
+        removed = client.saved_state(served_name(migration.journal), state_dir(migration)).removed
         if removed:
             raise MigrationError(f"destination volume {migration.destination['volume']} is gone: its storage "
                                  f"object {removed} was removed while blockmig's handler served it")
@@ -104,7 +125,7 @@ def arm_sequential(migration, reserved: int, window: int = 0) -> None:
     """The array executes the migrator's next write only at `reserved` (the copy's resume address);
     `window`: how far past it the copy reads ahead."""
     if is_served(migration):
-        state = _client(migration).arm_sequential(reserved, window)
+        state = client_of(migration).arm_sequential(reserved, window)
         migration.emit({"event": "backstore", "state": "armed", "mode": state["mode"],
                         "reserved_address": state["reserved"]})
 
@@ -112,7 +133,7 @@ def arm_sequential(migration, reserved: int, window: int = 0) -> None:
 def arm_delta(migration, extents: list[tuple[int, int]]) -> None:
     """The array executes only these (offset, length) extents, ascending, each whole, in turn."""
     if is_served(migration):
-        _client(migration).arm_delta(extents)
+        client_of(migration).arm_delta(extents)
 
 
 def hand_to_kernel(migration) -> None:
@@ -121,7 +142,7 @@ def hand_to_kernel(migration) -> None:
     if not (is_served(migration) or hand_over_unfinished(migration)):
         return
     with contextlib.suppress(ArrayError):  # what the array's guard saw: the report's proof, not a condition
-        state = _client(migration).state()
+        state = client_of(migration).state()
         migration.journal.record(CREATE, array_guard={"mode": state["mode"], "reserved": state["reserved"]})
     migration.journal.record(CREATE, handing_to_kernel=True)
     HostSwitch(migration.journal, migration.emit).logout_migrator()  # its disk goes before the LUN does
@@ -139,9 +160,9 @@ def hand_to_kernel(migration) -> None:
 
 def remove_served_objects(migration) -> list[str]:
     """Stop the handler and remove the storage objects it (or a killed one) left; never a kernel volume."""
-    client.stop_handler(migration.destination["volume"])
+    client.stop_handler(served_name(migration.journal))
     removed = []
-    for name in (migration.destination["volume"], migrator_view_name(migration)):
+    for name in (served_name(migration.journal), migrator_view_name(migration)):
         with contextlib.suppress(ArrayError):
             volume = lio.find_volume(name)
             if volume.plugin == "user":

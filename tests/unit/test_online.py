@@ -71,7 +71,18 @@ def test_online_is_refused_for_a_bare_disk_in_one_line():
     with pytest.raises(UsageError) as refused:
         online.choose_mode("online", False, None, "/dev/sdb")
     message = str(refused.value)
-    assert "\n" not in message and "bare disk" in message and "--mode offline" in message and "LVM" in message
+    assert "\n" not in message and "bare disk" in message and "--mode offline" in message and "relogin" in message
+    with pytest.raises(UsageError, match="not one"):
+        online.choose_mode("pass-through", False, None, "/dev/sdb")
+
+
+def test_online_on_a_map_used_directly_is_a_pass_through(monkeypatch):
+    monkeypatch.setattr(online, "holder_maps", lambda name: [])  # nothing stacked: a filesystem on the map
+    assert online.choose_mode("online", False, "mpatha", "/dev/mapper/mpatha") == online.PASS_THROUGH
+    assert online.choose_mode("pass-through", False, "mpatha", "/dev/mapper/mpatha") == online.PASS_THROUGH
+    assert online.choose_mode(None, False, "mpatha", "/dev/mapper/mpatha") == "offline"  # the default stays
+    with pytest.raises(UsageError, match="--fence is for --mode offline"):
+        online.choose_mode("pass-through", True, "mpatha", "/dev/mapper/mpatha")
 
 
 def test_mode_defaults():

@@ -81,13 +81,18 @@ def serve_detached(
     log_path: str,
     run_dir: str = RUN_DIR,
     timeout: float = 60,
+    migrator_serial: str | None = None,
+    pass_through_source: str | None = None,
+    chunk_size: int | None = None,
 ) -> dict:
     """Start the handler in a session of its own (it outlives blockmig), its output appended to `log_path`;
     return its state once it answers on its socket. The backing file must exist (prepare_backing_file)."""
     backing_file, backing_device = (backing, None) if os.path.isfile(backing) else (None, backing)
     argv = _serve_argv(name, state_dir, run_dir, backing_file, size, backing_device,
                        {"--serial": serial, "--geometry": json.dumps(geometry),
-                        "--guard-initiator": guard_initiator})
+                        "--guard-initiator": guard_initiator, "--migrator-serial": migrator_serial,
+                        "--pass-through-source": pass_through_source,
+                        "--chunk-size": str(chunk_size) if chunk_size else None})
     process = start_daemon(argv, f"the backstore handler for {name}", log_path=log_path)
     client = BackstoreClient(name, run_dir)
     deadline = time.monotonic() + timeout
@@ -183,10 +188,10 @@ class BackstoreClient:
         self.name = name
         self.path = socket_path(name, run_dir)
 
-    def request(self, op: str, **fields) -> dict:
+    def request(self, op: str, timeout: float = 10, **fields) -> dict:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.settimeout(10)
+                conn.settimeout(timeout)
                 conn.connect(self.path)
                 conn.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
                 answer = json.loads(conn.makefile("rb").readline() or b"{}")
@@ -209,9 +214,14 @@ class BackstoreClient:
         """Pass-through: the chunks written where the copy may have read them first (for a delta pass)."""
         return self.request("take_dirty")["taken"]
 
-    def commit(self) -> dict:
-        """Pass-through ends: the host's view serves the destination alone."""
-        return self.request("commit")
+    def copied(self, chunks: list[int]) -> dict:
+        """Pass-through: a delta pass copied these chunks (a later take does not return them again)."""
+        return self.request("copied", chunks=list(chunks))
+
+    def commit(self, timeout: float = 300) -> dict:
+        """Pass-through ends: the last dirty chunks copied by the array, the host's writes to them held
+        meanwhile; then the host's view serves the destination alone. Returns the commit's record."""
+        return self.request("commit", timeout=timeout)["commit"]
 
     def arm_delta(self, chunks) -> dict:
         return self.request("arm_delta", chunks=[list(c) for c in chunks])

@@ -17,9 +17,16 @@ The chunk map (one byte per chunk, in the state directory) is written
 O_DSYNC before the write it records is acknowledged: INTENT before the
 source is written (a handler killed between the source's write and the
 destination's leaves the chunk possibly different on the two), DIRTY before
-the completion. A restarted handler counts every INTENT chunk as DIRTY.
-Overlapping host writes are serialised per chunk (striped locks), so the
-source and the destination see them in the same order.
+the completion. A delta pass takes the dirty chunks (TAKEN) and says when it
+has copied them (`copied`: TAKEN -> INTENT); a migrator killed in between
+gets them again from the next take. A restarted handler counts every INTENT
+and TAKEN chunk as DIRTY. Overlapping host writes are serialised per chunk
+(striped locks), so the source and the destination see them in the same
+order.
+
+The commit copies the last dirty chunks here, holding only the host writes
+that touch them, then makes the destination the volume: from then on the
+host's writes go to the destination alone.
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ import errno
 import mmap
 import os
 import threading
+import time
 
 from blockmig.array.tcmu.storage import Backing
+from blockmig.datapath.digest import digest_chunk
 from blockmig.errors import ArrayError, DeviceError, UsageError
 
-CLEAN, INTENT, DIRTY = 0, 1, 2
+CLEAN, INTENT, TAKEN, DIRTY = 0, 1, 2, 3
 LOCK_STRIPES = 64
 
 
@@ -54,7 +63,7 @@ class ChunkMap:
         self.fd = fd
         self.bytes = bytearray(os.pread(fd, self.count, 0))
         self._lock = threading.Lock()
-        restarted = [i for i, v in enumerate(self.bytes) if v == INTENT]
+        restarted = [i for i, v in enumerate(self.bytes) if v in (INTENT, TAKEN)]
         self.mark(restarted, DIRTY)  # killed between a source's write and a destination's: copy again
 
     def chunks_of(self, offset: int, length: int) -> range:
@@ -66,12 +75,17 @@ class ChunkMap:
             self._set([c for c in chunks if self.bytes[c] < value], value)
 
     def take_dirty(self) -> list[int]:
-        """The dirty chunks, ascending, now INTENT (a delta pass copies them; a write meanwhile dirties
-        them again)."""
+        """The dirty chunks and those taken by a pass not said copied, ascending, now TAKEN (a delta pass
+        copies them; a write meanwhile dirties them again)."""
         with self._lock:
-            dirty = [i for i, v in enumerate(self.bytes) if v == DIRTY]
-            self._set(dirty, INTENT)
+            dirty = [i for i, v in enumerate(self.bytes) if v in (TAKEN, DIRTY)]
+            self._set([i for i in dirty if self.bytes[i] == DIRTY], TAKEN)
             return dirty
+
+    def copied(self, chunks) -> None:
+        """A pass copied these chunks: those still TAKEN are current on the destination (not dirty ones)."""
+        with self._lock:
+            self._set([c for c in chunks if 0 <= c < self.count and self.bytes[c] == TAKEN], INTENT)
 
     def _set(self, chunks: list[int], value: int) -> None:
         """In memory and on disk, a pwrite per run of consecutive chunks; the caller holds the lock."""
@@ -80,7 +94,8 @@ class ChunkMap:
             os.pwrite(self.fd, self.bytes[run_start:run_end], run_start)
 
     def dirty_count(self) -> int:
-        return self.bytes.count(DIRTY)
+        """What the next take returns."""
+        return self.bytes.count(DIRTY) + self.bytes.count(TAKEN)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -162,6 +177,8 @@ class PassThrough:
         self.destination, self.guard, self.size = destination, guard, size
         self.chunks = ChunkMap(map_path, size, chunk_size)
         self._stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
+        self._held: set[int] = set()  # the commit's last chunks: host writes to them wait
+        self._released = threading.Condition()
 
     # --- the Backing interface the handler executes commands on --------------------------------
     in_memory = False
@@ -187,18 +204,50 @@ class PassThrough:
     def write_same(self, offset: int, length: int, block: bytes) -> None:
         self.modify(offset, length, lambda target, at: target.write_same(at, length, block))
 
-    def commit(self) -> None:
-        """The destination becomes the volume: no host write is half-way (every stripe held) when the
-        host's view leaves the source."""
-        with self._locked(range(LOCK_STRIPES)):
-            self.guard.set_pass_through(False)
+    def commit_pending(self, save=lambda record: None) -> dict:
+        """The last dirty chunks copied source -> destination with the host's writes to them held (not
+        others: they reach both), read back; `save(record)`, then the destination is the volume. The
+        record: the chunks, their digests (as read back) and how long their writes were held."""
+        size = self.chunks.chunk_size
+        with self._locked(range(LOCK_STRIPES)):  # no write half way while the last list is taken
+            # no pass in flight (a write elsewhere keeps the destination current), no migrator write admitted
+            self.guard.arm_delta([])
+            final = self.chunks.take_dirty()
+            self._held = set(final)
+        held_at = time.monotonic()
+        digests = {}
+        try:
+            for chunk in final:
+                start = chunk * size
+                length = min(size, self.size - start)
+                data = self.source.read(start, length)
+                self.destination.write(start, data)
+                back = self.destination.read(start, length)
+                if back != data:
+                    raise ArrayError(f"chunk {chunk} read back from the destination differs from the source")
+                digests[chunk] = digest_chunk(back)
+            self.destination.flush()
+            with self._locked(range(LOCK_STRIPES)):
+                record = {"chunks": final, "digests": {str(c): d for c, d in digests.items()},
+                          "held_seconds": round(time.monotonic() - held_at, 6)}
+                save(record)  # before the flip: a committed volume always has its record
+                self.guard.set_pass_through(False)
+                self.chunks.copied(final)
+        finally:
+            with self._released:
+                self._held = set()
+                self._released.notify_all()
+        return record
 
     def modify(self, offset: int, length: int, apply) -> None:
         """Run `apply(backing, offset)` on the source, then on the destination; mark what the copy must
         take again. Writing the destination is always safe: a chunk the copy may still overwrite with
         what it read before is dirty, and one it has not read yet it will read from the source."""
         chunks = self.chunks.chunks_of(offset, length)
-        with self._locked(chunks):
+        with self._unheld(chunks):
+            if not self.guard.state.pass_through:  # waited for the commit: the destination is the volume
+                apply(self.destination, offset)
+                return
             self.chunks.mark(chunks, INTENT)
             apply(self.source, offset)  # an error here is the host's: the source is authoritative
             dirty = self._dirty(chunks)
@@ -226,6 +275,17 @@ class PassThrough:
                               for c in chunks)
                 return list(chunks) if pending else []
             return []  # no pass in flight: the destination, written above, is current here
+
+    @contextlib.contextmanager
+    def _unheld(self, chunks: range):
+        """The chunks' stripes, once the commit holds none of the chunks."""
+        while True:
+            with self._locked(chunks):
+                if not self._held.intersection(chunks):
+                    yield
+                    return
+            with self._released:
+                self._released.wait_for(lambda: not self._held.intersection(chunks))
 
     @contextlib.contextmanager
     def _locked(self, chunks: range):

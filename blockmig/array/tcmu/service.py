@@ -27,6 +27,7 @@ import os
 import selectors
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ from blockmig.array.tcmu.passthrough import PassThrough
 from blockmig.array.tcmu.ring import Command, CommandRing, find_uio_device
 from blockmig.array.tcmu.storage import Backing
 from blockmig.errors import ArrayError, BlockmigError, UsageError
+from blockmig.safefile import write_atomically
 from blockmig.sysfs import read_attribute
 
 SUBTYPE = "blockmig"
@@ -70,6 +72,7 @@ class ServeRequest:
     backing: str
     size: int | None = None
     serial: str | None = None
+    migrator_serial: str | None = None  # the migrator's view's own (a WWID the host's multipathd ignores)
     geometry: dict = field(default_factory=dict)
     guard_initiator: str | None = None
     state_dir: str = STATE_DIR
@@ -219,6 +222,7 @@ class VolumeServer:
         self._selector = selectors.DefaultSelector()
         self.identity: scsi.Identity | None = None
         self.passthrough: PassThrough | None = None
+        self._commit_lock = threading.Lock()
 
     # --- setup ----------------------------------------------------------------------------
     def start(self) -> list[tuple[str, str, str]]:
@@ -245,11 +249,12 @@ class VolumeServer:
             roles.append(("migrator", req.name + MIGRATOR_SUFFIX))
         for role, name in roles:
             block_size = int(req.geometry.get("block_size", 512))
-            so, created = _create_or_adopt(rtslib, name, size, req.serial, req.data_area_mb, block_size)
+            serial = req.migrator_serial if role == "migrator" and req.migrator_serial else req.serial
+            so, created = _create_or_adopt(rtslib, name, size, serial, req.data_area_mb, block_size)
             if created:
                 self.made.append(so)
                 lio._apply_geometry(so, {k: v for k, v in req.geometry.items() if _settable(so, k)})
-            if req.serial is None:
+            if req.serial is None and role == "host":
                 req.serial = so.wwn
             geometry = lio._read_geometry(so)
             geometry.update(req.geometry)
@@ -436,7 +441,11 @@ class VolumeServer:
 
     # --- control ---------------------------------------------------------------------------
     def _answer_control(self) -> None:
+        """Each request in a thread of its own: a commit copies chunks, the rings go on meanwhile."""
         conn, _ = self._listener.accept()
+        threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(2)
             try:
@@ -449,7 +458,7 @@ class VolumeServer:
 
     def control(self, request: dict) -> dict:
         """One control request: state, arm_sequential, arm_delta, disarm, hand_over, receive."""
-        op, taken = request["op"], None
+        op, taken, committed = request["op"], None, None
         if op == "arm_sequential":
             self.guard.arm_sequential(int(request.get("reserved", 0)), int(request.get("window", 0)))
         elif op == "arm_delta":
@@ -461,12 +470,11 @@ class VolumeServer:
         elif op == "receive":
             self.guard.set_receiving(True)
         elif op == "take_dirty":  # pass-through: the chunks the next delta pass copies again
-            if self.passthrough is None:
-                raise UsageError("take_dirty: this volume is not passed through to a source")
-            taken = self.passthrough.chunks.take_dirty()
+            taken = self._passthrough(op).chunks.take_dirty()
+        elif op == "copied":  # pass-through: a delta pass copied these chunks
+            self._passthrough(op).chunks.copied([int(c) for c in request["chunks"]])
         elif op == "commit":  # pass-through ends: the destination is the volume (the source gets no more)
-            if self.passthrough is not None:
-                self.passthrough.commit()
+            committed = self._commit()
         elif op != "state":
             raise UsageError(f"unknown control request {op!r}")
         state = self.guard.state
@@ -477,7 +485,35 @@ class VolumeServer:
             "pid": os.getpid(), "pass_through": state.pass_through,
             **({"dirty_chunks": self.passthrough.chunks.dirty_count()} if self.passthrough else {}),
             **({"taken": taken} if taken is not None else {}),
+            **({"commit": committed or self._saved_commit()} if self.passthrough else {}),
         }
+
+    def _passthrough(self, op: str) -> PassThrough:
+        if self.passthrough is None:
+            raise UsageError(f"{op}: this volume is not passed through to a source")
+        return self.passthrough
+
+    def _commit_path(self) -> str:
+        return state_path(self.request.name, self.request.state_dir) + ".commit"
+
+    def _saved_commit(self) -> dict | None:
+        """What the commit copied last (the migrator killed while it ran reads it here)."""
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            with open(self._commit_path()) as f:
+                return json.load(f)
+        return None
+
+    def _commit(self) -> dict:
+        """Once: a second commit (the migrator resumed) returns the first one's record."""
+        with self._commit_lock:
+            if not self.guard.state.pass_through:
+                saved = self._saved_commit()
+                if saved is None:
+                    raise ArrayError(f"{self.request.name} is committed but its commit record is gone")
+                return saved
+            record = self._passthrough("commit").commit_pending(
+                lambda result: write_atomically(self._commit_path(), json.dumps(result).encode(), mode=0o600))
+            return record
 
     # --- teardown --------------------------------------------------------------------------
     def stop(self, remove: bool = True) -> None:
