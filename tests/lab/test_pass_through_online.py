@@ -37,7 +37,7 @@ MiB = 1024 * 1024
 
 
 class MapWatch:
-    """Samples the host's map through the migration: the fewest usable paths seen, and every disk seen in it."""
+    """Samples the host's map through the migration: the fewest usable paths seen, every disk seen in it."""
 
     def __init__(self, map_name: str):
         self.map_name = map_name
@@ -166,8 +166,8 @@ def test_rollback_before_the_commit_with_writes_flowing(shaped_lab, stop_at):
     writer.start()
     try:
         with MapWatch(host.map_name) as watch:
-            process = start_blockmig(*host.migrate_args("--mode", "online", "--id", "rb", "--max-hold", "0.001"),
-                                     stop_at=stop_at)
+            args = host.migrate_args("--mode", "online", "--id", "rb", "--max-hold", "0.001")
+            process = start_blockmig(*args, stop_at=stop_at)
             wait_until_stopped(process, 600)
             _kill(process)
             rollback = blockmig("rollback", "rb", timeout=600)
@@ -183,8 +183,8 @@ def test_rollback_before_the_commit_with_writes_flowing(shaped_lab, stop_at):
     assert not glob.glob("/etc/udev/rules.d/40-blockmig-array-*.rules")
 
 
-@pytest.mark.parametrize("stop_at", ["pass-through:joined", "pass-through:committing", "hand-over:kernel-joined",
-                                     "hand-over:handler-out"])
+@pytest.mark.parametrize("stop_at", ["pass-through:joined", "pass-through:committing",
+                                     "hand-over:kernel-joined", "hand-over:handler-out"])
 def test_kill_at_a_named_point_then_resume(shaped_lab, stop_at):
     """kill -9 of blockmig at each named point with a writer running; resume finishes; nothing lost; after
     the commit a rollback is refused with one line and changes nothing."""
@@ -198,8 +198,8 @@ def test_kill_at_a_named_point_then_resume(shaped_lab, stop_at):
             _kill(process)
             if stop_at.startswith("hand-over"):
                 refused = blockmig("rollback", "k9")
-                assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-                assert "committed" in refused.stderr, refused.stderr
+                lines = refused.stderr.strip().splitlines()
+                assert refused.returncode != 0 and len(lines) == 1 and "committed" in lines[0], refused.stderr
             result = blockmig("resume", "k9", "--json", timeout=900)
             assert result.returncode == 0, result.stderr
             time.sleep(1)
