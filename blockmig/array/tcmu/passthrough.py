@@ -7,8 +7,9 @@ so no cache of it may be trusted). Reads come from the source, which stays
 complete and current. Writes go to the source first, then:
 to the destination too, and where the copy may have read the chunk before
 this write and not yet written it (from the reserved address to the end of
-the `window` the migrator declares when it arms: its read-ahead; a chunk of
-the delta pass not yet executed) the chunks are marked dirty: the next delta
+the `window` the migrator declares when it arms: its read-ahead; in a delta
+pass the extent being copied, as a delta pass reads an extent only once the
+one before is written) the chunks are marked dirty: the next delta
 pass copies them again. Elsewhere the destination is current (the copy has
 passed) or will be (the copy reads the chunk from the source later). A pass
 must be armed before the migrator reads its first chunk.
@@ -31,7 +32,6 @@ host's writes go to the destination alone.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import mmap
@@ -99,12 +99,6 @@ class ChunkMap:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-def _overlaps(extents: list[list[int]], first: int, start: int, end: int) -> bool:
-    """Whether [start, end) meets one of the ascending (offset, length) extents from index `first` on."""
-    i = bisect.bisect_left(extents, end, lo=first, key=lambda extent: extent[0]) - 1
-    return i >= first and extents[i][0] + extents[i][1] > start
 
 
 def _runs(indices: list[int]):
@@ -270,10 +264,11 @@ class PassThrough:
             if state.mode == "sequential":
                 window_end = state.reserved + state.window
                 return [c for c in chunks if (c + 1) * size > state.reserved and c * size < window_end]
-            if state.mode == "delta":
-                pending = any(_overlaps(state.chunks, state.chunk_index, c * size, (c + 1) * size)
-                              for c in chunks)
-                return list(chunks) if pending else []
+            if state.mode == "delta":  # the extent being copied: a delta pass reads the next one only
+                if state.chunk_index >= len(state.chunks):  # after it has written this one
+                    return []
+                offset, length = state.chunks[state.chunk_index]
+                return [c for c in chunks if c * size < offset + length and (c + 1) * size > offset]
             return []  # no pass in flight: the destination, written above, is current here
 
     @contextlib.contextmanager
