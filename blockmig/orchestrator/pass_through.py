@@ -305,7 +305,10 @@ class CommitStep(BaseStep):
         _interval(migration, "commit", time.time() - held, held=True, chunks=len(record["chunks"]),
                   bytes=len(record["chunks"]) * manifest.chunk_size)
         checkpoint("pass-through:committed")
-        return {"final_chunks": len(record["chunks"]), "writes_held_seconds": held}
+        # the manifest: each chunk as last copied from the source (the host writes on, so not a digest of
+        # the volume now; the lab's cmp after its writers stop is that)
+        return {"final_chunks": len(record["chunks"]), "writes_held_seconds": held,
+                "volume_digest": manifest.volume_digest}
 
     def check_undo(self, migration) -> None:
         if committed(migration):
