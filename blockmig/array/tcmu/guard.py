@@ -71,6 +71,9 @@ class ArrayGuard:
     def __init__(self, path: str, volume: str):
         self.path = path
         self._lock = threading.Lock()
+        # Held by the ring's thread from a migrator write's admission to its journaling: arming (from a
+        # control thread) never changes the rule between the two.
+        self.admission = threading.Lock()
         self.is_new = not os.path.exists(path)
         self.state = GuardState(volume) if self.is_new else load_state(path)
         if self.state.volume != volume:
@@ -81,25 +84,25 @@ class ArrayGuard:
         """Before the migrator's first read: `window` is how far past the reserved address it reads ahead."""
         if int(window) < 0:
             raise ArrayError(f"read-ahead window {window} must not be negative")
-        with self._lock:
+        with self.admission, self._lock:
             self.state.mode, self.state.reserved, self.state.last_executed = "sequential", int(reserved), None
             self.state.window = int(window)
             self._save()
 
     def arm_delta(self, chunks) -> None:
-        with self._lock:
+        with self.admission, self._lock:
             self.state.mode, self.state.chunks = "delta", _check_chunks(chunks)
             self.state.chunk_index = self.state.chunk_done = 0
             self.state.last_executed = None
             self._save()
 
     def disarm(self) -> None:
-        with self._lock:
+        with self.admission, self._lock:
             self.state.mode = "off"
             self._save()
 
     def set_pass_through(self, on: bool) -> None:
-        with self._lock:
+        with self.admission, self._lock:
             self.state.pass_through = on
             self._save()
 

@@ -172,6 +172,7 @@ class PassThrough:
         self.chunks = ChunkMap(map_path, size, chunk_size)
         self._stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self._held: set[int] = set()  # the commit's last chunks: host writes to them wait
+        self._parked: list = []  # (chunks, resubmit) of host writes that wait for the commit's end
         self._released = threading.Condition()
 
     # --- the Backing interface the handler executes commands on --------------------------------
@@ -207,7 +208,8 @@ class PassThrough:
             # no pass in flight (a write elsewhere keeps the destination current), no migrator write admitted
             self.guard.arm_delta([])
             final = self.chunks.take_dirty()
-            self._held = set(final)
+            with self._released:
+                self._held = set(final)
         held_at = time.monotonic()
         digests = {}
         try:
@@ -225,13 +227,24 @@ class PassThrough:
                 record = {"chunks": final, "digests": {str(c): d for c, d in digests.items()},
                           "held_seconds": round(time.monotonic() - held_at, 6)}
                 save(record)  # before the flip: a committed volume always has its record
+                self.chunks.copied(final)  # before it too: a restart then finds nothing dirty, or INTENT
                 self.guard.set_pass_through(False)
-                self.chunks.copied(final)
         finally:
             with self._released:
-                self._held = set()
+                self._held, parked, self._parked = set(), self._parked, []
                 self._released.notify_all()
+            for resubmit in parked:
+                resubmit()
         return record
+
+    def park(self, offset: int, length: int, resubmit) -> bool:
+        """A host write touching a chunk the commit holds: `resubmit()` once it ends (True), else False."""
+        chunks = self.chunks.chunks_of(offset, length)
+        with self._released:
+            if not self._held.intersection(chunks):
+                return False
+            self._parked.append(resubmit)
+            return True
 
     def modify(self, offset: int, length: int, apply) -> None:
         """Run `apply(backing, offset)` on the source, then on the destination; mark what the copy must

@@ -329,13 +329,18 @@ class VolumeServer:
             transfer, backing = decoded.transfer, self._backing_for(view)
             op = transfer.opcode
             if op in scsi.MODIFYING:
-                refusal = self._write_refusal(view, transfer)
-                if refusal is not None:
-                    self._complete(view, command, refusal)
-                    return
-                if view.role == "migrator" and self.guard.state.mode != "off":
-                    self._execute(view, command, decoded, guarded=True)  # in order: the guard's address
-                    return
+                with self.guard.admission if view.role == "migrator" else contextlib.nullcontext():
+                    refusal = self._write_refusal(view, transfer)
+                    if refusal is not None:
+                        self._complete(view, command, refusal)
+                        return
+                    if view.role == "migrator" and self.guard.state.mode != "off":
+                        self._execute(view, command, decoded, guarded=True)  # in order: the guard's address
+                        return
+                if backing is self.passthrough and self.passthrough.park(
+                        transfer.offset, transfer.length,
+                        lambda: self._pool.submit(self._execute, view, command, decoded, notify=True)):
+                    return  # a write to a chunk the commit holds: no worker waits for it
             if op in scsi.READS and not backing.in_memory:
                 if backing.read_cached(transfer.offset, _limit(command.iovecs, transfer.length)):
                     self._complete(view, command, scsi.Reply())
@@ -505,13 +510,14 @@ class VolumeServer:
 
     def _commit(self) -> dict:
         """Once: a second commit (the migrator resumed) returns the first one's record."""
+        passthrough = self._passthrough("commit")
         with self._commit_lock:
             if not self.guard.state.pass_through:
                 saved = self._saved_commit()
                 if saved is None:
                     raise ArrayError(f"{self.request.name} is committed but its commit record is gone")
                 return saved
-            record = self._passthrough("commit").commit_pending(
+            record = passthrough.commit_pending(
                 lambda result: write_atomically(self._commit_path(), json.dumps(result).encode(), mode=0o600))
             return record
 
