@@ -168,26 +168,6 @@ def test_online_migration_with_writers_running_throughout(lvm_host):
     assert report["final_delta"] is not None and report["io_held_seconds"] is not None
 
 
-def test_online_refused_for_a_filesystem_directly_on_the_map(lab_env, backing_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("BLOCKMIG_STATE_DIR", str(tmp_path / "migrations"))
-    device = multipath.map_for_wwid(lab.SOURCE_WWID).device
-    appender = FsAppender(device, "ext4", str(tmp_path / "mnt"))
-    appender.make_filesystem()
-    appender.mount()
-    try:
-        before = lab.lab_status()
-        result = blockmig(*migrate_args(device, backing_dir, "--mode", "online"))
-        assert result.returncode != 0
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1, lines
-        assert "directly" in lines[0] and "--mode offline" in lines[0] and "multipath" in lines[0], lines[0]
-        assert lab.lab_status() == before
-        assert not os.path.exists(tmp_path / "migrations") or os.listdir(tmp_path / "migrations") == []
-        assert not glob.glob(os.path.join(backing_dir, "blockmig-*"))
-    finally:
-        appender.close()
-
-
 def _kill(process) -> None:
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
