@@ -197,7 +197,8 @@ def test_kill_at_a_named_point_then_resume(shaped_lab, stop_at):
     writer.start()
     try:
         with MapWatch(host.map_name) as watch:
-            process = start_blockmig(*host.migrate_args("--mode", "online", "--id", "k9", *HOLD), stop_at=stop_at)
+            args = host.migrate_args("--mode", "online", "--id", "k9", *HOLD)
+            process = start_blockmig(*args, stop_at=stop_at)
             wait_until_stopped(process, 600)
             _kill(process)
             if stop_at.startswith("hand-over"):
