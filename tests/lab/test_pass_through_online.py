@@ -12,7 +12,6 @@ the workload saw is printed (the issue's benchmark figure), with blockmig's own 
 import contextlib
 import glob
 import os
-import signal
 import threading
 import time
 
@@ -21,16 +20,12 @@ from migrate_support import (
     SLOW_LAB,
     MigrationLab,
     blockmig,
-    journal,
     release_held_io_and_migrator,
     report_of,
-    start_blockmig,
-    wait_until_stopped,
 )
 from workloads import XFS_MIN_SIZE, FsAppender, RawWriter, device_reader
 
 from blockmig import lab
-from blockmig.array.tcmu import client
 from blockmig.errors import HostError
 from blockmig.host import iscsi, multipath
 
@@ -154,89 +149,3 @@ def test_a_raw_writer_on_the_map_loses_no_acknowledged_write(shaped_lab):
     assert_moved(host, report)
     writer.check(device_reader(host.device))
     host.assert_host_on_destination(writer_region=(0, 16 * MiB), report=report)
-
-
-def _kill(process) -> None:
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-
-
-@pytest.mark.parametrize("stop_at", ["pass-through:source-path-out", "pass-through:delta"])
-def test_rollback_before_the_commit_with_writes_flowing(shaped_lab, stop_at):
-    """Killed -9 after the host moved to the handler's path (or in a delta pass), then rolled back while the
-    writer goes on: the host is on the source alone, which has every acknowledged write."""
-    host = shaped_lab
-    writer = RawWriter(host.device, host.size, block=4096, region=(0, 8 * MiB), interval=0.002)
-    writer.start()
-    try:
-        with MapWatch(host.map_name) as watch:
-            args = host.migrate_args("--mode", "online", "--id", "rb", "--max-hold", "0.001")
-            process = start_blockmig(*args, stop_at=stop_at)
-            wait_until_stopped(process, 600)
-            _kill(process)
-            rollback = blockmig("rollback", "rb", timeout=600)
-            assert rollback.returncode == 0, rollback.stderr
-            time.sleep(1)
-    finally:
-        writer.stop()
-    watch.check()
-    assert journal("rb")["state"] == "rolled_back"
-    writer.check(device_reader(host.device))
-    writer.check(device_reader(host.source_backing))  # on the source array itself
-    host.assert_host_on_source_only(writer_region=(0, 8 * MiB))
-    assert not glob.glob("/etc/udev/rules.d/40-blockmig-array-*.rules")
-
-
-@pytest.mark.parametrize("stop_at", ["pass-through:joined", "pass-through:committing",
-                                     "hand-over:kernel-joined", "hand-over:handler-out"])
-def test_kill_at_a_named_point_then_resume(shaped_lab, stop_at):
-    """kill -9 of blockmig at each named point with a writer running; resume finishes; nothing lost; after
-    the commit a rollback is refused with one line and changes nothing."""
-    host = shaped_lab
-    writer = RawWriter(host.device, host.size, block=4096, region=(0, 8 * MiB), interval=0.002)
-    writer.start()
-    try:
-        with MapWatch(host.map_name) as watch:
-            args = host.migrate_args("--mode", "online", "--id", "k9", *HOLD)
-            process = start_blockmig(*args, stop_at=stop_at)
-            wait_until_stopped(process, 600)
-            _kill(process)
-            if stop_at.startswith("hand-over"):
-                refused = blockmig("rollback", "k9")
-                lines = refused.stderr.strip().splitlines()
-                assert refused.returncode != 0 and len(lines) == 1 and "committed" in lines[0], refused.stderr
-            result = blockmig("resume", "k9", "--json", timeout=900)
-            assert result.returncode == 0, result.stderr
-            time.sleep(1)
-    finally:
-        writer.stop()
-    report = report_of(result)
-    print_figures(report, writer)
-    watch.check()
-    assert_moved(host, report)
-    writer.check(device_reader(host.device))
-    host.assert_host_on_destination(writer_region=(0, 8 * MiB), report=report)
-
-
-def test_the_handler_killed_in_the_copy_is_started_again_by_resume(shaped_lab):
-    host = shaped_lab
-    writer = RawWriter(host.device, host.size, block=4096, region=(0, 8 * MiB), interval=0.002)
-    writer.start()
-    try:
-        with MapWatch(host.map_name) as watch:
-            args = host.migrate_args("--mode", "online", "--id", "hk", "--max-rate", "8M", *HOLD)
-            process = start_blockmig(*args, stop_at="copy:chunk")
-            wait_until_stopped(process, 600)
-            assert journal("hk")["steps"]["join"]["state"] == "done"  # the host is on the handler's path
-            for proc in client.handler_processes():
-                proc.kill()  # kill -9 of the handler: host IO waits in the ring
-            _kill(process)
-            result = blockmig("resume", "hk", "--json", timeout=900)
-            assert result.returncode == 0, result.stderr
-    finally:
-        writer.stop()
-    watch.check()
-    report = report_of(result)
-    print_figures(report, writer)
-    writer.check(device_reader(host.device))
-    host.assert_host_on_destination(writer_region=(0, 8 * MiB), report=report)
