@@ -11,13 +11,14 @@ import pytest
 from migrate_support import blockmig, journal, report_of, start_blockmig, wait_until_stopped
 from test_pass_through_online import (  # noqa: F401  (shaped_lab is a fixture)
     HOLD,
+    REGION,
     MapWatch,
     MiB,
     assert_moved,
     print_figures,
     shaped_lab,
 )
-from workloads import RawWriter, device_reader
+from workloads import RawWriter, device_reader, file_reader
 
 from blockmig.array.tcmu import client
 
@@ -32,7 +33,7 @@ def test_rollback_before_the_commit_with_writes_flowing(shaped_lab, stop_at):
     """Killed -9 after the host moved to the handler's path (or in a delta pass), then rolled back while the
     writer goes on: the host is on the source alone, which has every acknowledged write."""
     host = shaped_lab
-    writer = RawWriter(host.device, host.size, block=4096, region=(0, 8 * MiB), interval=0.002)
+    writer = RawWriter(host.device, host.size, block=4096, region=REGION, interval=0.002)
     writer.start()
     try:
         with MapWatch(host.map_name) as watch:
@@ -48,8 +49,8 @@ def test_rollback_before_the_commit_with_writes_flowing(shaped_lab, stop_at):
     watch.check()
     assert journal("rb")["state"] == "rolled_back"
     writer.check(device_reader(host.device))
-    writer.check(device_reader(host.source_backing))  # on the source array itself
-    host.assert_host_on_source_only(writer_region=(0, 8 * MiB))
+    writer.check(file_reader(host.source_backing))  # on the source array itself
+    host.assert_host_on_source_only(writer_region=REGION)
     assert not glob.glob("/etc/udev/rules.d/40-blockmig-array-*.rules")
 
 
@@ -59,7 +60,7 @@ def test_kill_at_a_named_point_then_resume(shaped_lab, stop_at):
     """kill -9 of blockmig at each named point with a writer running; resume finishes; nothing lost; after
     the commit a rollback is refused with one line and changes nothing."""
     host = shaped_lab
-    writer = RawWriter(host.device, host.size, block=4096, region=(0, 8 * MiB), interval=0.002)
+    writer = RawWriter(host.device, host.size, block=4096, region=REGION, interval=0.002)
     writer.start()
     try:
         with MapWatch(host.map_name) as watch:
@@ -81,12 +82,12 @@ def test_kill_at_a_named_point_then_resume(shaped_lab, stop_at):
     watch.check()
     assert_moved(host, report)
     writer.check(device_reader(host.device))
-    host.assert_host_on_destination(writer_region=(0, 8 * MiB), report=report)
+    host.assert_host_on_destination(writer_region=REGION, report=report)
 
 
 def test_the_handler_killed_in_the_copy_is_started_again_by_resume(shaped_lab):
     host = shaped_lab
-    writer = RawWriter(host.device, host.size, block=4096, region=(0, 8 * MiB), interval=0.002)
+    writer = RawWriter(host.device, host.size, block=4096, region=REGION, interval=0.002)
     writer.start()
     try:
         with MapWatch(host.map_name) as watch:
@@ -105,4 +106,4 @@ def test_the_handler_killed_in_the_copy_is_started_again_by_resume(shaped_lab):
     report = report_of(result)
     print_figures(report, writer)
     writer.check(device_reader(host.device))
-    host.assert_host_on_destination(writer_region=(0, 8 * MiB), report=report)
+    host.assert_host_on_destination(writer_region=REGION, report=report)
