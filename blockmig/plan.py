@@ -44,7 +44,7 @@ from blockmig.migration import (
     switch_members,
 )
 from blockmig.orchestrator.host_switch import SwitchFacts
-from blockmig.orchestrator.online import MODES
+from blockmig.orchestrator.online import MODES, PASS_THROUGH
 from blockmig.orchestrator.served_destination import BACKSTORES
 from blockmig.safefile import read_bounded
 from blockmig.sizes import parse_chunk_size, parse_max_rate
@@ -416,7 +416,7 @@ def _run_plan(plan: PlanJournal, journals: list[MigrationJournal], emit: EventHa
                 return
             member_emit = _tagged(emit, journal)
             try:
-                run_until(journal, until, member_emit, after_chunk)
+                run_until(journal, _member_step(journal, until), member_emit, after_chunk)
                 outcomes[journal.id] = {"outcome": "done" if journal.data["state"] == "done" else "verified"}
             except BlockmigError as exc:
                 outcomes[journal.id] = {"outcome": "failed", "error": str(exc)}
@@ -446,6 +446,23 @@ def _run_plan(plan: PlanJournal, journals: list[MigrationJournal], emit: EventHa
     return report
 
 
+# Where the plan's phases stop a member, in its own table: a pass-through move has no fence (its
+# destination is made, the host not yet moved, before its join) and no switch (it leaves the source at
+# its commit).
+_PHASE_STEPS = {"fence": {PASS_THROUGH: "join"}, "switch": {PASS_THROUGH: "commit"}}
+
+
+def _member_step(journal: MigrationJournal, phase: str | None) -> str | None:
+    return _PHASE_STEPS[phase].get(journal.data.get("mode"), phase) if phase else None
+
+
+def _passed_the_switch(journal: MigrationJournal) -> bool:
+    """On the destination for good: switched (joined), or a pass-through committed."""
+    if journal.data.get("mode") == PASS_THROUGH:
+        return journal.is_done("commit")
+    return journal.data["state"] == "done" or SwitchFacts.load(journal).destination_joined
+
+
 def _stopped_on_error(plan: PlanJournal):
     """An exit callback: a plan left by a signal or an error no member caught is "stopped", not "running"."""
     def leave(exc_type, exc, tb) -> bool:
@@ -460,11 +477,15 @@ def _stopped_on_error(plan: PlanJournal):
 def _switch_and_finish_group(
     plan: PlanJournal, journals: list[MigrationJournal], outcomes: dict, emit, after_chunk
 ) -> None:
-    waiting = [journal for journal in journals if not journal.is_done("switch")]
+    waiting = [journal for journal in journals if not journal.is_done(_member_step(journal, "switch"))]
     if signals.stop_requested() or any(outcomes[journal.id]["outcome"] == "failed" for journal in journals):
         # The group cannot switch now: no member keeps the host's IO held (or writes refused) meanwhile.
         for journal in waiting:
             if outcomes[journal.id]["outcome"] == "failed":
+                continue
+            if journal.data.get("mode") == PASS_THROUGH:  # nothing held: the source stays current
+                why = "a member failed, so the group did not commit; the host passes through to the source"
+                outcomes[journal.id] = {"outcome": "waiting", "error": f"{why} (blockmig resume {plan.id})"}
                 continue
             try:
                 release_fence(journal, _tagged(emit, journal))
@@ -473,13 +494,20 @@ def _switch_and_finish_group(
                 why = f"a member failed, so the group did not switch; lifting the fence failed too: {exc}"
             outcomes[journal.id] = {"outcome": "waiting", "error": f"{why} (blockmig resume {plan.id})"}
         return
-    if waiting:
+    held = [journal for journal in waiting if journal.data.get("mode") != PASS_THROUGH]
+    if held:
         try:
-            switch_members([(journal, _tagged(emit, journal)) for journal in waiting])
+            switch_members([(journal, _tagged(emit, journal)) for journal in held])
         except BlockmigError as exc:
             for journal in waiting:
                 outcomes[journal.id] = {"outcome": "failed", "error": f"group switch: {exc}"}
             return
+    for journal in waiting:  # pass-through members commit one right after the other, nothing held between
+        if journal.data.get("mode") == PASS_THROUGH:
+            try:
+                run_until(journal, "hand_over", _tagged(emit, journal), after_chunk)
+            except BlockmigError as exc:
+                outcomes[journal.id] = {"outcome": "failed", "error": f"group commit: {exc}"}
     for journal in journals:
         try:
             run_until(journal, None, _tagged(emit, journal), after_chunk)
@@ -496,7 +524,7 @@ def rollback_plan(plan_id: str, on_event: EventHandler | None = None) -> dict:
     result = {"id": plan_id, "rolled_back": [], "on_destination": [], "failed": {}}
     for member in plan.members:
         journal = MigrationJournal.load(member)
-        if journal.data["state"] == "done" or SwitchFacts.load(journal).destination_joined:
+        if _passed_the_switch(journal):
             result["on_destination"].append(member)
             continue
         try:

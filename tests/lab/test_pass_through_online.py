@@ -20,10 +20,12 @@ from migrate_support import (
     SLOW_LAB,
     MigrationLab,
     blockmig,
+    journal,
     release_held_io_and_migrator,
     report_of,
 )
-from workloads import XFS_MIN_SIZE, FsAppender, RawWriter, device_reader
+from test_plan import VOLUME, assert_switched, host_volumes, plan_report, state_dir, write_plan  # noqa: F401
+from workloads import XFS_MIN_SIZE, FsAppender, RawReader, RawWriter, device_reader, run_during
 
 from blockmig import lab
 from blockmig.errors import HostError
@@ -152,3 +154,37 @@ def test_a_raw_writer_on_the_map_loses_no_acknowledged_write(shaped_lab):
     assert_moved(host, report)
     writer.check(device_reader(host.device))
     host.assert_host_on_destination(writer_region=REGION, report=report)
+
+
+def test_three_volumes_of_one_host_in_one_plan_commit_together(host_volumes, backing_dir, state_dir,
+                                                                tmp_path):
+    """A `--switch together` plan of three volumes used directly (ext4, a raw writer, a raw reader): every
+    member moves by pass-through, the group commits one right after the other, nothing is lost."""
+    ext4, raw, read = host_volumes(2)
+    workloads = [FsAppender(ext4.device, "ext4", str(tmp_path / "ext4"), seed=4),
+                 RawWriter(raw.device, VOLUME, region=(MiB, VOLUME)), RawReader(read.device, read.data)]
+    hold = f"max_hold = {HOLD[1]}" if HOLD else ""
+    path = write_plan(tmp_path, [v.device for v in (ext4, raw, read)], backing_dir, "pt3", parallel=3,
+                      extra_defaults=f'mode = "online"\nswitch = "together"\n{hold}')
+    with MapWatch(ext4.map_name) as watch:
+        try:
+            result = run_during(workloads, lambda: blockmig("migrate", "--plan", path, "--json", timeout=900),
+                                settle=1.0)
+        finally:
+            workloads[0].close()
+    report = plan_report(result)
+    assert result.returncode == 0, [(v["map"], v["outcome"], v.get("error")) for v in report["volumes"]]
+    assert [v["outcome"] for v in report["volumes"]] == ["done"] * 3
+    watch.check()
+    for workload in workloads:
+        print(f"\n{workload.name}: {workload.stall.summary()}")
+    for entry in report["volumes"]:
+        assert entry["report"]["mode"] == "pass-through", entry["report"]["mode"]
+        print(f"  {entry['map']}: intervals {entry['report']['online']['intervals']}")
+    workloads[0].check()
+    workloads[1].check(device_reader(raw.device), expected=raw.data)
+    workloads[2].check()
+    for volume, entry in zip((ext4, raw, read), report["volumes"]):
+        assert_switched(volume, entry)
+    commits = sorted(journal(entry["id"])["steps"]["commit"]["done"] for entry in report["volumes"])
+    print(f"  commits from {commits[0]} to {commits[-1]}")
