@@ -12,6 +12,7 @@ from migrate_support import blockmig, journal, report_of, start_blockmig, wait_u
 from test_pass_through_online import (  # noqa: F401  (shaped_lab is a fixture)
     HOLD,
     REGION,
+    WRITTEN,
     MapWatch,
     MiB,
     assert_moved,
@@ -50,7 +51,7 @@ def test_rollback_before_the_commit_with_writes_flowing(shaped_lab, stop_at):
     assert journal("rb")["state"] == "rolled_back"
     writer.check(device_reader(host.device))
     writer.check(file_reader(host.source_backing))  # on the source array itself
-    host.assert_host_on_source_only(writer_region=REGION)
+    host.assert_host_on_source_only(writer_region=WRITTEN)
     assert not glob.glob("/etc/udev/rules.d/40-blockmig-array-*.rules")
 
 
@@ -82,7 +83,7 @@ def test_kill_at_a_named_point_then_resume(shaped_lab, stop_at):
     watch.check()
     assert_moved(host, report)
     writer.check(device_reader(host.device))
-    host.assert_host_on_destination(writer_region=REGION, report=report)
+    host.assert_host_on_destination(writer_region=WRITTEN, report=report)
 
 
 def test_the_handler_killed_in_the_copy_is_started_again_by_resume(shaped_lab):
@@ -106,4 +107,4 @@ def test_the_handler_killed_in_the_copy_is_started_again_by_resume(shaped_lab):
     report = report_of(result)
     print_figures(report, writer)
     writer.check(device_reader(host.device))
-    host.assert_host_on_destination(writer_region=REGION, report=report)
+    host.assert_host_on_destination(writer_region=WRITTEN, report=report)
