@@ -12,6 +12,7 @@ the workload saw is printed (the issue's benchmark figure), with blockmig's own 
 import contextlib
 import glob
 import os
+import subprocess
 import threading
 import time
 
@@ -21,9 +22,11 @@ from migrate_support import (
     MigrationLab,
     blockmig,
     journal,
+    migrate_args,
     release_held_io_and_migrator,
     report_of,
 )
+from test_online import lvm_host  # noqa: F401  (a fixture)
 from test_plan import VOLUME, assert_switched, host_volumes, plan_report, state_dir, write_plan  # noqa: F401
 from workloads import XFS_MIN_SIZE, FsAppender, RawReader, RawWriter, device_reader, run_during
 
@@ -190,3 +193,27 @@ def test_three_volumes_of_one_host_in_one_plan_commit_together(host_volumes, bac
         assert_switched(volume, entry)
     commits = sorted(journal(entry["id"])["steps"]["commit"]["done"] for entry in report["volumes"])
     print(f"  commits from {commits[0]} to {commits[-1]}")
+
+
+def test_an_lv_on_the_map_moves_by_pass_through_too(lvm_host):
+    """`--mode pass-through` where era could track (LVM on the map: an ext4 LV with an fsync appender and a
+    raw LV with a writer): the same move, the LVs' tables never touched; the workloads' longest IO printed
+    beside test_online.py's (era) for the same host."""
+    lvm_host.start()
+    try:
+        result = blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--mode", "pass-through",
+                                        *HOLD), timeout=900)
+    finally:
+        lvm_host.stop()
+    assert result.returncode == 0, result.stderr
+    report = report_of(result)
+    assert report["mode"] == "pass-through"
+    print(f"\n{lvm_host.appender.name}: fsync {lvm_host.appender.fsync.summary()}; "
+          f"{lvm_host.writer.name}: {lvm_host.writer.stall.summary()}; "
+          f"intervals {report['online']['intervals']}")
+    lvm_host.check()
+    lvm_host.assert_plain_tables()
+    reader = subprocess.Popen(["dd", f"if={lvm_host.map_device}", "iflag=direct", "bs=1M", "status=none"],
+                              stdout=subprocess.PIPE)
+    assert subprocess.run(["cmp", "-", report["destination"]["backing"]], stdin=reader.stdout).returncode == 0
+    assert reader.wait() == 0
