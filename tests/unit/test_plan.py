@@ -372,3 +372,22 @@ def test_a_migration_cannot_take_a_plans_id(finished_plan):
 
     with pytest.raises(plan.MigrationError, match="host1 is the id of a plan"):
         MigrationJournal.create("host1", source={})
+
+
+class _Journal:
+    def __init__(self, mode, done=()):
+        self.data = {"mode": mode, "state": "running", "steps": {}}
+        self.done = set(done)
+
+    def is_done(self, name):
+        return name in self.done
+
+
+def test_a_pass_through_member_stops_at_its_own_steps_for_the_plans_phases():
+    from blockmig.plan import _member_step, _passed_the_switch
+
+    offline, passing = _Journal("offline"), _Journal("pass-through")
+    assert [_member_step(offline, p) for p in ("fence", "switch", None)] == ["fence", "switch", None]
+    assert [_member_step(passing, p) for p in ("fence", "switch", None)] == ["join", "commit", None]
+    assert not _passed_the_switch(passing)  # joined but not committed: a plan's rollback still takes it back
+    assert _passed_the_switch(_Journal("pass-through", done={"join", "commit"}))
