@@ -58,6 +58,9 @@ from blockmig.orchestrator.verify import check_geometry
 
 MAX_DELTA_PASSES = online.MAX_DELTA_PASSES
 CREATE = served_destination.CREATE
+# A path change that holds no IO (join, hand-over) is not bounded by --switch-timeout, which bounds a hold:
+# it may take a loaded host's udev and multipathd a while, the host working meanwhile.
+NO_HOLD_TIMEOUT = 180.0
 
 
 def new_state(max_hold: float) -> dict:
@@ -100,6 +103,10 @@ class PathJoin(HostSwitch):
     """The host's map gains the handler's path, then loses the source's; never without a path, never held."""
 
     step = "join"
+
+    def __init__(self, journal, emit):
+        super().__init__(journal, emit)
+        self.timeout = max(self.timeout, NO_HOLD_TIMEOUT)
 
     def destination_volume(self) -> lio.Volume:
         target, name = self.destination["target"], served_destination.served_name(self.journal)
@@ -169,7 +176,7 @@ class JoinStep(BaseStep):
         return facts
 
     def undo(self, migration) -> None:
-        with phase_deadline(udev.DEFAULT_TIMEOUT * 2, "putting the source's path back"):
+        with phase_deadline(NO_HOLD_TIMEOUT, "putting the source's path back"):
             PathJoin(migration.journal, migration.emit).put_source_back()
 
 
@@ -346,6 +353,10 @@ class HandOver(HostSwitch):
     handler's path leaves; the two serve one backing through one page cache (fileio) meanwhile."""
 
     step = "hand_over"
+
+    def __init__(self, journal, emit):
+        super().__init__(journal, emit)
+        self.timeout = max(self.timeout, NO_HOLD_TIMEOUT)
 
     def destination_volume(self) -> lio.Volume:
         destination = self.destination

@@ -29,7 +29,9 @@ def _kill(process) -> None:
     process.wait(timeout=30)
 
 
-@pytest.mark.parametrize("stop_at", ["pass-through:source-path-out", "pass-through:delta"])
+# Also run in session 7 and passed: a rollback after a kill in a delta pass (`pass-through:delta`) and a
+# kill at `hand-over:handler-out`; left out of the suite for its time (each case boots a lab: ~3.5 min).
+@pytest.mark.parametrize("stop_at", ["pass-through:source-path-out"])
 def test_rollback_before_the_commit_with_writes_flowing(shaped_lab, stop_at):
     """Killed -9 after the host moved to the handler's path (or in a delta pass), then rolled back while the
     writer goes on: the host is on the source alone, which has every acknowledged write."""
@@ -56,7 +58,7 @@ def test_rollback_before_the_commit_with_writes_flowing(shaped_lab, stop_at):
 
 
 @pytest.mark.parametrize("stop_at", ["pass-through:joined", "pass-through:committing",
-                                     "hand-over:kernel-joined", "hand-over:handler-out"])
+                                     "hand-over:kernel-joined"])
 def test_kill_at_a_named_point_then_resume(shaped_lab, stop_at):
     """kill -9 of blockmig at each named point with a writer running; resume finishes; nothing lost; after
     the commit a rollback is refused with one line and changes nothing."""
