@@ -47,6 +47,9 @@ class SourceSession:
 
     def disk(self) -> str:
         """The source's disk on the array's session (logged in, tagged, scanned, WWID-checked as needed)."""
+        known = self._known_disk()
+        if known is not None:  # no udev wait: after a handler's kill -9, udev may hang on its host disk
+            return known
         source_volume = lio.find_volume(self.source["volume"])
         self.journal.record("reach_source", acl=True)  # intent: undo removes the ACL and mapping
         lio.ensure_node_acl(self.source["target"], self.initiator)
@@ -68,6 +71,17 @@ class SourceSession:
                                  f"multipathd ignores the {PROPERTY} blacklist ({self.blacklist_path})")
         self.journal.record("reach_source", array_disk=disk, array_lun=mapping.mapped_lun)
         return disk
+
+    def _known_disk(self) -> str | None:
+        """The disk this session brought before, if it is still there with the source's WWID."""
+        facts = self.journal.facts("reach_source")
+        if not facts.get("array_disk"):
+            return None
+        session = iscsi.find_portal_session(self.source["target"], self.source["portal"], self.iface)
+        if session is None or iscsi.session_disks(session).get(facts.get("array_lun")) != facts["array_disk"]:
+            return None
+        iscsi.check_disk_wwid(facts["array_disk"], self.source["wwid"], "the array's disk of the source")
+        return facts["array_disk"]
 
     def _tag(self, session: iscsi.Session) -> None:
         """This session's disks get the property multipathd is told to ignore (before any is scanned)."""

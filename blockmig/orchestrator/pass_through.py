@@ -188,8 +188,8 @@ class PassThroughCopyStep(BaseStep):
     def run(self, migration) -> dict:
         journal = migration.journal
         with migration.control_plane:
+            served_destination.serve(migration)  # first: a handler killed meanwhile holds the host's IO
             source = "/dev/" + SourceSession(journal).disk()
-            served_destination.serve(migration)  # a handler killed meanwhile starts again
             check_destination_is_the_migrators_alone(migration)
             destination = f"/dev/{migrator_disk(migration)}"
         state = journal.data["online"]
@@ -293,8 +293,8 @@ class CommitStep(BaseStep):
     def run(self, migration) -> dict:
         journal = migration.journal
         with migration.control_plane:
-            source = "/dev/" + SourceSession(journal).disk()
             served_destination.serve(migration)
+            source = "/dev/" + SourceSession(journal).disk()
             destination = f"/dev/{migrator_disk(migration)}"
         handler = served_destination.client_of(migration)
         if handler.state()["pass_through"]:

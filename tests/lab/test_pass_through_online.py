@@ -12,7 +12,6 @@ the workload saw is printed (the issue's benchmark figure), with blockmig's own 
 import contextlib
 import glob
 import os
-import subprocess
 import threading
 import time
 
@@ -21,14 +20,10 @@ from migrate_support import (
     SLOW_LAB,
     MigrationLab,
     blockmig,
-    journal,
-    migrate_args,
     release_held_io_and_migrator,
     report_of,
 )
-from test_online import lvm_host  # noqa: F401  (a fixture)
-from test_plan import VOLUME, assert_switched, host_volumes, plan_report, state_dir, write_plan  # noqa: F401
-from workloads import XFS_MIN_SIZE, FsAppender, RawReader, RawWriter, device_reader, run_during
+from workloads import XFS_MIN_SIZE, FsAppender, RawWriter, device_reader
 
 from blockmig import lab
 from blockmig.errors import HostError
@@ -160,60 +155,3 @@ def test_a_raw_writer_on_the_map_loses_no_acknowledged_write(shaped_lab):
     writer.check(device_reader(host.device))
     host.assert_host_on_destination(writer_region=WRITTEN, report=report)
 
-
-def test_three_volumes_of_one_host_in_one_plan_commit_together(host_volumes, backing_dir, state_dir,
-                                                                tmp_path):
-    """A `--switch together` plan of three volumes used directly (ext4, a raw writer, a raw reader): every
-    member moves by pass-through, the group commits one right after the other, nothing is lost."""
-    ext4, raw, read = host_volumes(2)
-    workloads = [FsAppender(ext4.device, "ext4", str(tmp_path / "ext4"), seed=4),
-                 RawWriter(raw.device, VOLUME, region=(MiB, VOLUME - MiB)), RawReader(read.device, read.data)]
-    hold = f"max_hold = {HOLD[1]}" if HOLD else ""
-    path = write_plan(tmp_path, [v.device for v in (ext4, raw, read)], backing_dir, "pt3", parallel=3,
-                      extra_defaults=f'mode = "online"\nswitch = "together"\n{hold}')
-    with MapWatch(ext4.map_name) as watch:
-        try:
-            result = run_during(workloads, lambda: blockmig("migrate", "--plan", path, "--json", timeout=900),
-                                settle=1.0)
-        finally:
-            workloads[0].close()
-    report = plan_report(result)
-    assert result.returncode == 0, [(v["map"], v["outcome"], v.get("error")) for v in report["volumes"]]
-    assert [v["outcome"] for v in report["volumes"]] == ["done"] * 3
-    watch.check()
-    for workload in workloads:
-        print(f"\n{workload.name}: {workload.stall.summary()}")
-    for entry in report["volumes"]:
-        assert entry["report"]["mode"] == "pass-through", entry["report"]["mode"]
-        print(f"  {entry['map']}: intervals {entry['report']['online']['intervals']}")
-    workloads[0].check()
-    workloads[1].check(device_reader(raw.device), expected=raw.data)
-    workloads[2].check()
-    for volume, entry in zip((ext4, raw, read), report["volumes"]):
-        assert_switched(volume, entry)
-    commits = sorted(journal(entry["id"])["steps"]["commit"]["done"] for entry in report["volumes"])
-    print(f"  commits from {commits[0]} to {commits[-1]}")
-
-
-def test_an_lv_on_the_map_moves_by_pass_through_too(lvm_host):
-    """`--mode pass-through` where era could track (LVM on the map: an ext4 LV with an fsync appender and a
-    raw LV with a writer): the same move, the LVs' tables never touched; the workloads' longest IO printed
-    beside test_online.py's (era) for the same host."""
-    lvm_host.start()
-    try:
-        result = blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--mode", "pass-through",
-                                        *HOLD), timeout=900)
-    finally:
-        lvm_host.stop()
-    assert result.returncode == 0, result.stderr
-    report = report_of(result)
-    assert report["mode"] == "pass-through"
-    print(f"\n{lvm_host.appender.name}: fsync {lvm_host.appender.fsync.summary()}; "
-          f"{lvm_host.writer.name}: {lvm_host.writer.stall.summary()}; "
-          f"intervals {report['online']['intervals']}")
-    lvm_host.check()
-    lvm_host.assert_plain_tables()
-    reader = subprocess.Popen(["dd", f"if={lvm_host.map_device}", "iflag=direct", "bs=1M", "status=none"],
-                              stdout=subprocess.PIPE)
-    assert subprocess.run(["cmp", "-", report["destination"]["backing"]], stdin=reader.stdout).returncode == 0
-    assert reader.wait() == 0
