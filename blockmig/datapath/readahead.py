@@ -21,6 +21,7 @@ import os
 import threading
 from collections import deque
 
+from blockmig import signals
 from blockmig.datapath.blockdev import Volume, allocate_aligned_buffer
 from blockmig.datapath.digest import digest_chunk
 from blockmig.errors import DeviceError
@@ -118,6 +119,7 @@ class ReadAhead:
         return queued
 
     def _reader(self) -> None:
+        signals.only_the_main_thread_receives()  # its handler then runs before the copy's next check
         while True:
             with self._work:
                 while not self._jobs and not self._closed:
