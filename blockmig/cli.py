@@ -178,8 +178,8 @@ def _add_migrate(sub) -> None:
                         help="move the host by a multipath path switch (default) or iSCSI logout/login; "
                              "together: a plan's maps switched as one consistency group")
     parser.add_argument("--switch-timeout", type=_seconds_argument(1, 600), metavar="SECONDS",
-                        help="if the destination path is not in the map this long after the hold began, put the "
-                             "source path back and stop (default 10)")
+                        help="if the destination path is not in the map this long after the hold began (online: after "
+                             "the last delta is copied in the hold), put the source path back and stop (default 10)")
     parser.add_argument("--worm", action="store_true", default=None,
                         help="write-protect the destination for the host afterwards")
     parser.add_argument("--chunk-size", type=chunk_size_argument,

@@ -61,7 +61,7 @@ from blockmig.errors import DeviceError, HostError, MigrationError, UsageError, 
 from blockmig.faults import checkpoint
 from blockmig.host import era, multipath, usage
 from blockmig.host.devices import freeze_filesystems, holder_maps
-from blockmig.host.runner import phase_deadline
+from blockmig.host.runner import extend_phase_deadline, phase_deadline
 from blockmig.orchestrator.host_switch import END_HOLD_TIMEOUT, HostSwitch
 from blockmig.state import MigrationJournal
 
@@ -597,6 +597,9 @@ class OnlineSwitch(HostSwitch):
     def take_source_out(self) -> None:
         if not self.facts.source_removed and not self.facts.source_fencing:
             self.copy_final_delta()
+            # --max-hold sized that copy (by estimate); the path change after it gets all of --switch-timeout
+            # (under TCG a last delta of 8.7 s left a 10 s timeout nothing for the source's removal).
+            extend_phase_deadline(self.timeout)
             # The migrator's session logs out after the hold (run); its disk has no LUN behind it meanwhile.
             self.give_destination_the_source_identity()
             self._phase("destination handed over")

@@ -95,6 +95,15 @@ def migrate(host: MigrationLab, *extra: str, timeout: float = 900):
     return report_of(result)
 
 
+def migrate_watched(host: MigrationLab) -> tuple[dict, MapWatch]:
+    """migrate, the map sampled from a second before to a second after (the workload's IO on both sides)."""
+    with MapWatch(host.map_name) as watch:
+        time.sleep(1)
+        report = migrate(host)
+        time.sleep(1)
+    return report, watch
+
+
 def print_figures(report: dict, workload) -> None:
     online = report["online"]
     print(f"\n{workload.name}: {workload.stall.summary()} (longest single IO seen by the workload)")
@@ -119,10 +128,7 @@ def test_a_filesystem_directly_on_the_map_moves_online_with_its_writer(shaped_la
     appender = FsAppender(host.device, fstype, str(tmp_path / "mnt"), interval=0.02)
     appender.start()
     try:
-        with MapWatch(host.map_name) as watch:
-            time.sleep(1)
-            report = migrate(host)
-            time.sleep(1)
+        report, watch = migrate_watched(host)
         appender.stop()
         print_figures(report, appender)
         watch.check()
@@ -143,10 +149,7 @@ def test_a_raw_writer_on_the_map_loses_no_acknowledged_write(shaped_lab):
     writer = RawWriter(host.device, host.size, block=4096, region=REGION, interval=0.002)
     writer.start()
     try:
-        with MapWatch(host.map_name) as watch:
-            time.sleep(1)
-            report = migrate(host)
-            time.sleep(1)
+        report, watch = migrate_watched(host)
     finally:
         writer.stop()
     print_figures(report, writer)

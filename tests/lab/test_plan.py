@@ -17,6 +17,7 @@ from datetime import datetime
 import pytest
 from blockio import read_direct, read_file
 from migrate_support import (
+    GROUP_SWITCH_TIMEOUT,
     MiB,
     MigrationLab,
     add_host_volume,
@@ -376,6 +377,7 @@ def test_one_member_failing_leaves_the_others_to_finish(host_volumes, backing_di
 
 def together_args(volumes, backing_dir, plan_id: str) -> list[str]:
     return ["migrate", *(v.device for v in volumes), "--switch", "together", "--fence", "suspend",
+            "--switch-timeout", GROUP_SWITCH_TIMEOUT,
             "--to-target", lab.DESTINATION_IQN, "--to-portal", "{}:{}".format(*lab.DESTINATION_PORTAL),
             "--backing-dir", backing_dir, "--chunk-size", "1M", "--id", plan_id, "--json"]
 
