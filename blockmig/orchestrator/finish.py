@@ -26,12 +26,6 @@ class FinishStep(BaseStep):
         return {}
 
 
-def pass_through_summary(journal) -> dict | None:
-    from blockmig.orchestrator.pass_through import summary  # whose table holds this step
-
-    return summary(journal)
-
-
 def report(migration) -> dict:
     journal, source, destination = migration.journal, migration.source, migration.destination
     copy, verify, switch = (journal.facts(name) for name in ("copy", "verify", "switch"))
@@ -61,7 +55,7 @@ def report(migration) -> dict:
         "host_disk": switch.get("host_disk"),
         "fence": journal.data["fence"],
         "mode": journal.data.get("mode", "offline"),
-        "online": online.summary(journal) or pass_through_summary(journal),
+        "online": online.summary(journal) or online.pass_through_summary(journal),
         "final_delta": switch.get("final_delta"),
         "switch": journal.data["switch"],
         "worm": journal.data["worm"],

@@ -58,6 +58,7 @@ class SwitchFacts:
     mountpoints: list[str] | None = None  # what the hold freezes (read before it: a walk of /proc is slow)
     suspended_at: float | None = None  # the hold began (time.time())
     source_fencing: bool = False  # intent: the host's mapping of the source is (being) write-protected
+    source_leaving: bool = False  # pass-through intent: the source's path leaves the map (undo puts it back)
     source_removed: bool = False  # the source's path is out of the host's map
     source_logged_out: list = field(default_factory=list)  # relogin: [target, ip, port, iface] logged out
     queueing_held: bool = False  # the path-less map is held suspended past multipathd's countdown

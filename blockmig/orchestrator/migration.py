@@ -18,7 +18,7 @@ from __future__ import annotations
 from blockmig import signals, timeline
 from blockmig.errors import MigrationError
 from blockmig.host.control_plane import HostControlPlane
-from blockmig.orchestrator import fence
+from blockmig.orchestrator import fence, pass_through
 from blockmig.orchestrator.copy import CopyStep
 from blockmig.orchestrator.create_destination import CreateDestinationStep
 from blockmig.orchestrator.fence import FenceStep
@@ -45,11 +45,7 @@ STEPS = [
 def steps_of(journal: MigrationJournal) -> list:
     """The table for the journal's mode: a pass-through move has its own (pass_through.py)."""
     if journal.data.get("mode") == PASS_THROUGH:
-        from blockmig.orchestrator.pass_through import (
-            STEPS as PASS_THROUGH_STEPS,  # imports this table's steps
-        )
-
-        return PASS_THROUGH_STEPS
+        return pass_through.STEPS
     return STEPS
 
 

@@ -632,3 +632,21 @@ def summary(journal: MigrationJournal) -> dict | None:
         key: state.get(key)
         for key in ("pass", "delta_bytes", "estimated_hold", "max_hold", "holders", "passes")
     }
+
+
+# The pass-through's journal record (pass_through.py, whose steps import finish and plan, which use these)
+def new_pass_through_state(max_hold: float) -> dict:
+    """The journal's `online` record of a pass-through move."""
+    if not 0 < max_hold <= 60:
+        raise UsageError(f"--max-hold {max_hold:g} s must be above 0 and at most 60 s")
+    return {"mechanism": PASS_THROUGH, "max_hold": max_hold, "pass1_done": False, "pass1_rate": None,
+            "pass": 0, "passes": [], "intervals": []}
+
+
+def pass_through_summary(journal) -> dict | None:
+    """The pass-through's figures for the report and status."""
+    state = journal.data.get("online")
+    if not state or state.get("mechanism") != PASS_THROUGH:
+        return None
+    return {"mechanism": PASS_THROUGH, "passes": state["passes"], "intervals": state["intervals"],
+            "max_hold": state["max_hold"]}

@@ -38,7 +38,7 @@ from blockmig.array.source_session import SourceSession
 from blockmig.datapath.copy import copy_volume
 from blockmig.datapath.digest import load_manifest
 from blockmig.datapath.journal import write_json_atomically
-from blockmig.errors import ArrayError, MigrationError, UsageError, VerifyError
+from blockmig.errors import ArrayError, MigrationError, VerifyError
 from blockmig.faults import checkpoint
 from blockmig.host import iscsi, multipath, udev
 from blockmig.host.devices import map_disks
@@ -61,14 +61,6 @@ CREATE = served_destination.CREATE
 # A path change that holds no IO (join, hand-over) is not bounded by --switch-timeout, which bounds a hold:
 # it may take a loaded host's udev and multipathd a while, the host working meanwhile.
 NO_HOLD_TIMEOUT = 180.0
-
-
-def new_state(max_hold: float) -> dict:
-    """The journal's `online` record of a pass-through move."""
-    if not 0 < max_hold <= 60:
-        raise UsageError(f"--max-hold {max_hold:g} s must be above 0 and at most 60 s")
-    return {"mechanism": "pass-through", "max_hold": max_hold, "pass1_done": False, "pass1_rate": None,
-            "pass": 0, "passes": [], "intervals": []}
 
 
 def _interval(migration, phase: str, began: float, **facts) -> None:
@@ -132,7 +124,7 @@ class PathJoin(HostSwitch):
         if not any(p.usable and p.dev == self.facts.host_disk for p in multipath.paths_of_map(self.map_name)):
             raise MigrationError(f"the destination's path {self.facts.host_disk} is not usable in map "
                                  f"{self.map_name}: the source's path stays")
-        self._record(source_fencing=True)  # intent: undo puts the source's path back
+        self._record(source_leaving=True)  # intent: undo puts the source's path back
         for session in self._host_source_sessions():
             disk = iscsi.session_disks(session).get(self.source["host_lun"])
             if disk is None:
@@ -152,7 +144,7 @@ class PathJoin(HostSwitch):
     def put_source_back(self) -> None:
         """Before the commit: the source's path joins again, then the handler's leaves (the source is current:
         nothing to copy back)."""
-        if self.facts.source_fencing or self.facts.source_removed:
+        if self.facts.source_leaving or self.facts.source_removed:
             source = self._source_volume()
             if lio.find_mapping(source, self.source["host_initiator"]) is None:
                 lio.export_volume(source, self.source["host_initiator"], mapped_lun=self.source["host_lun"])
@@ -161,7 +153,7 @@ class PathJoin(HostSwitch):
                     iscsi.scan_session_lun(session, self.source["host_lun"])
                 disk = iscsi.find_session_disk(session, self.source["host_lun"], self.source["wwid"])
                 multipath.add_path_now(self.map_name, disk, max(self.timeout, udev.DEFAULT_TIMEOUT))
-            self._record(source_removed=False, source_fencing=False)
+            self._record(source_removed=False, source_leaving=False)
         self._detach_host_from_destination_lun()
         self.release_host_destination_session()
 
@@ -336,15 +328,8 @@ def committed(migration) -> bool:
         return not served_destination.client_of(migration).state()["pass_through"]
     except ArrayError:
         with contextlib.suppress(ArrayError):
-            return not client_saved_state(migration).pass_through
+            return not served_destination.saved_state(migration).pass_through
         return True  # nobody can say: never roll back over writes the source may lack
-
-
-def client_saved_state(migration):
-    from blockmig.array.tcmu import client
-
-    return client.saved_state(served_destination.served_name(migration.journal),
-                              served_destination.state_dir(migration))
 
 
 
@@ -431,12 +416,3 @@ STEPS = [
     HandOverStep(),
     FinishStep(),
 ]
-
-
-def summary(journal) -> dict | None:
-    """The pass-through's figures for the report and status."""
-    state = journal.data.get("online")
-    if not state or state.get("mechanism") != "pass-through":
-        return None
-    return {"mechanism": "pass-through", "passes": state["passes"], "intervals": state["intervals"],
-            "max_hold": state["max_hold"]}

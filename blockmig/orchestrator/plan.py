@@ -172,9 +172,7 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
 
 def _online_state(mode: str, map_name: str | None, max_hold: float) -> dict | None:
     if mode == online.PASS_THROUGH:
-        from blockmig.orchestrator.pass_through import new_state  # its steps use this module's
-
-        return new_state(max_hold)
+        return online.new_pass_through_state(max_hold)
     return online.new_state(map_name, max_hold) if mode == "online" else None
 
 

@@ -24,6 +24,7 @@ import contextlib
 import os
 
 from blockmig.array import lio
+from blockmig.array.source_session import SourceSession
 from blockmig.array.tcmu import client, service
 from blockmig.errors import ArrayError, MigrationError
 from blockmig.faults import checkpoint
@@ -88,8 +89,6 @@ def serve(migration) -> lio.Volume:
         os.makedirs(state_dir(migration), mode=0o700, exist_ok=True)
         passing = {}
         if is_pass_through(migration.journal):  # the host's view: the source's identity, through to it
-            from blockmig.array.source_session import SourceSession
-
             passing = {"serial": source["serial"], "migrator_serial": destination["temporary_serial"],
                        "pass_through_source": "/dev/" + SourceSession(migration.journal).disk(),
                        "chunk_size": migration.journal.data["chunk_size"]}
@@ -111,11 +110,16 @@ def serve(migration) -> lio.Volume:
     return volume
 
 
+def saved_state(migration):
+    """The guard's journaled state (GuardState), readable with the handler gone."""
+    return client.saved_state(served_name(migration.journal), state_dir(migration))
+
+
 def _refuse_if_removed(migration) -> None:
     """A handler that stopped because an admin removed one of its storage objects is not started again
     (that would make the object anew): the destination is gone, as a kernel volume removed would be."""
     with contextlib.suppress(ArrayError):  # no state file yet: the first start
-        removed = client.saved_state(served_name(migration.journal), state_dir(migration)).removed
+        removed = saved_state(migration).removed
         if removed:
             raise MigrationError(f"destination volume {migration.destination['volume']} is gone: its storage "
                                  f"object {removed} was removed while blockmig's handler served it")
