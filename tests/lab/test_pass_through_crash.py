@@ -5,6 +5,7 @@ The cases and their checks are test_pass_through_online.py's.
 
 import glob
 import signal
+import subprocess
 import time
 
 import pytest
@@ -20,6 +21,8 @@ from test_pass_through_online import (  # noqa: F401  (shaped_lab is a fixture)
     shaped_lab,
 )
 from workloads import RawWriter, device_reader, file_reader
+
+from blockmig.array.tcmu import client
 
 
 def _kill(process) -> None:
@@ -85,3 +88,61 @@ def test_kill_at_a_named_point_then_resume(shaped_lab, stop_at):
     writer.check(device_reader(host.device))
     host.assert_host_on_destination(writer_region=WRITTEN, report=report)
 
+
+
+def test_the_handler_killed_in_the_copy_is_started_again_by_resume(shaped_lab):
+    """kill -9 of the handler (and of blockmig) in pass 1, the host on the handler's path: its IO waits in the
+    ring meanwhile; resume starts the handler again first, and the move finishes with nothing lost."""
+    host = shaped_lab
+    writer = RawWriter(host.device, host.size, block=4096, region=REGION, interval=0.002)
+    writer.start()
+    try:
+        with MapWatch(host.map_name) as watch:
+            args = host.migrate_args("--mode", "online", "--id", "hk", "--max-rate", "8M", *HOLD)
+            process = start_blockmig(*args, stop_at="copy:chunk")
+            wait_until_stopped(process, 600)
+            assert journal("hk")["steps"]["join"]["state"] == "done"  # the host is on the handler's path
+            handlers = client.handler_processes()
+            assert handlers, "no handler serves the destination"
+            for proc in handlers:
+                proc.kill()
+            _kill(process)
+            result = blockmig("resume", "hk", "--json", timeout=900)
+            assert result.returncode == 0, result.stderr
+    finally:
+        writer.stop()
+    watch.check()
+    report = report_of(result)
+    print_figures(report, writer)
+    assert_moved(host, report)
+    writer.check(device_reader(host.device))
+    host.assert_host_on_destination(writer_region=WRITTEN, report=report)
+
+
+def test_sigterm_in_a_delta_pass_stops_at_a_safe_point_then_rollback(shaped_lab):
+    """SIGTERM while a delta pass runs: blockmig ends the pass, exits 143 with one line, the host working on
+    the handler's path meanwhile; rollback, the writer still running, puts it on the source alone."""
+    host = shaped_lab
+    writer = RawWriter(host.device, host.size, block=4096, region=REGION, interval=0.002)
+    writer.start()
+    try:
+        with MapWatch(host.map_name) as watch:
+            args = host.migrate_args("--mode", "online", "--id", "st", "--max-hold", "0.001")
+            process = start_blockmig(*args, stop_at="pass-through:delta", stdout=subprocess.DEVNULL)
+            wait_until_stopped(process, 600)
+            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGCONT)
+            _, stderr = process.communicate(timeout=600)
+            lines = stderr.strip().splitlines()
+            assert process.returncode == 143 and len(lines) == 1 and "SIGTERM" in lines[0], stderr
+            assert journal("st")["steps"]["copy"]["state"] != "done"
+            time.sleep(1)  # the host writes on through the handler, blockmig gone
+            rollback = blockmig("rollback", "st", timeout=600)
+            assert rollback.returncode == 0, rollback.stderr
+            time.sleep(1)
+    finally:
+        writer.stop()
+    watch.check()
+    writer.check(device_reader(host.device))
+    writer.check(file_reader(host.source_backing))
+    host.assert_host_on_source_only(writer_region=WRITTEN)

@@ -1,0 +1,131 @@
+"""Pass-through moves of the host stacks beside a filesystem directly on the map: an LV on the map (where era
+could track too: the figures to weigh one against the other), a partition on the map, and three volumes of
+one host in one `--switch together` plan with a writer ordered across two of them.
+
+Each asserts what the host cares about: zero application errors, zero lost acknowledged writes, fsck clean,
+the map never without a usable path, the stacked maps' tables untouched; and prints the longest single IO
+each workload saw.
+"""
+
+import os
+import subprocess
+
+import pytest
+from migrate_support import MiB, blockmig, journal, migrate_args, report_of
+from test_online import lvm_host  # noqa: F401  (a fixture)
+from test_pass_through_online import HOLD, MapWatch, migrate_watched, print_figures, shaped_lab  # noqa: F401
+from test_plan import (  # noqa: F401  (host_volumes and state_dir are fixtures)
+    VOLUME,
+    assert_switched,
+    host_volumes,
+    plan_report,
+    state_dir,
+    write_plan,
+)
+from workloads import FsAppender, OrderedPairWriter, run_during
+
+from blockmig.host import multipath
+
+
+def same_bytes(device: str, backing: str) -> bool:
+    """The host's view (O_DIRECT: past the page cache) and the destination's backing file, compared whole."""
+    reader = subprocess.Popen(["dd", f"if={device}", "iflag=direct", "bs=1M", "status=none"],
+                              stdout=subprocess.PIPE)
+    same = subprocess.run(["cmp", "-", backing], stdin=reader.stdout).returncode == 0
+    return reader.wait() == 0 and same
+
+
+def test_an_lv_on_the_map_moves_by_pass_through(lvm_host):
+    """`--mode pass-through` where era could track (an ext4 LV with an fsync appender, a raw LV with a writer
+    that logs its acknowledged writes): the LVs' tables are never touched."""
+    lvm_host.start()
+    try:
+        with MapWatch(lvm_host.map_name) as watch:
+            args = migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--mode", "pass-through", *HOLD)
+            result = blockmig(*args, timeout=900)
+    finally:
+        lvm_host.stop()
+    assert result.returncode == 0, result.stderr
+    report = report_of(result)
+    assert report["mode"] == "pass-through"
+    appender, writer = lvm_host.appender, lvm_host.writer
+    print(f"\nLV on the map, pass-through: {appender.name} write+fsync {appender.fsync.summary()}; "
+          f"{writer.name} {writer.stall.summary()}; intervals {report['online']['intervals']}")
+    watch.check()
+    lvm_host.check()  # 0 errors, 0 lost writes, fsck clean
+    lvm_host.assert_plain_tables()  # nothing was stacked, nothing reloaded
+    assert same_bytes(lvm_host.map_device, report["destination"]["backing"])
+
+
+def dm_table(device: str) -> str:
+    return subprocess.run(["dmsetup", "table", os.path.basename(device)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _partition_map(map_name: str) -> str:
+    """The map of the first partition on map_name (udev's kpartx rule makes it; kpartx itself if not)."""
+    holders_dir = f"/sys/block/{os.path.basename(os.path.realpath(f'/dev/mapper/{map_name}'))}/holders"
+    if not os.listdir(holders_dir):
+        subprocess.run(["kpartx", "-a", "-s", f"/dev/mapper/{map_name}"], check=True, capture_output=True)
+    holders = os.listdir(holders_dir)
+    assert len(holders) == 1, holders
+    with open(f"/sys/block/{holders[0]}/dm/name") as f:
+        return "/dev/mapper/" + f.read().strip()
+
+
+@pytest.mark.parametrize("shaped_lab", [(64 * MiB, 4096)], indirect=True, ids=["4096"])
+def test_a_partition_on_the_map_moves_with_its_filesystem_mounted(shaped_lab, tmp_path):
+    """An msdos label, one partition from 1 MiB, ext4 on it with an fsync appender, 4096-byte blocks: the
+    partition's map stays as it was while its multipath map changes paths under it."""
+    host = shaped_lab
+    subprocess.run(["sfdisk", "-q", host.device], input="label: dos\nstart=1MiB, type=83\n", text=True,
+                   check=True, capture_output=True)
+    subprocess.run(["udevadm", "settle"], check=True)
+    partition = _partition_map(host.map_name)
+    table = dm_table(partition)
+    appender = FsAppender(partition, "ext4", str(tmp_path / "mnt"), interval=0.02)
+    appender.start()
+    try:
+        report, watch = migrate_watched(host)
+        appender.stop()
+        print_figures(report, appender)
+        watch.check()
+        assert report["mode"] == "pass-through"
+        assert multipath.logical_block_size(host.device) == host.block_size
+        appender.check()  # 0 errors, every acknowledged line there, fsck clean
+        assert dm_table(partition) == table
+    finally:
+        appender.close()
+        subprocess.run(["kpartx", "-d", host.device], capture_output=True)
+
+
+def test_three_volumes_of_one_host_in_one_together_plan(host_volumes, backing_dir, state_dir, tmp_path):
+    """ext4 on one map, a writer ordered across the other two (its second write only after the first is
+    acknowledged): every member moves by pass-through, the group commits one right after the other, the
+    writer never finds its second volume ahead of its first, nothing is lost."""
+    ext4, log, data = host_volumes(2)
+    appender = FsAppender(ext4.device, "ext4", str(tmp_path / "ext4"), interval=0.02)
+    pair = OrderedPairWriter(log.device, data.device, bases=(VOLUME // 2, VOLUME // 2))
+    hold = f"max_hold = {HOLD[1]}" if HOLD else ""
+    path = write_plan(tmp_path, [v.device for v in (ext4, log, data)], backing_dir, "pt3", parallel=3,
+                      extra_defaults=f'mode = "online"\nswitch = "together"\n{hold}')
+    try:
+        with MapWatch(data.map_name) as watch:
+            result = run_during([appender, pair], settle=1.0,
+                                action=lambda: blockmig("migrate", "--plan", path, "--json", timeout=1200))
+    finally:
+        appender.close()
+    report = plan_report(result)
+    assert result.returncode == 0, [(v["map"], v["outcome"], v.get("error")) for v in report["volumes"]]
+    assert [v["outcome"] for v in report["volumes"]] == ["done"] * 3
+    print(f"\n{appender.name}: write+fsync {appender.fsync.summary()}; {pair.summary()}")
+    for entry in report["volumes"]:
+        assert entry["report"]["mode"] == "pass-through", entry["report"]["mode"]
+        print(f"  {entry['map']}: intervals {entry['report']['online']['intervals']}")
+    watch.check()
+    appender.check()
+    pair.check()
+    for volume, entry in zip((ext4, log, data), report["volumes"]):
+        assert_switched(volume, entry)
+    commits = sorted(journal(entry["id"])["steps"]["commit"]["done"] for entry in report["volumes"])
+    print(f"  commits from {commits[0]} to {commits[-1]}")
