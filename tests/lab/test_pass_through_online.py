@@ -95,12 +95,25 @@ def migrate(host: MigrationLab, *extra: str, timeout: float = 900):
     return report_of(result)
 
 
-def migrate_watched(host: MigrationLab) -> tuple[dict, MapWatch]:
-    """migrate, the map sampled from a second before to a second after (the workload's IO on both sides)."""
+# The workload runs alone this long first: its own longest IO and rate without a migration (the issue's
+# targets compare the migration's with these).
+BASELINE_SECONDS = 8.0
+
+
+def migrate_watched(host: MigrationLab, workload=None) -> tuple[dict, MapWatch]:
+    """migrate, the map sampled from a second before to a second after; with `workload`, its IOs before the
+    migration (BASELINE_SECONDS) and during it are printed side by side."""
+    began = time.monotonic()
+    time.sleep(BASELINE_SECONDS if workload is not None else 0)
     with MapWatch(host.map_name) as watch:
         time.sleep(1)
+        started = time.monotonic()
         report = migrate(host)
+        ended = time.monotonic()
         time.sleep(1)
+    if workload is not None:
+        print(f"\n{workload.name} alone: {workload.stall.phase(began, started - 1)}; during the migration: "
+              f"{workload.stall.phase(started, ended)}")
     return report, watch
 
 
@@ -128,7 +141,7 @@ def test_a_filesystem_directly_on_the_map_moves_online_with_its_writer(shaped_la
     appender = FsAppender(host.device, fstype, str(tmp_path / "mnt"), interval=0.02)
     appender.start()
     try:
-        report, watch = migrate_watched(host)
+        report, watch = migrate_watched(host, appender)
         appender.stop()
         print_figures(report, appender)
         watch.check()
@@ -149,7 +162,7 @@ def test_a_raw_writer_on_the_map_loses_no_acknowledged_write(shaped_lab):
     writer = RawWriter(host.device, host.size, block=4096, region=REGION, interval=0.002)
     writer.start()
     try:
-        report, watch = migrate_watched(host)
+        report, watch = migrate_watched(host, writer)
     finally:
         writer.stop()
     print_figures(report, writer)

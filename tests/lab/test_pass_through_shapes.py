@@ -86,7 +86,7 @@ def test_a_partition_on_the_map_moves_with_its_filesystem_mounted(shaped_lab, tm
     appender = FsAppender(partition, "ext4", str(tmp_path / "mnt"), interval=0.02)
     appender.start()
     try:
-        report, watch = migrate_watched(host)
+        report, watch = migrate_watched(host, appender)
         appender.stop()
         print_figures(report, appender)
         watch.check()

@@ -58,6 +58,7 @@ class IoStall:
         self.max = 0.0
         self.worst_ended_at = 0.0
         self.samples: list[float] = []
+        self.ends: list[float] = []  # when each sample's IO ended (time.monotonic()), for phase()
 
     @contextlib.contextmanager
     def timing(self):
@@ -73,11 +74,20 @@ class IoStall:
         self.total += seconds
         if len(self.samples) < 100_000:
             self.samples.append(seconds)
+            self.ends.append(ended_at)
         if seconds > self.max:
             self.max, self.worst_ended_at = seconds, ended_at
 
     def median(self) -> float:
         return sorted(self.samples)[len(self.samples) // 2] if self.samples else 0.0
+
+    def phase(self, began: float, ended: float) -> str:
+        """The IOs that ended in [began, ended) (time.monotonic()): how many per second, median, longest."""
+        seconds = [s for s, end in zip(self.samples, self.ends) if began <= end < ended]
+        rate = len(seconds) / (ended - began) if ended > began else 0.0
+        median = sorted(seconds)[len(seconds) // 2] if seconds else 0.0
+        return (f"{len(seconds)} IOs ({rate:.1f}/s), median {median * 1000:.1f} ms, "
+                f"max {max(seconds, default=0.0) * 1000:.0f} ms")
 
     def summary(self) -> str:
         mean = self.total / self.count if self.count else 0.0
