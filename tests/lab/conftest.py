@@ -11,6 +11,13 @@ from blockmig import lab
 from blockmig.host import iscsi, multipath
 
 LAB_SIZE = 16 * 1024 * 1024
+
+
+def pytest_runtest_logreport(report):
+    """A failure's traceback in the guest's log at once, not only at the end of a run of an hour: the log is
+    what one reads while the other tests still run (and all that is left of a guest killed by its timeout)."""
+    if report.failed:
+        print(f"\n-- {report.nodeid} failed in {report.when}:\n{report.longreprtext[-6000:]}\n", flush=True)
 MIGRATOR_IFACE = "blockmig-test-migrator"
 MIGRATOR_IQN = "iqn.2026-11.lab.blockmig:test-migrator"
 
