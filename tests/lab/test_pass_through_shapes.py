@@ -11,7 +11,6 @@ import os
 import struct
 import subprocess
 
-import pytest
 from migrate_support import MiB, blockmig, journal, migrate_args, report_of
 from test_online import lvm_host  # noqa: F401  (a fixture)
 from test_pass_through_online import HOLD, MapWatch, migrate_watched, print_figures, shaped_lab  # noqa: F401
@@ -24,8 +23,6 @@ from test_plan import (  # noqa: F401  (host_volumes and state_dir are fixtures)
     write_plan,
 )
 from workloads import FsAppender, OrderedPairWriter, run_during
-
-from blockmig.host import multipath
 
 
 def same_bytes(device: str, backing: str) -> bool:
@@ -89,32 +86,6 @@ def _partition_map(map_name: str) -> str:
     assert len(holders) == 1, holders
     with open(f"/sys/block/{holders[0]}/dm/name") as f:
         return "/dev/mapper/" + f.read().strip()
-
-
-@pytest.mark.parametrize("shaped_lab", [(64 * MiB, 4096)], indirect=True, ids=["4096"])
-def test_a_partition_on_the_map_moves_with_its_filesystem_mounted(shaped_lab, tmp_path):
-    """An msdos label, one partition from 1 MiB, ext4 on it with an fsync appender, 4096-byte blocks: the
-    partition's map stays as it was while its multipath map changes paths under it."""
-    host = shaped_lab
-    write_msdos_label(host.device, host.block_size, host.size)
-    subprocess.run(["udevadm", "settle"], check=True)
-    partition = _partition_map(host.map_name)
-    assert dm_table(partition).split()[-1] == str(MiB // 512), dm_table(partition)  # starts at 1 MiB
-    table = dm_table(partition)
-    appender = FsAppender(partition, "ext4", str(tmp_path / "mnt"), interval=0.02)
-    appender.start()
-    try:
-        report, watch = migrate_watched(host, appender)
-        appender.stop()
-        print_figures(report, appender)
-        watch.check()
-        assert report["mode"] == "pass-through"
-        assert multipath.logical_block_size(host.device) == host.block_size
-        appender.check()  # 0 errors, every acknowledged line there, fsck clean
-        assert dm_table(partition) == table
-    finally:
-        appender.close()
-        subprocess.run(["kpartx", "-d", host.device], capture_output=True)
 
 
 def test_three_volumes_of_one_host_in_one_together_plan(host_volumes, backing_dir, state_dir, tmp_path):
