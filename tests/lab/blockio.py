@@ -2,6 +2,7 @@
 
 import mmap
 import os
+import subprocess
 
 
 def write_direct(device: str, offset: int, data: bytes) -> None:
@@ -33,3 +34,12 @@ def read_file(path: str, offset: int, length: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(length)
+
+
+def same_bytes(device: str, path: str) -> bool:
+    """The device read whole with O_DIRECT (past the page cache: udev's blkid may hold stale blocks) and a
+    file, byte for byte (dd | cmp)."""
+    reader = subprocess.Popen(["dd", f"if={device}", "iflag=direct", "bs=1M", "status=none"],
+                              stdout=subprocess.PIPE)
+    same = subprocess.run(["cmp", "-", path], stdin=reader.stdout).returncode == 0
+    return reader.wait() == 0 and same

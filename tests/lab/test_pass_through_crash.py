@@ -30,6 +30,17 @@ def _kill(process) -> None:
     process.wait(timeout=30)
 
 
+def assert_back_on_the_source(host, writer, watch, migration_id: str) -> None:
+    """After a rollback with the writer running: rolled back, every acknowledged write on the host's view and
+    on the source array itself, the host on the source alone, the array session's udev rule gone."""
+    watch.check()
+    assert journal(migration_id)["state"] == "rolled_back"
+    writer.check(device_reader(host.device))
+    writer.check(file_reader(host.source_backing))  # on the source array itself
+    host.assert_host_on_source_only(writer_region=WRITTEN)
+    assert not glob.glob("/etc/udev/rules.d/40-blockmig-array-*.rules")
+
+
 # Also run in session 7 and passed: a rollback after a kill in a delta pass (`pass-through:delta`) and a
 # kill at `hand-over:handler-out`; left out of the suite for its time (each case: ~3.5 min under TCG).
 @pytest.mark.parametrize("stop_at", ["pass-through:source-path-out"])
@@ -50,12 +61,7 @@ def test_rollback_before_the_commit_with_writes_flowing(shaped_lab, stop_at):
             time.sleep(1)
     finally:
         writer.stop()
-    watch.check()
-    assert journal("rb")["state"] == "rolled_back"
-    writer.check(device_reader(host.device))
-    writer.check(file_reader(host.source_backing))  # on the source array itself
-    host.assert_host_on_source_only(writer_region=WRITTEN)
-    assert not glob.glob("/etc/udev/rules.d/40-blockmig-array-*.rules")
+    assert_back_on_the_source(host, writer, watch, "rb")
 
 
 @pytest.mark.parametrize("stop_at", ["pass-through:committing", "hand-over:kernel-joined"])
@@ -141,7 +147,4 @@ def test_sigterm_in_a_delta_pass_stops_at_a_safe_point_then_rollback(shaped_lab)
             time.sleep(1)
     finally:
         writer.stop()
-    watch.check()
-    writer.check(device_reader(host.device))
-    writer.check(file_reader(host.source_backing))
-    host.assert_host_on_source_only(writer_region=WRITTEN)
+    assert_back_on_the_source(host, writer, watch, "st")

@@ -1,5 +1,5 @@
 """Pass-through moves of the host stacks beside a filesystem directly on the map: an LV on the map (where era
-could track too: the figures to weigh one against the other), a partition on the map, and three volumes of
+could track too: the figures to weigh one against the other) and three volumes of
 one host in one `--switch together` plan with a writer ordered across two of them.
 
 Each asserts what the host cares about: zero application errors, zero lost acknowledged writes, fsck clean,
@@ -7,11 +7,8 @@ the map never without a usable path, the stacked maps' tables untouched; and pri
 each workload saw.
 """
 
-import os
-import struct
-import subprocess
-
-from migrate_support import MiB, blockmig, journal, migrate_args, report_of
+from blockio import same_bytes
+from migrate_support import blockmig, journal, migrate_args, report_of
 from test_online import lvm_host  # noqa: F401  (a fixture)
 from test_pass_through_online import HOLD, MapWatch, migrate_watched, print_figures, shaped_lab  # noqa: F401
 from test_plan import (  # noqa: F401  (host_volumes and state_dir are fixtures)
@@ -23,14 +20,6 @@ from test_plan import (  # noqa: F401  (host_volumes and state_dir are fixtures)
     write_plan,
 )
 from workloads import FsAppender, OrderedPairWriter, run_during
-
-
-def same_bytes(device: str, backing: str) -> bool:
-    """The host's view (O_DIRECT: past the page cache) and the destination's backing file, compared whole."""
-    reader = subprocess.Popen(["dd", f"if={device}", "iflag=direct", "bs=1M", "status=none"],
-                              stdout=subprocess.PIPE)
-    same = subprocess.run(["cmp", "-", backing], stdin=reader.stdout).returncode == 0
-    return reader.wait() == 0 and same
 
 
 def test_an_lv_on_the_map_moves_by_pass_through(lvm_host):
@@ -53,39 +42,6 @@ def test_an_lv_on_the_map_moves_by_pass_through(lvm_host):
     lvm_host.check()  # 0 errors, 0 lost writes, fsck clean
     lvm_host.assert_plain_tables()  # nothing was stacked, nothing reloaded
     assert same_bytes(lvm_host.map_device, report["destination"]["backing"])
-
-
-def write_msdos_label(device: str, block_size: int, size: int) -> None:
-    """An msdos label with one Linux partition from 1 MiB to the end (the guest has no fdisk): its LBAs count
-    logical blocks, as the kernel and kpartx read them."""
-    start, count = MiB // block_size, (size - MiB) // block_size
-    entry = struct.pack("<B3sB3sII", 0, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff", start, count)
-    sector = bytearray(block_size)
-    sector[446:462] = entry
-    sector[510:512] = b"\x55\xaa"
-    fd = os.open(device, os.O_WRONLY)
-    try:
-        os.pwrite(fd, bytes(sector), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    subprocess.run(["blockdev", "--rereadpt", device], capture_output=True)  # a map: kpartx's udev rule acts
-
-
-def dm_table(device: str) -> str:
-    return subprocess.run(["dmsetup", "table", os.path.basename(device)], capture_output=True, text=True,
-                          check=True).stdout
-
-
-def _partition_map(map_name: str) -> str:
-    """The map of the first partition on map_name (udev's kpartx rule makes it; kpartx itself if not)."""
-    holders_dir = f"/sys/block/{os.path.basename(os.path.realpath(f'/dev/mapper/{map_name}'))}/holders"
-    if not os.listdir(holders_dir):
-        subprocess.run(["kpartx", "-a", "-s", f"/dev/mapper/{map_name}"], check=True, capture_output=True)
-    holders = os.listdir(holders_dir)
-    assert len(holders) == 1, holders
-    with open(f"/sys/block/{holders[0]}/dm/name") as f:
-        return "/dev/mapper/" + f.read().strip()
 
 
 def test_three_volumes_of_one_host_in_one_together_plan(host_volumes, backing_dir, state_dir, tmp_path):
