@@ -18,6 +18,10 @@ def pytest_runtest_logreport(report):
     what one reads while the other tests still run (and all that is left of a guest killed by its timeout)."""
     if report.failed:
         print(f"\n-- {report.nodeid} failed in {report.when}:\n{report.longreprtext[-6000:]}\n", flush=True)
+    elif report.when == "call":  # what each test cost, also in the log of a guest killed by its timeout
+        print(f"\n-- {report.nodeid} {report.outcome} in {report.duration:.0f} s", flush=True)
+
+
 MIGRATOR_IFACE = "blockmig-test-migrator"
 MIGRATOR_IQN = "iqn.2026-11.lab.blockmig:test-migrator"
 

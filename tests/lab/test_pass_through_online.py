@@ -23,7 +23,7 @@ from migrate_support import (
     release_held_io_and_migrator,
     report_of,
 )
-from workloads import XFS_MIN_SIZE, FsAppender, RawWriter, device_reader
+from workloads import XFS_MIGRATION_ENV, XFS_MIGRATION_SIZE, FsAppender, RawWriter, device_reader
 
 from blockmig import lab
 from blockmig.errors import HostError
@@ -133,12 +133,13 @@ def assert_moved(host: MigrationLab, report: dict) -> None:
     assert not [s for s in iscsi.sessions() if s.iface.startswith("blockmig-array-")]
 
 
-@pytest.mark.parametrize("shaped_lab", [(64 * MiB, 512), (XFS_MIN_SIZE, 4096)], indirect=True,
+@pytest.mark.parametrize("shaped_lab", [(64 * MiB, 512), (XFS_MIGRATION_SIZE, 4096)], indirect=True,
                          ids=["ext4-512", "xfs-4096"])
 def test_a_filesystem_directly_on_the_map_moves_online_with_its_writer(shaped_lab, tmp_path):
     host = shaped_lab
     fstype = "ext4" if host.block_size == 512 else "xfs"
-    appender = FsAppender(host.device, fstype, str(tmp_path / "mnt"), interval=0.02)
+    appender = FsAppender(host.device, fstype, str(tmp_path / "mnt"), interval=0.02,
+                          mkfs_env=XFS_MIGRATION_ENV if fstype == "xfs" else None)
     appender.start()
     try:
         report, watch = migrate_watched(host, appender)

@@ -31,6 +31,8 @@ from migrate_support import (
     wait_until_stopped,
 )
 from workloads import (
+    XFS_MIGRATION_ENV,
+    XFS_MIGRATION_SIZE,
     FsAppender,
     OrderedPairWriter,
     RawReader,
@@ -47,7 +49,6 @@ from blockmig.host import iscsi, multipath
 from blockmig.state import MigrationJournal, VolumeLock
 
 VOLUME = 32 * MiB
-XFS_VOLUME = 320 * MiB
 
 
 @pytest.fixture
@@ -158,12 +159,12 @@ def assert_verified(member_id: str) -> None:
 
 
 def test_four_volumes_with_workloads_in_one_plan(host_volumes, backing_dir, state_dir, tmp_path):
-    xfs, ext4, raw, read = host_volumes(3, first_size=XFS_VOLUME)
-    workloads = [FsAppender(xfs.device, "xfs", str(tmp_path / "xfs")),
+    xfs, ext4, raw, read = host_volumes(3, first_size=XFS_MIGRATION_SIZE)
+    workloads = [FsAppender(xfs.device, "xfs", str(tmp_path / "xfs"), mkfs_env=XFS_MIGRATION_ENV),
                  FsAppender(ext4.device, "ext4", str(tmp_path / "ext4"), seed=4),
                  RawWriter(raw.device, VOLUME), RawReader(read.device, read.data)]
     path = write_plan(tmp_path, [v.device for v in (xfs, ext4, raw, read)], backing_dir, "four", parallel=4,
-                      extra_defaults='fence = "suspend"')
+                      extra_defaults=f'fence = "suspend"\nswitch_timeout = {GROUP_SWITCH_TIMEOUT}')
     began = time.monotonic()
     try:
         result = run_during(workloads, lambda: blockmig("migrate", "--plan", path, "--json", timeout=900), settle=1.0)

@@ -35,6 +35,11 @@ HEADER = struct.Struct("<8sIQQI")  # magic, writer id, sequence number, block of
 XFS_MIN_SIZE = 300 * MiB
 XFS_SMALL_SIZE = 32 * MiB
 XFS_SMALL_ENV = {"TEST_DIR": "1", "TEST_DEV": "1", "QA_CHECK_FS": "1"}
+# xfs under a migration's writer: under TCG the lab copies a few MB/s, so 300 MiB cost minutes a test
+# (copy, verify, deltas); there those tests make the small layout. test_switch_matrix's xfs keeps the
+# supported size everywhere.
+XFS_MIGRATION_SIZE = 64 * MiB if os.environ.get("BLOCKMIG_LAB_RUNNER") == "qemu" else XFS_MIN_SIZE
+XFS_MIGRATION_ENV = XFS_SMALL_ENV if XFS_MIGRATION_SIZE < XFS_MIN_SIZE else None
 MAX_KEPT_ERRORS = 200
 
 
