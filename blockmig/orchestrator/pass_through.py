@@ -36,6 +36,7 @@ from blockmig import signals
 from blockmig.array import lio
 from blockmig.array.source_session import SourceSession
 from blockmig.datapath.copy import copy_volume
+from blockmig.datapath.delta import changed_chunks, copy_delta
 from blockmig.datapath.digest import load_manifest
 from blockmig.datapath.journal import write_json_atomically
 from blockmig.errors import ArrayError, MigrationError, VerifyError
@@ -43,7 +44,7 @@ from blockmig.faults import checkpoint
 from blockmig.host import iscsi, multipath, udev
 from blockmig.host.devices import map_disks
 from blockmig.host.runner import phase_deadline
-from blockmig.orchestrator import online, served_destination
+from blockmig.orchestrator import served_destination
 from blockmig.orchestrator.create_destination import (
     CreateDestinationStep,
     check_destination_is_the_migrators_alone,
@@ -56,7 +57,7 @@ from blockmig.orchestrator.progress import Progress
 from blockmig.orchestrator.sequencer import BaseStep
 from blockmig.orchestrator.verify import check_geometry
 
-MAX_DELTA_PASSES = online.MAX_DELTA_PASSES
+MAX_DELTA_PASSES = 8  # per convergence; then the writer is said to outpace the copy
 CREATE = served_destination.CREATE
 # A path change that holds no IO (join, hand-over) is not bounded by --switch-timeout, which bounds a hold:
 # it may take a loaded host's udev and multipathd a while, the host working meanwhile.
@@ -225,9 +226,8 @@ def converge(migration, source: str, destination: str):
         journal.save()
         checkpoint("pass-through:delta")
         chunks = handler.take_dirty()  # taken, not cleared: a pass killed here gets them again
-        seconds = online.copy_delta(source, destination, chunks, manifest, journal.data["max_rate"],
-                                    arm=lambda extents: served_destination.arm_delta(migration, extents),
-                                    read_back=False)
+        seconds = copy_delta(source, destination, chunks, manifest, journal.data["max_rate"],
+                             arm=lambda extents: served_destination.arm_delta(migration, extents))
         write_json_atomically(journal.manifest_path, manifest.to_dict())
         handler.copied(chunks)
         state["passes"].append({"pass": state["pass"], "chunks": len(chunks),
@@ -265,7 +265,7 @@ class PassThroughVerifyStep(BaseStep):
             check_geometry(migration, destination[5:])
         began = time.monotonic()
         served_destination.arm_sequential(migration, 0, manifest.size)  # every host write now dirties
-        differ = online.changed_chunks(destination, list(range(manifest.chunk_count)), manifest)
+        differ = changed_chunks(destination, list(range(manifest.chunk_count)), manifest)
         dirty = set(served_destination.client_of(migration).take_dirty())  # taken: copied again later
         unexplained = sorted(differ - dirty)
         if unexplained:
