@@ -164,13 +164,14 @@ def _add_migrate(sub) -> None:
                              "executes the migrator's writes only at the reserved address, or the kernel's "
                              "fileio/iblock from the start (default); after the copy it is the kernel's")
     parser.add_argument("--mode", choices=("online", "offline", "pass-through"),
-                        help="online: the host keeps writing, changes are tracked on the maps stacked on its multipath "
-                             "map (LVM) and copied in delta passes, IO is held only for the last delta; where the map "
-                             "is used directly, pass-through: the destination joins the map first, passed through "
-                             "to the source until the copy converges, no IO held at any path change; offline: a "
-                             "fence for the whole copy (default: online where the host's writes can be tracked)")
+                        help="online (or pass-through, the same): the host keeps writing; the destination joins "
+                             "its multipath map first, passed through to the source until the copy converges, no "
+                             "IO held at any path change, whatever is on the map; offline: a fence for the whole "
+                             "copy (default: online where the host uses the map through LVM or partitions on it, "
+                             "offline where it uses the map directly and for a bare disk)")
     parser.add_argument("--max-hold", type=_seconds_argument(0, 60, low_included=False), metavar="SECONDS",
-                        help="online: hold host IO only once the last delta is estimated to copy in this long (default 1)")
+                        help="online: commit once the last dirty chunks are estimated to copy in this long; only "
+                             "the host writes to them wait meanwhile (default 1)")
     parser.add_argument("--fence", choices=("writeprotect", "suspend", "none"),
                         help="offline: keep the source unchanged during the copy: write-protect the host's mapping "
                              "(default), hold host IO on the map, or none (only if the host is quiesced)")
@@ -178,8 +179,8 @@ def _add_migrate(sub) -> None:
                         help="move the host by a multipath path switch (default) or iSCSI logout/login; "
                              "together: a plan's maps switched as one consistency group")
     parser.add_argument("--switch-timeout", type=_seconds_argument(1, 600), metavar="SECONDS",
-                        help="if the destination path is not in the map this long after the hold began (online: after "
-                             "the last delta is copied in the hold), put the source path back and stop (default 10)")
+                        help="offline: if the destination path is not in the map this long after the hold began, "
+                             "put the source path back and stop (default 10)")
     parser.add_argument("--worm", action="store_true", default=None,
                         help="write-protect the destination for the host afterwards")
     parser.add_argument("--chunk-size", type=chunk_size_argument,
@@ -366,11 +367,6 @@ def _cmd_status(args) -> int:
             print(f"  pass-through: {len(state['passes'])} delta passes, "
                   + ", ".join(f"{i['phase']} {i['seconds']} s{' (writes held)' if i.get('held') else ''}"
                               for i in state["intervals"]))
-        elif summary.get("online"):
-            state = summary["online"]
-            delta = state.get("delta_bytes")
-            print(f"  online pass {state.get('pass')}, delta {'?' if delta is None else f'{delta / 2**20:.1f} MiB'}, "
-                  f"estimated hold {state.get('estimated_hold', '?')} s (max {state.get('max_hold')} s)")
         for name, step in summary["steps"].items():
             print(f"  {name:<18} {step.get('state', '?'):<8} {step.get('done') or step.get('started') or ''}")
     return 0
@@ -409,10 +405,6 @@ def _print_report(report: dict, as_json: bool) -> None:
         print(f"  pass-through: {len(state['passes'])} delta passes; host IO slowed or held: "
               + ", ".join(f"{i['phase']} {i['seconds']} s{' (writes to the last chunks held)' if i.get('held') else ''}"
                           for i in state["intervals"]))
-    elif report.get("online"):
-        final = report.get("final_delta") or {}
-        print(f"  online: {len(report['online']['passes'])} delta passes before the hold, last delta "
-              f"{final.get('chunks', '?')} chunks copied in the hold")
 
 
 class _MigrationRenderer:

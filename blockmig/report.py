@@ -37,8 +37,8 @@ class Row:
     steps: list[tuple[str, float, float, str]] = field(default_factory=list)  # name, start, end, how it ended
     waits: list[tuple[float, float]] = field(default_factory=list)  # control-plane waits
     rates: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # phase -> (time, MB/s)
-    # time, bytes, pass number, and "copied" (a delta pass), "listed" (found small enough to leave to the
-    # next step or the hold) or "hold" (the last delta, copied inside the hold)
+    # time, bytes, pass number, and "copied" (a delta pass) or "listed" (found small enough to leave to the
+    # next step: the commit copies the last of it)
     deltas: list[tuple[float, int, int | None, str]] = field(default_factory=list)
     holds: list[tuple[float, float]] = field(default_factory=list)  # start, seconds
     host_io: tuple[float, float] | None = None  # the longest single host IO: when it ended, seconds
@@ -135,9 +135,6 @@ def _row(journal: MigrationJournal, records: list[dict], start: float) -> Row:
     for index, (at, size, number, _) in enumerate(row.deltas[:-1]):
         if (row.deltas[index + 1][2] or 0) > (number or 0):
             row.deltas[index] = (at, size, number, "copied")
-    final = journal.facts("switch").get("final_delta")
-    if final and row.holds:  # the last delta, copied inside the hold
-        row.deltas.append((row.holds[-1][0], int(final.get("bytes") or 0), None, "hold"))
     return row
 
 
@@ -263,16 +260,16 @@ def _draw_rates(ax, rows: list[Row]) -> None:
 
 
 def _draw_deltas(ax, rows: list[Row], span: float) -> None:
-    """Online: what the host wrote meanwhile, copied in each pass; the last one inside the hold (red)."""
+    """Online: what the host wrote meanwhile, copied in each pass (a listing left to the next step dotted)."""
     width = span / 80
     for number, row in enumerate(rows):
         for at, size, pass_number, how in row.deltas:
-            colour = "#d62728" if how == "hold" else "#6baed6" if len(rows) == 1 else _volume_colour(number)
+            colour = "#6baed6" if len(rows) == 1 else _volume_colour(number)
+            listed = how == "listed"
             bar = ax.bar(at, size / MiB, width=width, color=colour, edgecolor="black", linewidth=0.5,
-                         fill=how != "listed", hatch="...." if how == "listed" else None)
-            bar.patches[0].set_gid({"hold": "delta:hold", "copied": f"delta:{pass_number}"}.get(
-                how, f"listed:{pass_number}"))
-            name = {"hold": "in the hold", "copied": f"pass {pass_number}"}.get(how, "listed, left")
+                         fill=not listed, hatch="...." if listed else None)
+            bar.patches[0].set_gid(f"listed:{pass_number}" if listed else f"delta:{pass_number}")
+            name = "listed, left" if listed else f"pass {pass_number}"
             who = f"{row.label}\n" if len(rows) > 1 else ""
             ax.annotate(f"{who}{name}\n{_size(size)}", (at, size / MiB), xytext=(0, 2),
                         textcoords="offset points", ha="center", va="bottom", fontsize=7, gid="label:delta")

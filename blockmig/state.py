@@ -38,7 +38,7 @@ FORMAT = "blockmig-migration/1"
 PLAN_FORMAT = "blockmig-plan/1"
 MAX_JOURNAL_BYTES = 16 << 20  # a migration journal is a few KiB; a plan's lists its members
 STEPS = ("plan", "reach_source", "create_destination", "fence", "join", "copy", "verify", "commit", "switch",
-         "hand_over", "finish")  # both tables' (offline/era and pass-through), in order
+         "hand_over", "finish")  # both tables' (offline and pass-through), in order
 
 
 def state_root() -> str:
@@ -224,7 +224,7 @@ class MigrationJournal(_Journal):
             "destination": self.data.get("destination", {}),
             "fence": self.data.get("fence"),
             "mode": self.data.get("mode", "offline"),
-            "online": {k: v for k, v in (self.data.get("online") or {}).items() if k != "trackings"} or None,
+            "online": self.data.get("online"),
             "switch": self.data.get("switch"),
             "switch_reverts": self.data.get("switch_reverts", 0),
             "worm": self.data.get("worm"),

@@ -3,8 +3,8 @@
 Where a byte goes: read from the host's own path to the source (plan.host_source_disk, O_DIRECT),
 digested, written through the guard (datapath/guard.py) to the migrator's disk of the destination
 (create_destination.migrator_disk), and by the destination array's own guard where blockmig's backstore
-serves it (served_destination.py; handed to the kernel's backstore at the end). Online, delta passes
-follow until the last delta fits the hold.
+serves it (served_destination.py; handed to the kernel's backstore at the end). An online move copies
+in its own step (pass_through.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from blockmig.datapath.copy import copy_volume
 from blockmig.datapath.journal import write_json_atomically
 from blockmig.errors import DeviceError
-from blockmig.orchestrator import online, served_destination
+from blockmig.orchestrator import served_destination
 from blockmig.orchestrator.create_destination import check_destination_is_the_migrators_alone, migrator_disk
 from blockmig.orchestrator.fence import check_suspend_fence_held
 from blockmig.orchestrator.plan import host_source_disk
@@ -42,8 +42,6 @@ class CopyStep(BaseStep):
             check_destination_is_the_migrators_alone(migration)
             destination = f"/dev/{migrator_disk(migration)}"
         progress = Progress(migration.emit, "copy")
-        if migration.online:
-            online.begin_pass_one(journal)
         for attempt in range(COPY_RETRIES + 1):
             with migration.control_plane:
                 source = f"/dev/{host_source_disk(migration)}"
@@ -69,11 +67,6 @@ class CopyStep(BaseStep):
                 migration.emit({"event": "copy_retry", "attempt": attempt + 1, "error": str(exc)})
                 time.sleep(COPY_RETRY_WAIT)
         check_suspend_fence_held(migration)
-        if migration.online:
-            manifest = online.converge(
-                journal, manifest, migration.source_device, destination, migration.emit, progress.seconds,
-                arm=lambda extents: served_destination.arm_delta(migration, extents),
-            )
         write_json_atomically(journal.manifest_path, manifest.to_dict())
         if served_destination.is_served(migration):
             with migration.control_plane:
@@ -88,8 +81,6 @@ class CopyStep(BaseStep):
         }
 
     def forget(self, migration) -> None:
-        """Offline, the copy starts again from byte 0; online, era tracks what changed since pass 1, which
-        stays."""
-        if not migration.online:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(migration.journal.copy_journal_path)
+        """The copy starts again from byte 0."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(migration.journal.copy_journal_path)

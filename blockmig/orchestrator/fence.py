@@ -1,9 +1,8 @@
-"""The fence step: nothing changes the source while it is copied (offline), or era records what does (online).
+"""The fence step (offline moves): nothing changes the source while it is copied.
 
   writeprotect  the host's mapping of the source is write-protected (its dirty pages flushed first)
   suspend       filesystems frozen and the host's map suspended: host IO waits for the whole copy
   none          nothing (the admin vouches that nobody writes)
-  online        every map stacked on the host's map becomes dm-era (online.start_tracking)
 
 A fence that is lifted before the switch invalidates the copy: the source may change from then on.
 """
@@ -16,7 +15,6 @@ from blockmig.array import lio
 from blockmig.errors import ArrayError, MigrationError
 from blockmig.host import multipath
 from blockmig.host.devices import freeze_filesystems, resume_map_with_a_path, thaw_filesystems
-from blockmig.orchestrator import online
 from blockmig.orchestrator.sequencer import BaseStep
 
 # Failures in these steps find the source fenced (or about to be) and the host not yet moved.
@@ -30,8 +28,6 @@ class FenceStep(BaseStep):
     def run(self, migration) -> dict:
         fence = migration.journal.data["fence"]
         map_name = migration.source["map"]
-        if migration.online:  # no fence: the host writes all along, era records where
-            return online.start_tracking(migration.journal)
         if fence == "none":
             return {"fence": "none"}
         if fence == "writeprotect":
@@ -50,7 +46,6 @@ class FenceStep(BaseStep):
         """Leave no host IO held past our exit: a suspend fence is lifted (so the copy restarts on resume)."""
         if failed not in STEPS_BEFORE_THE_SWITCH:
             return  # the switch's own after_failure ends its hold
-        release_online_hold(migration)
         map_name = migration.source["map"]
         if map_name and (multipath.is_suspended(map_name) or migration.journal.data.get("frozen")):
             if migration.journal.data["fence"] == "suspend":
@@ -61,21 +56,13 @@ class FenceStep(BaseStep):
             migration.emit({"event": "io_resumed", "map": map_name, "after_failure_in": failed})
 
     def undo(self, migration) -> None:
-        """Rollback: host writes to the source again, era's tracking goes (after the thaw: era's reload
-        freezes the filesystems itself)."""
-        if migration.online:
-            online.resume_private_maps(migration.journal)  # killed in the hold: before the thaw, which writes
+        """Rollback: host writes to the source again."""
         lift_fence(migration)
-        if migration.online:
-            online.stop_tracking(migration.journal)
 
 
 def release_fence(migration) -> None:
     """Host IO flows on the source again before the switch (a consistency group that cannot switch now):
-    the source may change from here on, so resume fences and copies again. Online, nothing holds
-    the host and era goes on tracking: resume simply runs the delta passes again."""
-    if migration.online:
-        return
+    the source may change from here on, so resume fences and copies again."""
     lift_fence(migration)
     migration.invalidate(FenceStep.name)
 
@@ -101,13 +88,6 @@ def check_suspend_fence_held(migration) -> None:
             f"host IO on {map_name} was released during the copy (multipathd reloaded the map), "
             "so the source may have changed; the copy starts again on resume"
         )
-
-
-def release_online_hold(migration) -> None:
-    """Online: the hold's private maps, then a drained checkpoint's era maps, resumed (before any thaw)."""
-    if migration.online:
-        online.resume_private_maps(migration.journal)
-        online.resume_era_maps(migration.journal)
 
 
 def resume_and_thaw(migration) -> None:

@@ -69,8 +69,6 @@ class SwitchFacts:
     thawed_at: float | None = None
     io_held_seconds: float | None = None
     reverted: bool = False  # the source path was put back (the copy is invalid: the host wrote the source)
-    final_delta: dict | None = None  # online: the last delta, copied in the hold
-    volume_digest: str | None = None  # online: the manifest's digest after the last delta
 
     @classmethod
     def load(cls, journal: MigrationJournal, step: str = "switch") -> SwitchFacts:
@@ -87,7 +85,6 @@ class SwitchFacts:
 class HostSwitch:
     """The switch step of one migration; every method can run again after a crash."""
 
-    revert_invalidates = "fence"  # the host wrote the source again: fence and copy again
     step = "switch"  # the journal entry that holds its facts
 
     def __init__(self, journal: MigrationJournal, emit: EventHandler):
@@ -469,7 +466,7 @@ class HostSwitch:
         from blockmig.orchestrator.migration import Migration  # the step table, which imports this module
 
         self.journal.data["switch_reverts"] = self.journal.data.get("switch_reverts", 0) + 1
-        Migration(self.journal, self.emit).invalidate(self.revert_invalidates)
+        Migration(self.journal, self.emit).invalidate("fence")  # fenced and copied again
 
     def release_host_destination_session(self) -> None:
         """The host's session to the destination goes if it carries nothing (it was made for this switch)."""
@@ -513,7 +510,6 @@ def switch_group(switches: list[HostSwitch]) -> list[dict]:
     host uses, the failed ones copy again on resume. A joined map is suspended
     again until the last member has joined, and filesystems stay frozen until then.
     Marks the step `switch` in every journal; returns each member's facts in order.
-    `switches`: each member's own (host_switch_of: an online member's copies its last delta).
     """
     pending = [switch for switch in switches if not switch.journal.is_done("switch")]
     for switch in pending:

@@ -3,12 +3,13 @@
   step                module                 what it does
   plan                plan.py                check everything, write the journal; on resume, the source
   create_destination  create_destination.py  the destination volume, exported to the migrator alone
-  fence               fence.py               the source cannot change (offline) or era tracks it (online.py)
+  fence               fence.py               the source cannot change while it is copied
   copy                copy.py                source -> guard -> destination, chunk by chunk (datapath/)
   verify              verify.py              the destination (and the source again) against the manifest
-  switch              switch.py              the host's path moves (host_switch.py; online.py's last delta)
+  switch              switch.py              the host's path moves in one hold (host_switch.py)
   finish              finish.py              WORM, leftovers removed, the report
 
+That is an offline move's table; an online move (pass-through) has its own, pass_through.STEPS.
 The sequencer (sequencer.py) runs, resumes, cleans up after a failure, invalidates and rolls
 back from what each step declares; host and array work is in host/ and array/.
 """
@@ -23,12 +24,12 @@ from blockmig.orchestrator.copy import CopyStep
 from blockmig.orchestrator.create_destination import CreateDestinationStep
 from blockmig.orchestrator.fence import FenceStep
 from blockmig.orchestrator.finish import FinishStep
-from blockmig.orchestrator.host_switch import switch_group
+from blockmig.orchestrator.host_switch import HostSwitch, switch_group
 from blockmig.orchestrator.online import PASS_THROUGH
-from blockmig.orchestrator.plan import MigrationRequest, PlanStep, host_source_disk, plan_migration
+from blockmig.orchestrator.plan import MigrationRequest, PlanStep, plan_migration
 from blockmig.orchestrator.progress import EventHandler
 from blockmig.orchestrator.sequencer import Sequencer
-from blockmig.orchestrator.switch import SwitchStep, host_switch_of
+from blockmig.orchestrator.switch import SwitchStep
 from blockmig.orchestrator.verify import VerifyStep
 from blockmig.state import MigrationJournal, VolumeLock
 
@@ -67,7 +68,6 @@ class Migration:
         self.source = journal.data["source"]
         self.destination = journal.data["destination"]
         self.migrator = journal.data["migrator"]
-        self.online = journal.data.get("mode") == "online"  # era on the stacked maps (online.py)
         self.sequencer = Sequencer(steps or steps_of(journal), journal, CONTROL_PLANE)
 
     @property
@@ -96,9 +96,6 @@ class Migration:
 
     def invalidate(self, step: str) -> None:
         self.sequencer.invalidate(self, step)
-
-    def source_device(self) -> str:
-        return f"/dev/{host_source_disk(self)}"
 
 
 # ---------------------------------------------------------------------------
@@ -164,5 +161,5 @@ def release_fence(journal: MigrationJournal, on_event: EventHandler | None = Non
 def switch_members(members: list[tuple[MigrationJournal, EventHandler]]) -> list[dict]:
     """Switch verified migrations as one consistency group (host_switch.switch_group)."""
     with CONTROL_PLANE:
-        return switch_group([host_switch_of(Migration(journal, emit)) for journal, emit in members])
+        return switch_group([HostSwitch(journal, emit) for journal, emit in members])
 

@@ -216,7 +216,7 @@ def converge(migration, source: str, destination: str):
         estimate = dirty * manifest.chunk_size / _rate(state)
         history.append(dirty)
         migration.emit({"event": "delta", "pass": state["pass"] + 1, "chunks": dirty,
-                        "estimated_hold": round(estimate, 3)})
+                        "bytes": dirty * manifest.chunk_size, "estimated_hold": round(estimate, 3)})
         if estimate <= state["max_hold"]:
             state["estimated_hold"] = round(estimate, 3)
             journal.save()

@@ -44,7 +44,7 @@ class MigrationRequest:
     max_rate: float | None = None
     migration_id: str | None = None
     switch_timeout: float = DEFAULT_SWITCH_TIMEOUT
-    mode: str | None = None  # online | offline; None: online where the host's writes can be tracked
+    mode: str | None = None  # online (= pass-through) | offline; None: online.choose_mode's default
     max_hold: float = online.DEFAULT_MAX_HOLD
     backstore: str = DEFAULT_BACKSTORE  # what serves the destination during the copy (served_destination.py)
 
@@ -90,13 +90,11 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
             "(set no_path_retry queue, or a number, in multipath.conf)"
         )
     mode = online.choose_mode(request.mode, request.fence is not None, host_device.map_name, request.device)
-    if mode == "online" and request.switch != "multipath":
-        raise UsageError("--mode online switches the host by its multipath map: use --switch multipath")
     if mode == online.PASS_THROUGH and request.switch != "multipath":
-        raise UsageError("--mode pass-through switches the host by its multipath map: use --switch multipath")
-    fence = (
-        "none" if mode in ("online", online.PASS_THROUGH) else request.fence or "writeprotect"
-    )  # online: era tracks or the destination passes through; nothing fences
+        raise UsageError("an online move (pass-through) switches the host by its multipath map: use --switch "
+                         "multipath, or --mode offline")
+    # online: the destination passes through to the source, so nothing fences
+    fence = "none" if mode == online.PASS_THROUGH else request.fence or "writeprotect"
     if mode == "offline":
         _refuse_a_fence_that_breaks_writers(host_device, fence)
     if host_device.map_name is None:  # relogin of a bare disk: every user of it gets EIO meanwhile
@@ -160,7 +158,7 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
             },
             fence=fence,
             mode=mode,
-            online=_online_state(mode, host_device.map_name, request.max_hold),
+            online=online.new_pass_through_state(request.max_hold) if mode == online.PASS_THROUGH else None,
             array_session=source_session.new_record(migration_id) if mode == online.PASS_THROUGH else None,
             switch=request.switch,
             switch_timeout=request.switch_timeout,
@@ -168,12 +166,6 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
             chunk_size=request.chunk_size,
             max_rate=request.max_rate,
         )
-
-
-def _online_state(mode: str, map_name: str | None, max_hold: float) -> dict | None:
-    if mode == online.PASS_THROUGH:
-        return online.new_pass_through_state(max_hold)
-    return online.new_state(map_name, max_hold) if mode == "online" else None
 
 
 def _check_request(request: MigrationRequest) -> None:

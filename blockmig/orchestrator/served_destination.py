@@ -5,11 +5,11 @@ is the claim's second storage device; then handed to the kernel's backstore (fil
                       over; on no LUN) and NAME-migrator (guarded; on a LUN of the destination mapped to the
                       migrator alone), both with the temporary serial
   copy                arm_sequential(the address the copy resumes from); arm_delta(the chunks) before each
-                      delta pass; a write anywhere else is refused by the array and nothing is written
+                      delta pass of an online move; a write anywhere else is refused by the array and
+                      nothing is written
   end of the copy     the migrator logs out, the handler stops (its objects go), NAME becomes a kernel
                       volume on the same backing with the same serial: verify, the switch and the host
-                      see that from then on (the final delta of an online switch goes through the
-                      migrator-side DeltaGuard only: restarting the handler inside the hold costs seconds)
+                      see that from then on (an online move hands over in its own step, pass_through.py)
 
 The handler runs in a session of its own and outlives blockmig; its state file (the guard's reserved
 address) is in the migration's folder. A resume finds it gone (kill -9, a reboot of the array host) and

@@ -1,6 +1,6 @@
-"""The switch step: the host moves from the source LUN to the destination LUN (host_switch.HostSwitch;
-online.OnlineSwitch copies the last delta inside the hold). Once the destination has joined the host's
-map, the migration can no longer be rolled back, only finished."""
+"""The switch step: the host moves from the source LUN to the destination LUN (host_switch.HostSwitch).
+Once the destination has joined the host's map, the migration can no longer be rolled back, only
+finished."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ import contextlib
 
 from blockmig.errors import MigrationError
 from blockmig.host import multipath
-from blockmig.orchestrator import online
-from blockmig.orchestrator.create_destination import migrator_disk
 from blockmig.orchestrator.fence import (
     STEPS_BEFORE_THE_SWITCH,
     FenceStep,
     lift_fence,
-    release_online_hold,
     resume_and_thaw,
 )
 from blockmig.orchestrator.host_switch import HostSwitch, SwitchFacts
@@ -26,7 +23,7 @@ class SwitchStep(BaseStep):
     when_signalled = "the switch goes on until it has finished or reverted (within --switch-timeout)"
 
     def run(self, migration) -> dict:
-        switch = host_switch_of(migration)
+        switch = HostSwitch(migration.journal, migration.emit)
         try:
             return switch.run()
         except BaseException:  # reverted for any reason: the host writes the source again, copy anew
@@ -38,7 +35,6 @@ class SwitchStep(BaseStep):
         """Leave no host IO held past our exit (the hold ends by itself; this is for what an error skips)."""
         if failed in STEPS_BEFORE_THE_SWITCH:
             return  # the fence's after_failure deals with those
-        release_online_hold(migration)
         map_name = migration.source["map"]
         if map_name and (multipath.is_suspended(map_name) or migration.journal.data.get("frozen")):
             joined = migration.journal.is_done(self.name) or SwitchFacts.load(
@@ -64,22 +60,10 @@ class SwitchStep(BaseStep):
     def undo(self, migration) -> None:
         """Killed inside the hold: the source path comes back first; then the host's destination session
         goes."""
-        switch = host_switch_of(migration)
+        switch = HostSwitch(migration.journal, migration.emit)
         if switch.facts.source_removed or switch.facts.source_fencing:
             with switch.host_io_held():
                 switch.revert_in_hold()
         if migration.journal.is_done("create_destination") or switch.facts.prepared:
             with contextlib.suppress(MigrationError):
                 switch.release_host_destination_session()
-
-
-def host_switch_of(migration) -> HostSwitch:
-    """The migration's switch: an online one copies the last delta in the hold."""
-    if migration.online:
-        return online.OnlineSwitch(
-            migration.journal,
-            migration.emit,
-            migration.source_device,
-            lambda: f"/dev/{migrator_disk(migration)}",
-        )
-    return HostSwitch(migration.journal, migration.emit)

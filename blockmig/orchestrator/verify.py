@@ -1,6 +1,5 @@
 """The verify step: the destination read back against the manifest, then the source again, so a broken
-fence is caught, not trusted. Online the source changes: the deltas written meanwhile are copied and read
-back."""
+fence is caught, not trusted (an online move verifies in its own step, pass_through.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ from blockmig.datapath.digest import load_manifest
 from blockmig.datapath.verify import verify_volume
 from blockmig.errors import MigrationError, VerifyError
 from blockmig.host import multipath
-from blockmig.orchestrator import online
 from blockmig.orchestrator.create_destination import migrator_disk
 from blockmig.orchestrator.fence import FenceStep, check_suspend_fence_held
 from blockmig.orchestrator.plan import host_source_disk
@@ -31,11 +29,6 @@ class VerifyStep(BaseStep):
             source_disk = host_source_disk(migration)
         progress = Progress(migration.emit, "verify")
         digest = verify_volume(f"/dev/{destination_disk}", manifest, on_event=progress)
-        if migration.online:
-            manifest = online.converge(
-                migration.journal, None, migration.source_device, f"/dev/{destination_disk}", migration.emit
-            )
-            return {"volume_digest": manifest.volume_digest, "seconds": progress.seconds}
         source_progress = Progress(migration.emit, "verify-source")
         try:
             verify_volume(f"/dev/{source_disk}", manifest, on_event=source_progress)

@@ -1,15 +1,13 @@
-"""Pass-through moves of the host stacks beside a filesystem directly on the map: an LV on the map (where era
-could track too: the figures to weigh one against the other) and three volumes of
-one host in one `--switch together` plan with a writer ordered across two of them.
+"""Pass-through moves of the host stacks beside a filesystem directly on the map: LVs on the map and three
+volumes of one host in one `--switch together` plan with a writer ordered across two of them.
 
 Each asserts what the host cares about: zero application errors, zero lost acknowledged writes, fsck clean,
 the map never without a usable path, the stacked maps' tables untouched; and prints the longest single IO
 each workload saw.
 """
 
-from blockio import same_bytes
-from migrate_support import blockmig, journal, migrate_args, report_of
-from test_online import lvm_host  # noqa: F401  (a fixture)
+from lvm_support import assert_moved, lvm_host  # noqa: F401  (a fixture)
+from migrate_support import blockmig, journal, migrate_args
 from test_pass_through_online import HOLD, MapWatch, migrate_watched, print_figures, shaped_lab  # noqa: F401
 from test_plan import (  # noqa: F401  (host_volumes and state_dir are fixtures)
     VOLUME,
@@ -23,8 +21,8 @@ from workloads import FsAppender, OrderedPairWriter, run_during
 
 
 def test_an_lv_on_the_map_moves_by_pass_through(lvm_host):
-    """`--mode pass-through` where era could track (an ext4 LV with an fsync appender, a raw LV with a writer
-    that logs its acknowledged writes): the LVs' tables are never touched."""
+    """`--mode pass-through` of a VG's map (an ext4 LV with an fsync appender, a raw LV with a writer that
+    logs its acknowledged writes): the LVs' tables are never touched."""
     lvm_host.start()
     try:
         with MapWatch(lvm_host.map_name) as watch:
@@ -33,15 +31,11 @@ def test_an_lv_on_the_map_moves_by_pass_through(lvm_host):
     finally:
         lvm_host.stop()
     assert result.returncode == 0, result.stderr
-    report = report_of(result)
-    assert report["mode"] == "pass-through"
-    appender, writer = lvm_host.appender, lvm_host.writer
-    print(f"\nLV on the map, pass-through: {appender.name} write+fsync {appender.fsync.summary()}; "
-          f"{writer.name} {writer.stall.summary()}; intervals {report['online']['intervals']}")
     watch.check()
-    lvm_host.check()  # 0 errors, 0 lost writes, fsck clean
-    lvm_host.assert_plain_tables()  # nothing was stacked, nothing reloaded
-    assert same_bytes(lvm_host.map_device, report["destination"]["backing"])
+    assert_moved(lvm_host, result)  # 0 errors, 0 lost writes, fsck clean, the LVs' tables untouched
+    appender, writer = lvm_host.appender, lvm_host.writer
+    print(f"LV on the map: {appender.name} write+fsync {appender.fsync.summary()}; "
+          f"{writer.name} {writer.stall.summary()}")
 
 
 def test_three_volumes_of_one_host_in_one_together_plan(host_volumes, backing_dir, state_dir, tmp_path):

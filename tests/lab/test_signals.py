@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 
 import pytest
+from lvm_support import assert_moved, lvm_host  # noqa: F401 (fixture)
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
     MiB,
     blockmig,
@@ -26,8 +27,7 @@ from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
     wait_for_journal,
     wait_until_stopped,
 )
-from test_online import LvmHost, lvm_host  # noqa: F401 (fixture)
-from test_online import assert_switched as assert_switched_online
+from test_pass_through_online import HOLD
 from test_plan import assert_switched, host_volumes, plan_report, state_dir, write_plan  # noqa: F401 (fixtures)
 from workloads import RawWriter
 
@@ -162,22 +162,24 @@ def test_sigint_in_a_write_protected_copy_then_rollback(migration_lab):
 
 
 def test_sigterm_in_an_online_copy_then_resume(lvm_host):
-    """Writers run throughout; SIGTERM in pass one stops the copy; resume converges and switches."""
+    """LVM on the map, no --mode: the default moves it online (pass-through). Writers run throughout; SIGTERM
+    in pass one stops the copy, the host working on the handler's path meanwhile; resume finishes the move."""
     lvm_host.start()
     events = tempfile.TemporaryFile("w+")
     try:
-        process = start_blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "so"),
+        process = start_blockmig(*migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--id", "so", *HOLD),
                                  stop_at="copy:chunk", stdout=events)
         _signal_at_stop(process, signal.SIGTERM)
         lines = _ended(process, signal.SIGTERM, timeout=600)
         assert len(lines) == 1 and "the copy stopped at byte" in lines[0], lines
-        assert journal("so")["mode"] == "online"
+        state = journal("so")
+        assert state["mode"] == "pass-through" and state["steps"]["join"]["state"] == "done", state["steps"]
         _map_flowing(lvm_host.map_name)
     finally:
         lvm_host.stop()
-    result = blockmig("resume", "so", "--json", timeout=600)
+    result = blockmig("resume", "so", "--json", timeout=900)
     assert result.returncode == 0, result.stderr
-    assert_switched_online(lvm_host, result)
+    assert_moved(lvm_host, result)
 
 
 # -- a plan with members in several phases ---------------------------------------------------------------

@@ -94,7 +94,7 @@ fence = "suspend"
     spec = plan.load_plan_file(path)
     assert (spec.plan_id, spec.parallel, spec.policy) == ("host1", 4, "together")
     assert [r.switch for r in spec.requests] == ["multipath", "multipath"]
-    assert [r.fence for r in spec.requests] == [None, "suspend"]  # None: chosen in plan_migration (online, or writeprotect offline)
+    assert [r.fence for r in spec.requests] == [None, "suspend"]  # None: chosen in plan_migration (none online, writeprotect offline)
     assert [r.chunk_size for r in spec.requests] == [1 << 20, 1 << 20]
 
 

@@ -40,7 +40,7 @@ class Clock:
         self.now += seconds
 
 
-def new_journal(migration_id: str, map_name: str = "mpatha", mode: str = "online", plan: str | None = None):
+def new_journal(migration_id: str, map_name: str = "mpatha", mode: str = "pass-through", plan: str | None = None):
     return MigrationJournal.create(
         migration_id, plan=plan, mode=mode,
         source={"device": f"/dev/mapper/{map_name}", "map": map_name, "wwid": f"36001405{migration_id}",
@@ -49,8 +49,9 @@ def new_journal(migration_id: str, map_name: str = "mpatha", mode: str = "online
         migrator={}, fence="none", switch="multipath", worm=False, chunk_size=MiB)
 
 
-def run_online_migration(journal, clock: Clock, emit, wait_seconds: float = 0.0) -> None:
-    """The events of an online migration, as migration.py, online.py and switch.py emit them."""
+def run_recorded_migration(journal, clock: Clock, emit, wait_seconds: float = 0.0) -> None:
+    """The events a migration emits, every step of both tables: a pass-through's delta passes (pass_through.py)
+    and an offline switch's hold (host_switch.py), so that one picture has them all."""
 
     def step(name: str, seconds: float, facts: dict | None = None) -> None:
         journal.mark_started(name)
@@ -88,7 +89,6 @@ def run_online_migration(journal, clock: Clock, emit, wait_seconds: float = 0.0)
         emit({"event": "io_held", "map": journal.data["source"]["map"]})
         emit({"event": "switch_phase", "phase": "held", "seconds_since_hold": 0.0})
         clock.advance(2.5)
-        journal.record("switch", final_delta={"chunks": 3, "bytes": 3 * MiB, "seconds": 0.4})
         emit({"event": "io_resumed", "map": journal.data["source"]["map"], "io_held_seconds": 2.5})
 
     for name in STEPS:
@@ -100,7 +100,7 @@ def run_online_migration(journal, clock: Clock, emit, wait_seconds: float = 0.0)
 def recorded_migration(migration_id: str = "m1", **kwargs) -> MigrationJournal:
     journal = new_journal(migration_id)
     clock = Clock()
-    run_online_migration(journal, clock, timeline.Recorder(journal, clock=clock), **kwargs)
+    run_recorded_migration(journal, clock, timeline.Recorder(journal, clock=clock), **kwargs)
     return journal
 
 
@@ -193,7 +193,7 @@ def test_control_plane_waits_only_when_another_holds_it(state_dir):
 # the picture
 
 
-def test_the_picture_of_an_online_migration_shows_steps_rates_passes_and_the_hold(state_dir, tmp_path):
+def test_the_picture_shows_steps_rates_passes_and_the_hold(state_dir, tmp_path):
     journal = recorded_migration(wait_seconds=3.0)
     timeline.record_host_io(journal, 2.7, timeline.load_records(journal.directory)[-1]["t"] - 2.0)
     picture = report.load("m1")
@@ -212,10 +212,8 @@ def test_the_picture_of_an_online_migration_shows_steps_rates_passes_and_the_hol
     assert [t.get_text() for t in artists(steps_ax, "label:hold")] == ["host IO held 2.5 s"]
     assert [t.get_text() for t in artists(steps_ax, "label:host-io")] == ["longest host IO 2.7 s"]
     passes = {p.get_gid(): p.get_height() for p in artists(delta_ax, "delta:") + artists(delta_ax, "listed:")}
-    # pass 1 copied; the listing of pass 2 found it small enough to leave; the last delta in the hold
-    assert passes == {"delta:1": pytest.approx(12), "listed:2": pytest.approx(5), "delta:hold": pytest.approx(3)}
-    in_hold = artists(delta_ax, "delta:hold")[0]
-    assert in_hold.get_x() + in_hold.get_width() / 2 == pytest.approx(hold[0].get_x())  # at the hold's start
+    # pass 1 copied; the listing of pass 2 found it small enough to leave (to the commit)
+    assert passes == {"delta:1": pytest.approx(12), "listed:2": pytest.approx(5)}
     copy_rate = next(line for line in rate_ax.get_lines() if line.get_gid() == "rate:m1:copy")
     assert max(copy_rate.get_ydata()) == pytest.approx(MiB / 0.25 / 1e6)
     verify_rate = next(line for line in rate_ax.get_lines() if line.get_gid() == "rate:m1:verify")
@@ -251,7 +249,7 @@ def test_a_plan_has_a_row_per_volume(state_dir, tmp_path):
         for number, journal in enumerate(journals):
             clock.now = Clock().now + number  # each member starts a second after the previous one
             recorder = timeline.Recorder(journal, clock=clock)
-            run_online_migration(journal, clock, lambda e, r=recorder: r(e), wait_seconds=number * 2.0)
+            run_recorded_migration(journal, clock, lambda e, r=recorder: r(e), wait_seconds=number * 2.0)
         emit({"event": "plan", "id": "p1", "members": []})
     figure = report.draw(report.load("p1"), str(tmp_path / "p1.png"))
     steps_ax = figure.axes[0]

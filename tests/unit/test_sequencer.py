@@ -247,14 +247,14 @@ def test_a_step_whose_undo_fails_stops_the_rollback_and_a_second_rollback_finish
 # the real table's declarations
 
 
-def real_migration(mode: str, done: tuple[str, ...]) -> Migration:
-    """A migration of the real table with `done` steps done and a copy journal on disk."""
+def real_migration(done: tuple[str, ...]) -> Migration:
+    """An offline migration of the real table with `done` steps done and a copy journal on disk."""
     journal = MigrationJournal.create(
-        f"real-{mode}",
+        "real",
         source={"wwid": "w", "map": "mpatha"},
         destination={},
         migrator={},
-        mode=mode,
+        mode="offline",
         fence="writeprotect",
     )
     for name in done:
@@ -269,28 +269,15 @@ def test_the_table_is_the_seven_steps_with_data_steps_outside_the_lock():
     assert [step.name for step in STEPS if not step.needs_control_plane] == ["copy", "verify"]
 
 
-@pytest.mark.parametrize("mode", ["offline", "online"])
-def test_a_lifted_fence_invalidates_copy_verify_and_switch(mode):
-    migration = real_migration(mode, NAMES)
+def test_a_lifted_fence_invalidates_copy_verify_and_switch():
+    migration = real_migration(NAMES)
     migration.invalidate("fence")
     assert [name for name in NAMES if migration.journal.is_done(name)] == [
         "plan",
         "create_destination",
         "finish",
     ]
-    # offline the copy starts again from byte 0; online era tracks what changed since pass 1, which stays
-    assert os.path.exists(migration.journal.copy_journal_path) == (mode == "online")
-
-
-def test_an_online_revert_copies_the_deltas_again_but_keeps_pass_one():
-    migration = real_migration("online", NAMES[:5])
-    migration.invalidate("copy")
-    assert [name for name in NAMES if migration.journal.is_done(name)] == [
-        "plan",
-        "create_destination",
-        "fence",
-    ]
-    assert os.path.exists(migration.journal.copy_journal_path)
+    assert not os.path.exists(migration.journal.copy_journal_path)  # the copy starts again from byte 0
 
 
 def test_a_journal_written_by_the_previous_layout_loads_and_its_switch_facts_read_back():
