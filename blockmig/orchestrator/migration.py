@@ -43,6 +43,17 @@ STEPS = [
     FinishStep(),
 ]
 
+# The journal mode of the dm-era online mechanism, removed (an online move's journal says "pass-through").
+ERA_MODE = "online"
+
+
+def refuse_an_era_journal(journal: MigrationJournal) -> None:
+    if journal.data.get("mode") == ERA_MODE:
+        raise MigrationError(
+            f"migration {journal.id} was started by the dm-era online mode, which this blockmig no longer "
+            "has: resume it, roll it back or see its status with the blockmig version that started it")
+
+
 def steps_of(journal: MigrationJournal) -> list:
     """The table for the journal's mode: a pass-through move has its own (pass_through.py)."""
     if journal.data.get("mode") == PASS_THROUGH:
@@ -115,6 +126,7 @@ def run_migration(migration_id: str, on_event: EventHandler | None = None, after
         return journal.data["report"]
     if journal.data["state"] == "rolled_back":
         raise MigrationError(f"migration {migration_id} was rolled back; start a new one")
+    refuse_an_era_journal(journal)
     with VolumeLock(journal.data["source"]["wwid"], migration_id), \
             timeline.recording(journal, on_event) as emit:
         return Migration(journal, emit, after_chunk).run()
@@ -129,6 +141,7 @@ def rollback_migration(migration_id: str, on_event: EventHandler | None = None) 
     journal = MigrationJournal.load(migration_id)
     if journal.data["state"] == "rolled_back":
         return journal.summary()
+    refuse_an_era_journal(journal)
     with VolumeLock(journal.data["source"]["wwid"], migration_id), CONTROL_PLANE, \
             signals.deferred("the rollback goes on until the host is on the source", then_stop=False), \
             timeline.recording(journal, on_event, "rollback") as emit:
@@ -137,7 +150,9 @@ def rollback_migration(migration_id: str, on_event: EventHandler | None = None) 
 
 def migration_status(migration_id: str | None = None) -> list[dict]:
     if migration_id:
-        return [MigrationJournal.load(migration_id).summary()]
+        journal = MigrationJournal.load(migration_id)
+        refuse_an_era_journal(journal)
+        return [journal.summary()]
     return [journal.summary() for journal in MigrationJournal.list_all()]
 
 
@@ -149,6 +164,7 @@ def run_until(
     journal: MigrationJournal, step: str | None, on_event: EventHandler | None = None, after_chunk=None
 ) -> dict | None:
     """Run the member's steps before `step` (all of them with None); the caller holds its VolumeLock."""
+    refuse_an_era_journal(journal)
     return Migration(journal, on_event, after_chunk).run(until=step)
 
 

@@ -1,4 +1,4 @@
-"""Online mode's choice: online is pass-through on any multipath map.
+"""Online mode's choice (online is pass-through on any multipath map), and journals of the removed era mode.
 
 The pass-through itself runs on the real stack in tests/lab/test_pass_through_*.py.
 """
@@ -9,8 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from blockmig.errors import UsageError
-from blockmig.orchestrator import online
+from blockmig.errors import MigrationError, UsageError
+from blockmig.orchestrator import migration, online
+from blockmig.state import MigrationJournal
 
 MAP = ("mpatha", "/dev/mapper/mpatha")
 
@@ -66,3 +67,17 @@ def test_an_unknown_mode_and_max_hold_bounds():
     with pytest.raises(UsageError, match="--max-hold"):
         online.new_pass_through_state(0)
 
+
+def test_a_journal_of_the_removed_era_mode_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKMIG_STATE_DIR", str(tmp_path / "migrations"))
+    monkeypatch.setenv("BLOCKMIG_LOCK_DIR", str(tmp_path / "locks"))
+    MigrationJournal.create("old-era", mode="online", state="failed", source={"wwid": "36001405aa"},
+                            destination={}, migrator={}, online={"holders": ["vg-lv"], "trackings": {}})
+    for action in (migration.run_migration, migration.rollback_migration, migration.migration_status):
+        with pytest.raises(MigrationError) as refused:
+            action("old-era")
+        message = str(refused.value)
+        assert "\n" not in message and "dm-era online mode" in message, message
+        assert "the blockmig version that started it" in message
+    assert [summary["id"] for summary in migration.migration_status()] == ["old-era"]  # still listed
+    assert MigrationJournal.load("old-era").data["state"] == "failed"  # and left as it was
