@@ -64,8 +64,8 @@ blacklist_exceptions {
 }
 EOF
 
-# LVM sees the multipath maps only: never a path disk (the migrator's destination disk carries
-# the source's PV label after the copy) nor blockmig's own dm maps (era's private copy of an LV).
+# LVM sees the multipath maps only: never a path disk (the migrator's destination disk and, in a
+# pass-through, the array's own disk of the source carry the source's PV label).
 # No autoactivation on udev events: no pvscan activates a VG on a disk blockmig is working on.
 cat >/etc/lvm/lvmlocal.conf <<'EOF'
 # blockmig lab host (lab/provision.sh)
@@ -111,7 +111,6 @@ libiscsi_tcp
 iscsi_tcp
 ext4
 xfs
-dm_era
 EOF
 
 if $vagrant; then
