@@ -249,9 +249,10 @@ def _rate(state: dict) -> float:
 
 
 class PassThroughVerifyStep(BaseStep):
-    """The destination read back against the manifest while the host writes on: every host write meanwhile
-    is counted dirty (a sequential pass armed over the whole volume), so a chunk that differs and is not
-    dirty is a real difference. The dirty ones are copied again before and in the commit."""
+    """The destination read back against the manifest while the host writes on. A chunk that differs is
+    one the host wrote since its copy (it reached both, or is dirty: a sequential pass armed over the whole
+    volume dirties every write meanwhile), which the handler copies again in a delta pass or the commit,
+    or one the host never wrote: a real difference."""
 
     name = "verify"
     needs_control_plane = False
@@ -266,13 +267,13 @@ class PassThroughVerifyStep(BaseStep):
         began = time.monotonic()
         served_destination.arm_sequential(migration, 0, manifest.size)  # every host write now dirties
         differ = changed_chunks(destination, list(range(manifest.chunk_count)), manifest)
-        dirty = set(served_destination.client_of(migration).take_dirty())  # taken: copied again later
-        unexplained = sorted(differ - dirty)
+        handler = served_destination.client_of(migration)
+        unexplained = handler.redo(sorted(differ))
         if unexplained:
             raise VerifyError(f"destination chunks {unexplained[:8]} differ from what was copied from the "
                               "source and the host did not write them: not committing")
         return {"seconds": round(time.monotonic() - began, 3), "rewritten_meanwhile": len(differ),
-                "dirty": len(dirty)}
+                "dirty": handler.state()["dirty_chunks"]}
 
 
 class CommitStep(BaseStep):

@@ -145,6 +145,22 @@ def test_copied_lowers_taken_chunks_to_intent_and_leaves_dirty_ones_dirty(tmp_pa
     chunks.close()
 
 
+def test_redo_dirties_chunks_the_host_wrote_and_returns_those_it_never_wrote(tmp_path):
+    """The verify's question: a chunk unlike the manifest that the host wrote where the copy had passed (it
+    reached both and left no dirt) is copied again; one the host never wrote is a real difference."""
+    passthrough, source, destination = make(tmp_path)
+    passthrough.guard.arm_sequential(SIZE, window=0)  # the copy has passed every chunk
+    host_write(passthrough, 2, os.urandom(CHUNK))
+    chunks = passthrough.chunks
+    chunks.mark([5], DIRTY)
+    assert chunks.dirty_count() == 1  # the write to chunk 2 left no dirt: the destination followed it
+    assert chunks.redo([2, 4, 5, 7, -1, CHUNKS]) == [4, 7]  # out of range: ignored
+    assert list(chunks.bytes) == [CLEAN, CLEAN, DIRTY, CLEAN, CLEAN, DIRTY, CLEAN, CLEAN]
+    assert (tmp_path / "v.chunks").read_bytes() == bytes(chunks.bytes)  # on disk before it answers
+    assert chunks.take_dirty() == [2, 5]
+    passthrough.close()
+
+
 def test_a_restarted_handler_counts_taken_chunks_as_dirty(tmp_path):
     path = str(tmp_path / "m.chunks")
     chunks = ChunkMap(path, SIZE, CHUNK)

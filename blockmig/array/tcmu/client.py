@@ -214,6 +214,11 @@ class BackstoreClient:
         """Pass-through: the chunks written where the copy may have read them first (for a delta pass)."""
         return self.request("take_dirty")["taken"]
 
+    def redo(self, chunks: list[int]) -> list[int]:
+        """Pass-through: chunks unlike the migrator's manifest are copied again where the host wrote them;
+        returns those it never wrote (a real difference)."""
+        return self.request("redo", chunks=list(chunks))["clean"]
+
     def copied(self, chunks: list[int]) -> dict:
         """Pass-through: a delta pass copied these chunks (a later take does not return them again)."""
         return self.request("copied", chunks=list(chunks))

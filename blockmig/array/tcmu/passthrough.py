@@ -82,6 +82,15 @@ class ChunkMap:
             self._set([i for i in dirty if self.bytes[i] == DIRTY], TAKEN)
             return dirty
 
+    def redo(self, chunks) -> list[int]:
+        """Chunks the migrator found unlike its manifest: those the host has written (not CLEAN: a write
+        where the copy had passed reaches both and leaves no dirt) are dirty again, for a delta pass or the
+        commit to copy; the CLEAN ones, never written by the host, are returned (a real difference)."""
+        with self._lock:
+            chunks = [c for c in chunks if 0 <= c < self.count]
+            self._set([c for c in chunks if self.bytes[c] == INTENT], DIRTY)
+            return [c for c in chunks if self.bytes[c] == CLEAN]
+
     def copied(self, chunks) -> None:
         """A pass copied these chunks: those still TAKEN are current on the destination (not dirty ones)."""
         with self._lock:

@@ -462,8 +462,9 @@ class VolumeServer:
                 conn.sendall(json.dumps(answer).encode() + b"\n")
 
     def control(self, request: dict) -> dict:
-        """One control request: state, arm_sequential, arm_delta, disarm, hand_over, receive."""
-        op, taken, committed = request["op"], None, None
+        """One control request: state, arm_sequential, arm_delta, disarm, hand_over, receive; pass-through's
+        take_dirty, redo, copied, commit."""
+        op, taken, clean, committed = request["op"], None, None, None
         if op == "arm_sequential":
             self.guard.arm_sequential(int(request.get("reserved", 0)), int(request.get("window", 0)))
         elif op == "arm_delta":
@@ -476,6 +477,8 @@ class VolumeServer:
             self.guard.set_receiving(True)
         elif op == "take_dirty":  # pass-through: the chunks the next delta pass copies again
             taken = self._passthrough(op).chunks.take_dirty()
+        elif op == "redo":  # pass-through: chunks unlike the migrator's manifest (the clean ones answered)
+            clean = self._passthrough(op).chunks.redo([int(c) for c in request["chunks"]])
         elif op == "copied":  # pass-through: a delta pass copied these chunks
             self._passthrough(op).chunks.copied([int(c) for c in request["chunks"]])
         elif op == "commit":  # pass-through ends: the destination is the volume (the source gets no more)
@@ -490,6 +493,7 @@ class VolumeServer:
             "pid": os.getpid(), "pass_through": state.pass_through,
             **({"dirty_chunks": self.passthrough.chunks.dirty_count()} if self.passthrough else {}),
             **({"taken": taken} if taken is not None else {}),
+            **({"clean": clean} if clean is not None else {}),
             **({"commit": committed or self._saved_commit()} if self.passthrough else {}),
         }
 
