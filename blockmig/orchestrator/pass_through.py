@@ -11,8 +11,8 @@ the source until the copy has converged; no host IO is held at any path change, 
   copy                pass 1, the claim's guarded sequential copy (the array's disk of the source ->
                       the migrator's view), then delta passes of what the host dirtied, until the rest
                       fits --max-hold
-  verify              the destination against the manifest, every host write meanwhile counted dirty: a
-                      chunk that differs must be one the host wrote
+  verify              the destination against the manifest: a chunk that differs must be one the host wrote
+                      since its copy (copied again, by a delta pass or the commit), or the move stops
   commit              the array copies the last dirty chunks itself, holding only the host writes that
                       touch them; then the destination is the volume and the source gets no more writes
   hand_over           the kernel's backstore (NAME, same backing, same identity) joins the map, the
