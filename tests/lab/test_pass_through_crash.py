@@ -116,7 +116,11 @@ def test_the_handler_killed_in_the_copy_is_started_again_by_resume(shaped_lab):
             assert result.returncode == 0, result.stderr
     finally:
         writer.stop()
-    watch.check()
+    # The handler was the host's only path: multipathd's checker may fail it until resume starts it again
+    # (under TCG beside a second guest that took longer than the checker waits); IO queues meanwhile and
+    # the writer (checked below) sees no error.
+    watch.check(pathless_allowed=True)
+    print(f"\nmap without a usable path for {watch.pathless_seconds:.1f} s while the handler was down")
     report = report_of(result)
     print_figures(report, writer)
     assert_moved(host, report)

@@ -41,21 +41,27 @@ WRITTEN = (MiB, 17 * MiB)
 
 
 class MapWatch:
-    """Samples the host's map through the migration: the fewest usable paths seen, every disk seen in it."""
+    """Samples the host's map through the migration: the fewest usable paths seen, every disk seen in it, how
+    long it had no usable path."""
+
+    SAMPLE = 0.25
 
     def __init__(self, map_name: str):
         self.map_name = map_name
-        self.fewest = None
+        self.fewest = self.last = None
+        self.pathless_seconds = 0.0
         self.disks: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(0.25):
+        while not self._stop.wait(self.SAMPLE):
             with contextlib.suppress(HostError):
                 paths = multipath.paths_of_map(self.map_name)
                 usable = sum(p.usable for p in paths)
                 self.fewest = usable if self.fewest is None else min(self.fewest, usable)
+                self.pathless_seconds += self.SAMPLE if usable == 0 else 0
+                self.last = usable
                 self.disks |= {p.dev for p in paths}
 
     def __enter__(self):
@@ -66,8 +72,12 @@ class MapWatch:
         self._stop.set()
         self._thread.join()
 
-    def check(self) -> None:
-        assert self.fewest is not None and self.fewest >= 1, f"map {self.map_name} was without a usable path"
+    def check(self, pathless_allowed: bool = False) -> None:
+        """`pathless_allowed`: the only path's server was killed (its IO queued meanwhile), so the map may
+        have been without a usable path for a while; it must have one at the end."""
+        assert self.fewest is not None and self.last is not None and self.last >= 1, \
+            f"map {self.map_name} ends without a usable path"
+        assert pathless_allowed or self.fewest >= 1, f"map {self.map_name} was without a usable path"
         array_disks = {d for d in self.disks if (s := iscsi.session_of_disk(d)) and s.iface.startswith(
             "blockmig-array-")}
         assert not array_disks, f"the array's own disks of the source were host paths: {array_disks}"
