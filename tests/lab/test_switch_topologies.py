@@ -20,9 +20,11 @@ def _host_sessions(target: str) -> list[iscsi.Session]:
     return [s for s in iscsi.sessions() if s.target_iqn == target and s.iface == "default"]
 
 
-def test_three_volumes_moved_one_after_another_to_one_destination(migration_lab, backing_dir):
-    """The second and third switch reuse the host's session to the destination (a targeted scan, no login)."""
-    volumes = [migration_lab] + [add_host_volume(backing_dir, f"vol{n}", lun=n) for n in (1, 2)]
+def test_two_volumes_moved_one_after_another_to_one_destination(migration_lab, backing_dir):
+    """The second switch reuses the host's session to the destination (a targeted scan, no login); then the
+    source's session, carrying nothing, goes. (A third volume took 100 s more under TCG and showed nothing
+    the second does not.)"""
+    volumes = [migration_lab, add_host_volume(backing_dir, "vol1", lun=1)]
     for number, volume in enumerate(volumes):
         others = [v for v in volumes if v is not volume]
         readers = [HostReader(v.device, v.data) for v in others]
@@ -36,11 +38,11 @@ def test_three_volumes_moved_one_after_another_to_one_destination(migration_lab,
                 reader.__exit__(None, None, None)
         assert result.returncode == 0, result.stderr
         report = report_of(result)
-        print(f"volume {number + 1} of 3: host IO held {report['io_held_seconds'] * 1000:.0f} ms")
+        print(f"volume {number + 1} of 2: host IO held {report['io_held_seconds'] * 1000:.0f} ms")
         for reader in readers:
             reader.check()  # the other volumes, on either array, never noticed
         volume.assert_host_on_destination(writer_region=(volume.size // 2, volume.size), report=report,
-                                          other_source_volumes=number < 2)
+                                          other_source_volumes=number < 1)
         writer.check(volume.read_through_map)
         assert len(_host_sessions(lab.DESTINATION_IQN)) == 1
         volume.data = volume.read_through_map(0, volume.size)  # what the later checks expect from it now
