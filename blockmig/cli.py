@@ -160,15 +160,15 @@ def _add_migrate(sub) -> None:
     backing.add_argument("--backing-dir", metavar="DIR", help="file-backed destination in DIR (default: the source's)")
     backing.add_argument("--backing-device", metavar="DEV", help="destination on this block device (exact size)")
     parser.add_argument("--backstore", choices=("handler", "kernel"),
-                        help="what serves the destination during the copy: blockmig's handler, whose guard "
-                             "executes the migrator's writes only at the reserved address, or the kernel's "
-                             "fileio/iblock from the start (default); after the copy it is the kernel's")
+                        help="what serves the destination during the copy: blockmig's handler (default), whose "
+                             "guard executes the migrator's writes only at the reserved address, or the kernel's "
+                             "fileio/iblock from the start; after the copy it is the kernel's")
     parser.add_argument("--mode", choices=("online", "offline", "pass-through"),
                         help="online (or pass-through, the same): the host keeps writing; the destination joins "
                              "its multipath map first, passed through to the source until the copy converges, no "
-                             "IO held at any path change, whatever is on the map; offline: a fence for the whole "
-                             "copy (default: online where the host uses the map through LVM or partitions on it, "
-                             "offline where it uses the map directly and for a bare disk)")
+                             "IO held at any path change, whatever is on the map (the default for a map); "
+                             "offline: a fence for the whole copy (the default for a bare disk, and where "
+                             "--fence or --switch relogin is given)")
     parser.add_argument("--max-hold", type=_seconds_argument(0, 60, low_included=False), metavar="SECONDS",
                         help="online: commit once the last dirty chunks are estimated to copy in this long; only "
                              "the host writes to them wait meanwhile (default 1)")

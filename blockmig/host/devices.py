@@ -61,16 +61,6 @@ def resume_map_with_a_path(map_name: str) -> None:
     multipath.resume_map(map_name)
 
 
-def holder_maps(map_name: str) -> list[str]:
-    """dm names of the maps stacked directly on the host's map (LVs, partitions, linear maps)."""
-    dm = os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}"))
-    holders = f"/sys/block/{dm}/holders"
-    names = os.listdir(holders) if os.path.isdir(holders) else []
-    return sorted(
-        read_attribute(f"/sys/block/{name}/dm/name") if name.startswith("dm-") else name for name in names
-    )
-
-
 def freeze_filesystems(
     map_name: str, frozen: list[str], save: Callable[[], None], mountpoints: list[str] | None = None
 ) -> None:

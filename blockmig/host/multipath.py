@@ -239,7 +239,14 @@ def flush_map(name: str, timeout: float = 10) -> None:
     try:
         wait_until(flushed, f"map {name} to be free to flush", timeout)
     except HostError:
-        raise refusals[-1] if refusals else HostError(f"cannot flush multipath map {name}") from None
+        if not refusals:
+            raise HostError(f"cannot flush multipath map {name}") from None
+        from blockmig.host.usage import volume_users  # usage reads the maps' users; it needs no multipath
+
+        users = volume_users(f"/dev/mapper/{name}")
+        held_by = users.describe() if users.in_use else (
+            "no mount, opener or stacked map is left: the kernel holds it (a lazily unmounted filesystem?)")
+        raise HostError(f"{refusals[-1]}; held by: {held_by}") from None
 
 
 def suspend_map(name: str, lockfs: bool = True, flush: bool = True) -> None:

@@ -2,26 +2,26 @@
 
 Online means pass-through (pass_through.py): the destination joins the host's multipath map first and
 passes the host's IO through to the source until the copy has converged, so it moves any host stack on
-the map (a filesystem used directly, LVM, partitions) without holding host IO at a path change. A bare
-disk (no map) moves offline only. This module is apart from pass_through.py because plan.py and
-finish.py, whose steps pass_through.py imports, need it.
+the map (a filesystem used directly, LVM, partitions) without holding host IO at a path change: the
+default for every map. A bare disk (no map) moves offline only. This module is apart from
+pass_through.py because plan.py and finish.py, whose steps pass_through.py imports, need it.
 """
 
 from __future__ import annotations
 
-import os
-
 from blockmig.errors import UsageError
-from blockmig.host import usage
-from blockmig.host.devices import holder_maps
 
 PASS_THROUGH = "pass-through"
 MODES = ("online", "offline", PASS_THROUGH)  # --mode pass-through: the same as online
 DEFAULT_MAX_HOLD = 1.0
 
 
-def choose_mode(requested: str | None, fence_given: bool, map_name: str | None, device: str) -> str:
-    """The journal's mode ("offline" or "pass-through") for --mode `requested`, or the default."""
+def choose_mode(requested: str | None, fence_given: bool, map_name: str | None, device: str,
+                switch: str = "multipath") -> str:
+    """The journal's mode ("offline" or "pass-through") for --mode `requested`, or the default: online
+    for every multipath map, whatever uses it (a filesystem or database directly on it, LVM, partitions,
+    a raw application, nothing), because no host IO waits for the copy; offline where the admin asked
+    for a fence or a relogin switch, and for a bare disk (nothing to join a path beside)."""
     if requested not in (None, *MODES):
         raise UsageError(f"--mode must be one of {', '.join(MODES)}")
     if requested == "offline":
@@ -33,19 +33,9 @@ def choose_mode(requested: str | None, fence_given: bool, map_name: str | None, 
             raise UsageError(f"--mode {requested} moves the host by its multipath map: {device} is a bare "
                              "disk, not a multipath map; use --mode offline with --switch relogin")
         return PASS_THROUGH
-    # The default: online for a map the host uses through maps stacked on it (an LVM volume group,
-    # partitions), offline (a fence for the whole copy) for a map used directly and for a bare disk.
-    if fence_given or map_name is None or not _used_through_stacked_maps_only(map_name):
+    if fence_given or map_name is None or switch == "relogin":
         return "offline"
     return PASS_THROUGH
-
-
-def _used_through_stacked_maps_only(map_name: str) -> bool:
-    if not holder_maps(map_name):
-        return False
-    dm = os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}"))
-    users = usage.volume_users(f"/dev/mapper/{map_name}")
-    return not any(m.device == dm for m in users.mounts) and not any(o.device == dm for o in users.writers)
 
 
 def new_pass_through_state(max_hold: float) -> dict:

@@ -89,7 +89,8 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
             f"map {host_device.map_name} does not queue IO while it has no path "
             "(set no_path_retry queue, or a number, in multipath.conf)"
         )
-    mode = online.choose_mode(request.mode, request.fence is not None, host_device.map_name, request.device)
+    mode = online.choose_mode(request.mode, request.fence is not None, host_device.map_name, request.device,
+                              request.switch)
     if mode == online.PASS_THROUGH and request.switch != "multipath":
         raise UsageError("an online move (pass-through) switches the host by its multipath map: use --switch "
                          "multipath, or --mode offline")

@@ -279,6 +279,7 @@ def test_another_user_cannot_hold_the_lock_plant_a_link_or_read_state(migration_
         plan_file = tmp_path / "one.toml"
         plan_file.write_text(f'id = "unpriv"\n[defaults]\nto_target = "{lab.DESTINATION_IQN}"\n'
                              f'to_portal = "127.0.0.2:3260"\nbacking_dir = "{lab_.backing_dir}"\nchunk_size = "1M"\n'
+                             'mode = "offline"\n'
                              f'[[volumes]]\ndevice = "{lab_.device}"\n')
         running = start_blockmig("migrate", "--plan", str(plan_file), "--json", stop_at="plan:destinations-created")
         try:

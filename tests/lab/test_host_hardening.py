@@ -20,6 +20,7 @@ import sys
 
 import pytest
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
+    KERNEL_BACKSTORE,
     REPO,
     MiB,
     add_host_volume,
@@ -97,7 +98,7 @@ def test_a_bind_mounted_filesystem_migrates_with_the_suspend_fence(fs_volume, tm
     try:
         with appender:
             subprocess.run(["mount", "--bind", str(mountpoint), str(bind)], check=True)
-            result = blockmig(*fs_volume.migrate_args("--fence", "suspend", "--id", "bind"))
+            result = blockmig(*fs_volume.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--id", "bind"))
             assert result.returncode == 0, result.stderr
             subprocess.run(["umount", str(bind)], check=True)
         print(appender.summary())
@@ -113,12 +114,12 @@ def test_a_mount_in_another_namespace_is_a_user_and_is_frozen(fs_volume, tmp_pat
     subprocess.run(["mkfs.ext4", "-q", "-F", fs_volume.device], check=True)
     mountpoint = str(tmp_path / "container")
     with _in_another_mount_namespace(fs_volume.device, mountpoint) as pid:
-        refused = blockmig(*fs_volume.migrate_args("--id", "ns-wp"))
+        refused = blockmig(*fs_volume.migrate_args(*KERNEL_BACKSTORE, "--id", "ns-wp"))
         line = _one_line(refused.stderr)
         assert refused.returncode == 2 and "--fence writeprotect would fail every write" in line, line
         assert f"ext4 on {mountpoint} in the mount namespace of pid {pid} mounted read-write" in line, line
         assert not os.path.exists(os.path.join(os.environ["BLOCKMIG_STATE_DIR"], "ns-wp"))
-        process = start_blockmig(*fs_volume.migrate_args("--fence", "suspend", "--id", "ns", "--switch-timeout", "60"),
+        process = start_blockmig(*fs_volume.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--id", "ns", "--switch-timeout", "60"),
                                  stop_at="switch:held")
         try:
             wait_until_stopped(process)
@@ -174,7 +175,7 @@ def test_relogin_of_a_used_bare_disk_is_refused_at_plan(migration_lab, tmp_path)
     with _bare_source_disk(migration_lab) as disk:
         device = f"/dev/{disk}"
         args = [a if a != migration_lab.device else device
-                for a in migration_lab.migrate_args("--switch", "relogin", "--id", "used")]
+                for a in migration_lab.migrate_args(*KERNEL_BACKSTORE, "--switch", "relogin", "--id", "used")]
         subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True)
         mountpoint = tmp_path / "ro"
         mountpoint.mkdir()
@@ -229,7 +230,7 @@ def ipv6_destination(migration_lab):
 def test_an_ipv6_portal(migration_lab, ipv6_destination):
     array = lio.find_array(ipv6_destination)
     assert array.portals == (("::1", 3260),)
-    args = migration_lab.migrate_args("--id", "v6")
+    args = migration_lab.migrate_args(*KERNEL_BACKSTORE, "--id", "v6")
     args[args.index("--to-target") + 1] = ipv6_destination
     args[args.index("--to-portal") + 1] = "[::1]:3260"
     result = blockmig(*args)
@@ -253,11 +254,11 @@ def test_a_host_name_portal(migration_lab):
         handle.write(f"\n{lab.DESTINATION_PORTAL[0]} {name}\n")
     try:
         refused = blockmig(*[a if a != "{}:{}".format(*lab.DESTINATION_PORTAL) else "no-such-host.invalid:3260"
-                             for a in migration_lab.migrate_args("--id", "bad-name")])
+                             for a in migration_lab.migrate_args(*KERNEL_BACKSTORE, "--id", "bad-name")])
         line = _one_line(refused.stderr)
         assert refused.returncode == 2 and "cannot resolve 'no-such-host.invalid'" in line, line
         result = blockmig(*[a if a != "{}:{}".format(*lab.DESTINATION_PORTAL) else f"{name}:3260"
-                            for a in migration_lab.migrate_args("--id", "by-name")])
+                            for a in migration_lab.migrate_args(*KERNEL_BACKSTORE, "--id", "by-name")])
     finally:
         if hosts is None:
             os.unlink("/etc/hosts")
@@ -306,7 +307,7 @@ def test_kill_inside_create_destination(migration_lab, point, then, backstore):
 
 def test_another_process_waits_for_the_control_plane_and_never_resumes_a_held_map(migration_lab):
     """blockmig stopped inside its hold holds the host-wide lock; a suspend fence's map refuses a reconfigure."""
-    process = start_blockmig(*migration_lab.migrate_args("--fence", "suspend", "--id", "cp", "--switch-timeout", "60"),
+    process = start_blockmig(*migration_lab.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--id", "cp", "--switch-timeout", "60"),
                              stop_at="switch:held")
     try:
         wait_until_stopped(process)
@@ -324,7 +325,7 @@ def test_another_process_waits_for_the_control_plane_and_never_resumes_a_held_ma
 def test_reconfigure_is_refused_while_a_suspend_fence_holds_a_map(migration_lab):
     """The suspend fence holds the map through the copy (no control-plane lock then): another process's
     reconfigure, which would resume it, is refused by name, and the map stays suspended."""
-    process = start_blockmig(*migration_lab.migrate_args("--fence", "suspend", "--id", "fenced", "--max-rate", "2M"))
+    process = start_blockmig(*migration_lab.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--id", "fenced", "--max-rate", "2M"))
     try:
         wait_for_journal("fenced", lambda data: "copy" in data["steps"])
         assert multipath.is_suspended(migration_lab.map_name)
@@ -356,7 +357,7 @@ def test_a_hanging_command_in_the_hold_is_cut_and_the_switch_reverts(migration_l
         f'exec {real} "$@"\n')
     os.chmod(fake / "multipathd", 0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
-    result = blockmig(*migration_lab.migrate_args("--fence", "suspend", "--id", "hang", "--switch-timeout", "15"),
+    result = blockmig(*migration_lab.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--id", "hang", "--switch-timeout", "15"),
                       timeout=300)
     line = _one_line(result.stderr)
     assert result.returncode != 0 and "switch reverted, the host is on the source again" in line, line

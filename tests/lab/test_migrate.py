@@ -132,6 +132,7 @@ def test_guard_refuses_a_write_at_the_wrong_address_during_a_migration(migration
         backing_dir=migration_lab.backing_dir,
         chunk_size=1024 * 1024,
         migration_id="stray",
+        mode="offline",
     )
     report = migrate(request, after_chunk=stray_write)
     assert len(refusals) == 1

@@ -99,8 +99,9 @@ def shaped_lab(request, backing_dir, tmp_path, monkeypatch):
         lab.lab_down(backing_dir)
 
 
-def migrate(host: MigrationLab, *extra: str, timeout: float = 900):
-    result = blockmig(*host.migrate_args("--mode", "online", *HOLD, *extra), timeout=timeout)
+def migrate(host: MigrationLab, *extra: str, timeout: float = 900, mode: str | None = "online"):
+    """`mode` None: no --mode, blockmig's default (online for every map)."""
+    result = blockmig(*host.migrate_args(*HOLD, *extra, mode=mode), timeout=timeout)
     assert result.returncode == 0, result.stderr
     return report_of(result)
 
@@ -110,7 +111,7 @@ def migrate(host: MigrationLab, *extra: str, timeout: float = 900):
 BASELINE_SECONDS = 8.0
 
 
-def migrate_watched(host: MigrationLab, workload=None) -> tuple[dict, MapWatch]:
+def migrate_watched(host: MigrationLab, workload=None, mode: str | None = "online") -> tuple[dict, MapWatch]:
     """migrate, the map sampled from a second before to a second after; with `workload`, its IOs before the
     migration (BASELINE_SECONDS) and during it are printed side by side."""
     began = time.monotonic()
@@ -118,7 +119,7 @@ def migrate_watched(host: MigrationLab, workload=None) -> tuple[dict, MapWatch]:
     with MapWatch(host.map_name) as watch:
         time.sleep(1)
         started = time.monotonic()
-        report = migrate(host)
+        report = migrate(host, mode=mode)
         ended = time.monotonic()
         time.sleep(1)
     if workload is not None:
@@ -146,13 +147,14 @@ def assert_moved(host: MigrationLab, report: dict) -> None:
 @pytest.mark.parametrize("shaped_lab", [(64 * MiB, 512), (XFS_MIGRATION_SIZE, 4096)], indirect=True,
                          ids=["ext4-512", "xfs-4096"])
 def test_a_filesystem_directly_on_the_map_moves_online_with_its_writer(shaped_lab, tmp_path):
+    """No --mode: online is the default for a map, whatever is on it (assert_moved checks the mode)."""
     host = shaped_lab
     fstype = "ext4" if host.block_size == 512 else "xfs"
     appender = FsAppender(host.device, fstype, str(tmp_path / "mnt"), interval=0.02,
                           mkfs_env=XFS_MIGRATION_ENV if fstype == "xfs" else None)
     appender.start()
     try:
-        report, watch = migrate_watched(host, appender)
+        report, watch = migrate_watched(host, appender, mode=None)
         appender.stop()
         print_figures(report, appender)
         watch.check()

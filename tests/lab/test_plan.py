@@ -18,6 +18,7 @@ import pytest
 from blockio import read_direct, read_file
 from migrate_support import (
     GROUP_SWITCH_TIMEOUT,
+    KERNEL_BACKSTORE,
     MiB,
     MigrationLab,
     add_host_volume,
@@ -83,8 +84,12 @@ class _MapOnly:
 
 
 def write_plan(tmp_path, devices: list[str], backing_dir: str, plan_id: str, parallel: int = 2,
-               extra_defaults: str = "", per_volume: dict | None = None) -> str:
-    """A TOML plan: the lab's destination, `backing_dir`, 1 MiB chunks; `per_volume` adds lines to a volume."""
+               extra_defaults: str = "", per_volume: dict | None = None, backstore: str | None = "kernel") -> str:
+    """A TOML plan: the lab's destination, `backing_dir`, 1 MiB chunks, offline moves (the pass-through
+    plans are test_pass_through_shapes'), `backstore` (None: blockmig's default, the handler); `per_volume`
+    adds lines to a volume."""
+    if backstore is not None:
+        extra_defaults += f'\nbackstore = "{backstore}"'
     volumes = "".join(f'\n[[volumes]]\ndevice = "{device}"\n' + (per_volume or {}).get(device, "")
                       for device in devices)
     text = f"""id = "{plan_id}"
@@ -95,6 +100,7 @@ to_target = "{lab.DESTINATION_IQN}"
 to_portal = "{lab.DESTINATION_PORTAL[0]}:{lab.DESTINATION_PORTAL[1]}"
 backing_dir = "{backing_dir}"
 chunk_size = "1M"
+mode = "offline"
 {extra_defaults}
 {volumes}"""
     path = tmp_path / f"{plan_id}.toml"
@@ -259,7 +265,7 @@ def test_a_plan_with_one_bad_volume_touches_nothing(host_volumes, backing_dir, s
 def start_slow_plan(tmp_path, volumes, backing_dir, plan_id: str, slow: list, parallel: int = 2):
     """The plan in the background; the `slow` volumes copy at 4 MB/s so a test can catch them mid-copy."""
     path = write_plan(tmp_path, [v.device for v in volumes], backing_dir, plan_id, parallel=parallel,
-                      per_volume={v.device: "max_rate = \"4M\"\n" for v in slow})
+                      per_volume={v.device: "max_rate = \"4M\"\n" for v in slow}, backstore=None)
     return start_blockmig("migrate", "--plan", path, "--json")
 
 
@@ -312,7 +318,8 @@ def test_from_target_names_the_hosts_volumes_of_that_target_only(host_volumes, b
         f"/dev/mapper/{bystander_map.name}"]
     result = blockmig("migrate", "--from-target", lab.SOURCE_IQN, "--to-target", lab.DESTINATION_IQN,
                       "--to-portal", "{}:{}".format(*lab.DESTINATION_PORTAL), "--backing-dir", backing_dir,
-                      "--chunk-size", "1M", "--parallel", "3", "--id", "whole", "--json", timeout=600)
+                      "--chunk-size", "1M", "--parallel", "3", "--id", "whole", "--mode", "offline",
+                      *KERNEL_BACKSTORE, "--json", timeout=600)
     assert result.returncode == 0, result.stderr
     report = plan_report(result)
     assert sorted(v["map"] for v in report["volumes"]) == sorted(v.map_name for v in volumes)
@@ -377,7 +384,7 @@ def test_one_member_failing_leaves_the_others_to_finish(host_volumes, backing_di
 
 
 def together_args(volumes, backing_dir, plan_id: str) -> list[str]:
-    return ["migrate", *(v.device for v in volumes), "--switch", "together", "--fence", "suspend",
+    return ["migrate", *(v.device for v in volumes), "--switch", "together", "--fence", "suspend", *KERNEL_BACKSTORE,
             "--switch-timeout", GROUP_SWITCH_TIMEOUT,
             "--to-target", lab.DESTINATION_IQN, "--to-portal", "{}:{}".format(*lab.DESTINATION_PORTAL),
             "--backing-dir", backing_dir, "--chunk-size", "1M", "--id", plan_id, "--json"]

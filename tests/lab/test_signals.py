@@ -16,6 +16,7 @@ import tempfile
 import pytest
 from lvm_support import assert_moved, lvm_host  # noqa: F401 (fixture)
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
+    KERNEL_BACKSTORE,
     MiB,
     blockmig,
     host_disks_by_target,
@@ -82,7 +83,7 @@ def _map_flowing(map_name: str) -> None:
 def test_a_signal_in_the_hold_finishes_the_switch_then_stops(migration_lab, signum):
     """After the source path is out: the switch goes on to the destination, the map resumes, then blockmig exits."""
     with _writer(migration_lab) as writer:
-        process = start_blockmig(*migration_lab.migrate_args("--fence", "suspend", "--id", "sh"),
+        process = start_blockmig(*migration_lab.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--id", "sh"),
                                  stop_at="switch:source path removed")
         _signal_at_stop(process, signum)
         lines = _ended(process, signum)
@@ -103,7 +104,7 @@ def test_a_second_signal_does_not_abort_the_revert(migration_lab):
     """SIGINT in the hold, then the destination vanishes (the switch must revert), then SIGTERM inside the revert."""
     with _writer(migration_lab) as writer:
         process = start_blockmig(
-            *migration_lab.migrate_args("--fence", "suspend", "--id", "sr"),  # the default timeout: resume needs it
+            *migration_lab.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--id", "sr"),  # the default timeout: resume needs it
             stop_at="switch:destination mapped,switch:reverted",
         )
         wait_until_stopped(process)
@@ -133,7 +134,7 @@ def test_a_second_signal_does_not_abort_the_revert(migration_lab):
 def test_sighup_in_a_suspend_fence_lifts_it_and_resume_copies_again(migration_lab):
     """A dropped ssh session during `--fence suspend`: host IO flows on the source again at once."""
     with _writer(migration_lab) as writer:
-        process = start_blockmig(*migration_lab.migrate_args("--fence", "suspend", "--id", "sf"),
+        process = start_blockmig(*migration_lab.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--id", "sf"),
                                  stop_at="copy:chunk")
         _signal_at_stop(process, signal.SIGHUP)
         lines = _ended(process, signal.SIGHUP)

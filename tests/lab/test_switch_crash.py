@@ -9,6 +9,7 @@ import signal
 
 import pytest
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
+    KERNEL_BACKSTORE,
     SHORT_SWITCH_TIMEOUT,
     blockmig,
     journal,
@@ -45,7 +46,7 @@ def _region(writer: RawWriter) -> tuple[int, int]:
 
 def _kill_at(lab, migration_id: str, point: str, *extra: str) -> None:
     """Start a migration that stops itself at `point`, then kill -9 it there."""
-    process = start_blockmig(*lab.migrate_args("--id", migration_id, *extra), stop_at=point)
+    process = start_blockmig(*lab.migrate_args(*KERNEL_BACKSTORE, "--id", migration_id, *extra), stop_at=point)
     wait_until_stopped(process)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
@@ -89,7 +90,7 @@ def test_a_destination_that_never_appears_is_reverted(migration_lab):
     """The host's mapping of the destination vanishes inside the hold: the switch times out and reverts."""
     with _writer(migration_lab) as writer:
         process = start_blockmig(
-            *migration_lab.migrate_args("--fence", "suspend", "--id", "nv", "--switch-timeout", SHORT_SWITCH_TIMEOUT),
+            *migration_lab.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--id", "nv", "--switch-timeout", SHORT_SWITCH_TIMEOUT),
             stop_at="switch:destination mapped",
         )
         wait_until_stopped(process)

@@ -7,6 +7,7 @@ switch's prepare; the group switch then runs over their journals, as a plan's re
 import signal
 
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
+    KERNEL_BACKSTORE,
     add_host_volume,
     blockmig,
     journal,
@@ -37,7 +38,7 @@ def _bring_to_the_switch(volumes: list, migration_ids: list[str]) -> None:
     blacklisted), which blockmig refuses while another volume's suspend fence holds its map.
     """
     for volume, migration_id in zip(volumes, migration_ids):
-        _kill_at("create:migrator-disk-ready", *volume.migrate_args("--fence", "suspend", "--id", migration_id))
+        _kill_at("create:migrator-disk-ready", *volume.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--id", migration_id))
     for migration_id in migration_ids:
         _kill_at("switch:prepared", "resume", migration_id)
 

@@ -8,6 +8,7 @@ import os
 
 import pytest
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
+    KERNEL_BACKSTORE,
     MiB,
     add_host_volume,
     blockmig,
@@ -41,7 +42,7 @@ def _held(report: dict, case: str) -> None:
 @pytest.mark.parametrize("switch", ["multipath", "relogin"])
 def test_raw_writer_with_the_suspend_fence(migration_lab, switch):
     with _writer(migration_lab) as writer:
-        result = blockmig(*migration_lab.migrate_args("--fence", "suspend", "--switch", switch, "--id", "rw"))
+        result = blockmig(*migration_lab.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--switch", switch, "--id", "rw"))
     assert result.returncode == 0, result.stderr
     report = report_of(result)
     _held(report, f"raw writer, suspend, {switch}")
@@ -60,11 +61,11 @@ def test_filesystem_with_an_fsync_appender(lab_env, backing_dir, tmp_path, monke
     appender = FsAppender(volume.device, fstype, str(mountpoint))
     try:
         with appender:
-            refused = blockmig(*volume.migrate_args("--id", "wp"))
+            refused = blockmig(*volume.migrate_args(*KERNEL_BACKSTORE, "--id", "wp"))
             assert refused.returncode == 2, refused.stderr
             assert len(refused.stderr.strip().splitlines()) == 1
             assert "--fence writeprotect would fail every write" in refused.stderr and str(mountpoint) in refused.stderr
-            result = blockmig(*volume.migrate_args("--fence", "suspend", "--chunk-size", "4M", "--id", fstype))
+            result = blockmig(*volume.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--chunk-size", "4M", "--id", fstype))
             assert result.returncode == 0, result.stderr
         report = report_of(result)
         _held(report, f"{fstype} + fsync appender, suspend, multipath")
@@ -80,7 +81,7 @@ def test_filesystem_with_an_fsync_appender(lab_env, backing_dir, tmp_path, monke
 def test_raw_writer_refuses_the_writeprotect_and_none_fences(migration_lab):
     with _writer(migration_lab) as writer:
         for fence in ("writeprotect", "none"):
-            refused = blockmig(*migration_lab.migrate_args("--fence", fence, "--id", f"refused-{fence}"))
+            refused = blockmig(*migration_lab.migrate_args(*KERNEL_BACKSTORE, "--fence", fence, "--id", f"refused-{fence}"))
             assert refused.returncode == 2, refused.stderr
             assert len(refused.stderr.strip().splitlines()) == 1 and "open for writing" in refused.stderr
             assert not os.path.exists(os.path.join(os.environ["BLOCKMIG_STATE_DIR"], f"refused-{fence}"))
@@ -96,7 +97,7 @@ def test_block_size_and_odd_size_are_kept(lab_env, backing_dir, tmp_path, monkey
     assert volume.block_size == block_size
     source_geometry = lio.volume_geometry(lio.find_volume_by_wwid(volume.wwid))
     with _writer(volume, block=block_size) as writer:
-        result = blockmig(*volume.migrate_args("--fence", "suspend", "--id", f"bs{block_size}"))
+        result = blockmig(*volume.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--id", f"bs{block_size}"))
     assert result.returncode == 0, result.stderr
     report = report_of(result)
     _held(report, f"{block_size}-byte blocks, odd size")
@@ -110,7 +111,7 @@ def test_block_size_and_odd_size_are_kept(lab_env, backing_dir, tmp_path, monkey
 def test_block_backstore_source(lab_env, backing_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("BLOCKMIG_STATE_DIR", str(tmp_path / "migrations"))
     volume = add_host_volume(backing_dir, "blk", 16 * MiB, lun=3, backstore="block")
-    result = blockmig(*volume.migrate_args("--fence", "suspend", "--id", "blk"))
+    result = blockmig(*volume.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--id", "blk"))
     assert result.returncode == 0, result.stderr
     report = report_of(result)
     assert volume.read_through_map(0, volume.size) == volume.data

@@ -3,6 +3,7 @@
 import os
 
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
+    KERNEL_BACKSTORE,
     HostReader,
     add_host_volume,
     blockmig,
@@ -32,7 +33,7 @@ def test_two_volumes_moved_one_after_another_to_one_destination(migration_lab, b
             reader.__enter__()
         try:
             with RawWriter(volume.device, volume.size, region=(volume.size // 2, volume.size // 2)) as writer:
-                result = blockmig(*volume.migrate_args("--fence", "suspend", "--id", f"three-{number}"))
+                result = blockmig(*volume.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--id", f"three-{number}"))
         finally:
             for reader in readers:
                 reader.__exit__(None, None, None)
@@ -56,7 +57,7 @@ def test_host_lun_numbers_that_differ_from_the_array(migration_lab, backing_dir)
     moving = add_host_volume(backing_dir, "moving", lun=3, mapped_lun=7)
     bystander = add_host_volume(backing_dir, "bystander", lun=7, mapped_lun=3)
     with HostReader(bystander.device, bystander.data) as reader:
-        result = blockmig(*moving.migrate_args("--id", "luns"))
+        result = blockmig(*moving.migrate_args(*KERNEL_BACKSTORE, "--id", "luns"))
     assert result.returncode == 0, result.stderr
     reader.check()
     report = report_of(result)
@@ -74,7 +75,7 @@ def test_a_second_initiator_on_the_source_is_refused(migration_lab):
     lio.export_volume(source, other)
     try:
         before = lab.lab_status()
-        result = blockmig(*migration_lab.migrate_args("--id", "second-initiator"))
+        result = blockmig(*migration_lab.migrate_args(*KERNEL_BACKSTORE, "--id", "second-initiator"))
         assert result.returncode == 2
         assert len(result.stderr.strip().splitlines()) == 1 and other in result.stderr, result.stderr
         assert lab.lab_status() == before
@@ -90,7 +91,7 @@ def test_an_existing_host_session_to_the_destination_is_kept(migration_lab, back
     lio.export_volume(resident, migration_lab.host_initiator)
     session = iscsi.login(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)
     resident_disk = iscsi.find_session_disk(session, resident.lun, resident.wwid, 30)
-    result = blockmig(*migration_lab.migrate_args("--id", "existing"))
+    result = blockmig(*migration_lab.migrate_args(*KERNEL_BACKSTORE, "--id", "existing"))
     assert result.returncode == 0, result.stderr
     report = report_of(result)
     assert [s.sid for s in _host_sessions(lab.DESTINATION_IQN)] == [session.sid]

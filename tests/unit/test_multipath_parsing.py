@@ -1,6 +1,10 @@
-"""Parsing multipathd's raw listings. This fakes multipathd's output; the lab
-tests (tests/lab/) run the same parsers against the real daemon."""
+"""Parsing multipathd's raw listings, and what a refused flush says. This fakes multipathd's output; the
+lab tests (tests/lab/) run the same parsers and flushes against the real daemon."""
 
+import pytest
+
+from blockmig.errors import HostError
+from blockmig.host import multipath
 from blockmig.host.multipath import MAP_FORMAT, PATH_FORMAT, parse_maps, parse_paths
 
 
@@ -35,3 +39,23 @@ def test_parse_paths_with_orphan_and_pending_checker():
     assert paths[0].usable and not paths[1].usable and not paths[2].usable
     assert paths[1].checker_state == "i/o pending"
     assert paths[2].map_name == ""
+
+
+@pytest.mark.parametrize("mounted", [True, False], ids=["a mount", "nothing the host shows"])
+def test_a_map_that_stays_in_use_is_refused_naming_what_holds_it(monkeypatch, mounted):
+    from blockmig.host import usage
+
+    def refuse(argv, what):
+        raise HostError(f"{what}: mpatha: map in use")
+
+    mounts = (usage.Mount("dm-0", "/srv/db", "xfs", True),) if mounted else ()
+    monkeypatch.setattr(multipath, "_run", refuse)
+    monkeypatch.setattr(multipath, "settle", lambda timeout: None)
+    users = usage.VolumeUsers("dm-0", ("dm-0",), mounts, ())
+    monkeypatch.setattr(usage, "volume_users", lambda device: users)
+    with pytest.raises(HostError) as refused:
+        multipath.flush_map("mpatha", timeout=0.2)
+    message = str(refused.value)
+    assert "map in use" in message and "\n" not in message
+    expected = "xfs on /srv/db mounted read-write" if mounted else "lazily unmounted"
+    assert expected in message, message

@@ -5,8 +5,6 @@ The pass-through itself runs on the real stack in tests/lab/test_pass_through_*.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from blockmig.errors import MigrationError, UsageError
@@ -14,16 +12,6 @@ from blockmig.orchestrator import migration, online
 from blockmig.state import MigrationJournal
 
 MAP = ("mpatha", "/dev/mapper/mpatha")
-
-
-@pytest.fixture
-def host(monkeypatch):
-    """The host's map: what is stacked on it and who uses it (set by each test)."""
-    seen = SimpleNamespace(holders=[], mounts=[], writers=[])
-    monkeypatch.setattr(online, "holder_maps", lambda name: seen.holders)
-    monkeypatch.setattr(online.usage, "volume_users",
-                        lambda device: SimpleNamespace(mounts=seen.mounts, writers=seen.writers))
-    return seen
 
 
 def test_online_is_refused_for_a_bare_disk_in_one_line():
@@ -35,30 +23,21 @@ def test_online_is_refused_for_a_bare_disk_in_one_line():
         assert "relogin" in message
 
 
-@pytest.mark.parametrize("stacked", [[], ["blockmigvg-data", "blockmigvg-raw"]], ids=["used-directly", "lvm"])
 @pytest.mark.parametrize("requested", ["online", "pass-through"])
-def test_online_on_any_map_is_a_pass_through(host, requested, stacked):
-    host.holders = stacked
+def test_online_on_any_map_is_a_pass_through(requested):
     assert online.choose_mode(requested, False, *MAP) == online.PASS_THROUGH
     with pytest.raises(UsageError, match="--fence is for --mode offline"):
         online.choose_mode(requested, True, *MAP)
 
 
-def test_the_default_for_a_map_with_lvm_or_partitions_stacked_is_a_pass_through(host):
-    host.holders = ["blockmigvg-data"]
+def test_the_default_for_every_map_is_a_pass_through_and_offline_is_asked_for():
+    # whatever uses the map (a filesystem on it, LVM, nothing): the choice does not look at the host's stack
     assert online.choose_mode(None, False, *MAP) == online.PASS_THROUGH
+    assert online.choose_mode(None, False, *MAP, "multipath") == online.PASS_THROUGH
     assert online.choose_mode(None, True, *MAP) == "offline"  # a fence given means offline
+    assert online.choose_mode(None, False, *MAP, "relogin") == "offline"  # a relogin switch is offline
     assert online.choose_mode("offline", False, *MAP) == "offline"
-
-
-def test_the_default_for_a_map_used_directly_and_for_a_bare_disk_stays_offline(host):
-    assert online.choose_mode(None, False, *MAP) == "offline"  # nothing stacked: a filesystem on the map
-    host.holders = ["mpatha1"]
-    host.mounts = [SimpleNamespace(device="mpatha", mountpoint="/srv")]  # and a mount on the map itself
-    assert online.choose_mode(None, False, *MAP) == "offline"
-    host.mounts, host.writers = [], [SimpleNamespace(device="mpatha", pid=7, name="db")]
-    assert online.choose_mode(None, False, *MAP) == "offline"
-    assert online.choose_mode(None, False, None, "/dev/sdb") == "offline"
+    assert online.choose_mode(None, False, None, "/dev/sdb") == "offline"  # a bare disk
 
 
 def test_an_unknown_mode_and_max_hold_bounds():
