@@ -139,6 +139,9 @@ class Recorder:
         elif step == "switch" or step == "finish" and self.journal.is_done("switch"):  # a group's: no event
             held = self.journal.facts("switch").get("io_held_seconds")
             self.audit_once("switched", io_held_seconds=held)
+        elif step == "commit":  # an online move's: from here the destination is the volume, the host on it
+            held = self.journal.facts("commit").get("writes_held_seconds")
+            self.audit_once("switched", io_held_seconds=held)
         if step == "finish" and state == "done":
             self.audit_once("finished")
 

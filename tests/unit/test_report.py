@@ -92,7 +92,8 @@ def run_recorded_migration(journal, clock: Clock, emit, wait_seconds: float = 0.
         emit({"event": "io_resumed", "map": journal.data["source"]["map"], "io_held_seconds": 2.5})
 
     for name in STEPS:
-        facts = {"switch": {"io_held_seconds": 2.5}, "copy": {"volume_digest": "ab" * 32, "seconds": 18.0}}
+        facts = {"switch": {"io_held_seconds": 2.5}, "commit": {"writes_held_seconds": 0.25},
+                 "copy": {"volume_digest": "ab" * 32, "seconds": 18.0}}
         step(name, 0.5, facts.get(name))
     journal.set_state("done", report={**_minimal_report(journal.id), "volume_digest": "ab" * 32})
 
@@ -330,7 +331,22 @@ def test_audit_records_go_to_the_syslog_socket_with_every_field(state_dir, syslo
         assert fields["id"] == "m1" and fields["wwid"] == "36001405m1"
         assert fields["source"] == "iqn.2026-11.lab.blockmig:source/src-mpatha"
         assert fields["destination"] == "iqn.2026-11.lab.blockmig:destination/blockmig-m1"
-    assert "digest=sha256:" + "ab" * 32 in lines[-1] and "io_held_seconds=2.5" in lines[2]
+    # switched once, at the online move's commit (this fake runs both tables' steps: the commit comes first)
+    assert "digest=sha256:" + "ab" * 32 in lines[-1] and "io_held_seconds=0.25" in lines[2]
+
+
+@pytest.mark.parametrize("mode, step, facts, held", [("offline", "switch", {"io_held_seconds": 2.5}, "2.5"),
+                                                      ("pass-through", "commit", {"writes_held_seconds": 0.1}, "0.1")])
+def test_switched_is_audited_at_the_offline_switch_and_at_the_online_commit(state_dir, syslog_socket, mode, step,
+                                                                             facts, held):
+    journal = new_journal("m6", mode=mode)
+    recorder = timeline.Recorder(journal)
+    journal.mark_started(step)
+    journal.mark_done(step, **facts)
+    recorder({"event": "step", "step": step, "state": "done", **facts})
+    lines = received(syslog_socket)
+    assert [line.split("event=")[1].split()[0] for line in lines] == ["planned", "switched"], lines
+    assert lines[1].endswith(f"io_held_seconds={held}"), lines
 
 
 def test_a_failure_is_one_error_record_and_no_syslog_turns_it_off(state_dir, syslog_socket):
