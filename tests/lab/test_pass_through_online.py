@@ -25,7 +25,7 @@ from migrate_support import (
 )
 from workloads import XFS_MIGRATION_ENV, XFS_MIGRATION_SIZE, FsAppender, RawWriter, device_reader
 
-from blockmig import lab
+from blockmig import lab, timeline
 from blockmig.errors import HostError
 from blockmig.host import iscsi, multipath
 
@@ -133,6 +133,25 @@ def print_figures(report: dict, workload) -> None:
     print(f"\n{workload.name}: {workload.stall.summary()} (longest single IO seen by the workload)")
     print(f"pass-through: {len(online['passes'])} delta passes {online['passes']}; intervals "
           f"{online['intervals']}; copy {report['copy_seconds']} s, total {report['total_seconds']} s")
+    for step, figures in workload_per_step(report["id"], workload.stall):
+        print(f"  {step}: {figures}")
+
+
+def workload_per_step(migration_id: str, stall) -> list[tuple[str, str]]:
+    """The workload's own IOs during each step of the move (the steps' times from the migration's
+    events.jsonl, wall clock; the workload's are monotonic), so its longest IO is put where it happened."""
+    offset = time.time() - time.monotonic()
+    records = timeline.load_records(os.path.join(os.environ["BLOCKMIG_STATE_DIR"], migration_id))
+    began, figures = {}, []
+    for record in records:
+        if record["e"] != "step":
+            continue
+        if record["state"] == "started":
+            began[record["step"]] = record["t"] - offset
+        elif record["state"] == "done" and record["step"] in began:
+            start, end = began.pop(record["step"]), record["t"] - offset
+            figures.append((f"{record['step']} ({end - start:.1f} s)", stall.phase(start, end)))
+    return figures
 
 
 def assert_moved(host: MigrationLab, report: dict) -> None:

@@ -48,7 +48,7 @@ def test_a_together_plan_of_two_volumes_moves_by_pass_through(host_volumes, back
     pair = OrderedPairWriter(log.device, data.device, bases=(VOLUME // 2, VOLUME // 2))
     hold = f"max_hold = {HOLD[1]}" if HOLD else ""
     path = write_plan(tmp_path, [v.device for v in (log, data)], backing_dir, "pt2", parallel=2,
-                      extra_defaults=f'mode = "online"\nswitch = "together"\n{hold}')
+                      extra_defaults=f'switch = "together"\n{hold}', mode="online")
     with MapWatch(data.map_name) as watch:
         result = run_during([pair], settle=1.0,
                             action=lambda: blockmig("migrate", "--plan", path, "--json", timeout=1200))

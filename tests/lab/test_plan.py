@@ -84,11 +84,12 @@ class _MapOnly:
 
 
 def write_plan(tmp_path, devices: list[str], backing_dir: str, plan_id: str, parallel: int = 2,
-               extra_defaults: str = "", per_volume: dict | None = None, backstore: str | None = "kernel") -> str:
-    """A TOML plan: the lab's destination, `backing_dir`, 1 MiB chunks, offline moves (the pass-through
-    plans are test_pass_through_shapes'), `backstore` (None: blockmig's default, the handler); `per_volume`
-    adds lines to a volume."""
-    if backstore is not None:
+               extra_defaults: str = "", per_volume: dict | None = None, backstore: str | None = "kernel",
+               mode: str = "offline") -> str:
+    """A TOML plan: the lab's destination, `backing_dir`, 1 MiB chunks, `mode` (offline here; the
+    pass-through plan is test_pass_through_shapes'), `backstore` for an offline move (None: blockmig's
+    default, the handler); `per_volume` adds lines to a volume."""
+    if backstore is not None and mode == "offline":
         extra_defaults += f'\nbackstore = "{backstore}"'
     volumes = "".join(f'\n[[volumes]]\ndevice = "{device}"\n' + (per_volume or {}).get(device, "")
                       for device in devices)
@@ -100,7 +101,7 @@ to_target = "{lab.DESTINATION_IQN}"
 to_portal = "{lab.DESTINATION_PORTAL[0]}:{lab.DESTINATION_PORTAL[1]}"
 backing_dir = "{backing_dir}"
 chunk_size = "1M"
-mode = "offline"
+mode = "{mode}"
 {extra_defaults}
 {volumes}"""
     path = tmp_path / f"{plan_id}.toml"
