@@ -128,10 +128,13 @@ def test_the_handler_killed_in_the_copy_is_started_again_by_resume(shaped_lab):
     host.assert_host_on_destination(writer_region=WRITTEN, report=report)
 
 
-def test_sigterm_in_a_delta_pass_stops_at_a_safe_point_then_rollback(shaped_lab):
-    """SIGTERM while a delta pass runs: blockmig ends the pass, exits 143 with one line, the host working on
-    the handler's path meanwhile; rollback, the writer still running, puts it on the source alone."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_in_a_delta_pass_stops_at_a_safe_point_then_rollback(shaped_lab, signum):
+    """SIGTERM (or the admin's Ctrl-C) while a delta pass runs: blockmig ends the pass, exits 128+N with one
+    line, the host working on the handler's path meanwhile; rollback, the writer still running, puts it on
+    the source alone."""
     host = shaped_lab
+    name = signal.Signals(signum).name
     writer = RawWriter(host.device, host.size, block=4096, region=REGION, interval=0.002)
     writer.start()
     try:
@@ -139,11 +142,11 @@ def test_sigterm_in_a_delta_pass_stops_at_a_safe_point_then_rollback(shaped_lab)
             args = host.migrate_args("--mode", "online", "--id", "st", "--max-hold", "0.001")
             process = start_blockmig(*args, stop_at="pass-through:delta", stdout=subprocess.DEVNULL)
             wait_until_stopped(process, 600)
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signum)
             process.send_signal(signal.SIGCONT)
             _, stderr = process.communicate(timeout=600)
             lines = stderr.strip().splitlines()
-            assert process.returncode == 143 and len(lines) == 1 and "SIGTERM" in lines[0], stderr
+            assert process.returncode == 128 + signum and len(lines) == 1 and name in lines[0], stderr
             assert journal("st")["steps"]["copy"]["state"] != "done"
             time.sleep(1)  # the host writes on through the handler, blockmig gone
             rollback = blockmig("rollback", "st", timeout=600)

@@ -2,8 +2,10 @@
 
 import os
 
+import pytest
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
     KERNEL_BACKSTORE,
+    SLOW_LAB,
     HostReader,
     add_host_volume,
     blockmig,
@@ -69,13 +71,16 @@ def test_host_lun_numbers_that_differ_from_the_array(migration_lab, backing_dir)
     assert migration_lab.read_through_map(0, migration_lab.size) == migration_lab.data
 
 
-def test_a_second_initiator_on_the_source_is_refused(migration_lab):
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_a_second_initiator_on_the_source_is_refused(migration_lab, mode):
+    """Another host mapped to the source could write it behind the copy (offline) or behind the handler's
+    dirty map (online), and would be left on the source: refused before anything is made."""
     source = lio.find_volume(lab.SOURCE_VOLUME)
     other = "iqn.2026-11.lab.blockmig:other-host"
     lio.export_volume(source, other)
     try:
         before = lab.lab_status()
-        result = blockmig(*migration_lab.migrate_args(*KERNEL_BACKSTORE, "--id", "second-initiator"))
+        result = blockmig(*migration_lab.migrate_args("--id", "second-initiator", mode=mode))
         assert result.returncode == 2
         assert len(result.stderr.strip().splitlines()) == 1 and other in result.stderr, result.stderr
         assert lab.lab_status() == before
@@ -84,16 +89,20 @@ def test_a_second_initiator_on_the_source_is_refused(migration_lab):
         lio.unexport_volume(source, other)
 
 
-def test_an_existing_host_session_to_the_destination_is_kept(migration_lab, backing_dir):
-    """The host already uses another volume of the destination array: the switch scans, the session stays."""
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_an_existing_host_session_to_the_destination_is_kept(migration_lab, backing_dir, mode):
+    """The host already uses another volume of the destination array: the switch (online: the join and
+    the hand-over) scans it, the session stays, the resident volume's disk too."""
     resident = lio.create_volume(lab.DESTINATION_IQN, "resident", 16 * 1024 * 1024,
                                  os.path.join(backing_dir, "resident.img"), serial="5e51de27000000000000000000000001")
     lio.export_volume(resident, migration_lab.host_initiator)
     session = iscsi.login(lab.DESTINATION_IQN, *lab.DESTINATION_PORTAL)
     resident_disk = iscsi.find_session_disk(session, resident.lun, resident.wwid, 30)
-    result = blockmig(*migration_lab.migrate_args(*KERNEL_BACKSTORE, "--id", "existing"))
+    extra = KERNEL_BACKSTORE if mode == "offline" else ("--max-hold", "20") if SLOW_LAB else ()
+    result = blockmig(*migration_lab.migrate_args(*extra, "--id", "existing", mode=mode), timeout=900)
     assert result.returncode == 0, result.stderr
     report = report_of(result)
+    assert report["mode"] == ("offline" if mode == "offline" else "pass-through")
     assert [s.sid for s in _host_sessions(lab.DESTINATION_IQN)] == [session.sid]
     disks = iscsi.session_disks(session)
     assert disks[resident.lun] == resident_disk and disks[report["destination"]["host_lun"]] == report["host_disk"]
