@@ -365,8 +365,7 @@ def _cmd_status(args) -> int:
         if summary.get("online", {}) and summary["online"].get("mechanism") == "pass-through":
             state = summary["online"]
             print(f"  pass-through: {len(state['passes'])} delta passes, "
-                  + ", ".join(f"{i['phase']} {i['seconds']} s{' (writes held)' if i.get('held') else ''}"
-                              for i in state["intervals"]))
+                  + ", ".join(_interval_text(i) for i in state["intervals"]))
         for name, step in summary["steps"].items():
             print(f"  {name:<18} {step.get('state', '?'):<8} {step.get('done') or step.get('started') or ''}")
     return 0
@@ -403,8 +402,15 @@ def _print_report(report: dict, as_json: bool) -> None:
     if report.get("online") and report["online"].get("mechanism") == "pass-through":
         state = report["online"]
         print(f"  pass-through: {len(state['passes'])} delta passes; host IO slowed or held: "
-              + ", ".join(f"{i['phase']} {i['seconds']} s{' (writes to the last chunks held)' if i.get('held') else ''}"
-                          for i in state["intervals"]))
+              + ", ".join(_interval_text(i) for i in state["intervals"]))
+
+
+def _interval_text(interval: dict) -> str:
+    """'commit 1.8 s (one chunk's writes held 0.12 s at most)': a pass-through interval for status and report."""
+    text = f"{interval['phase']} {interval['seconds']} s"
+    if interval.get("longest_hold") is not None:
+        return text + f" (one chunk's writes held {interval['longest_hold']:.3f} s at most)"
+    return text + (" (writes to the last chunks held)" if interval.get("held") else "")
 
 
 class _MigrationRenderer:

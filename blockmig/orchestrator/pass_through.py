@@ -301,8 +301,9 @@ class CommitStep(BaseStep):
         for chunk, digest in record["digests"].items():
             manifest.chunk_digests[int(chunk)] = digest
         write_json_atomically(journal.manifest_path, manifest.to_dict())
-        held = record["held_seconds"]
-        _interval(migration, "commit", time.time() - held, held=True, chunks=len(record["chunks"]),
+        held = record["held_seconds"]  # the longest one chunk's writes waited (one chunk at a time)
+        _interval(migration, "commit", time.time() - record.get("seconds", held), held=True,
+                  longest_hold=held, chunks=len(record["chunks"]),
                   bytes=len(record["chunks"]) * manifest.chunk_size)
         checkpoint("pass-through:committed")
         # the manifest: each chunk as last copied from the source (the host writes on, so not a digest of

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from blockmig.array.tcmu.guard import ArrayGuard
 from blockmig.array.tcmu.passthrough import CLEAN, DIRTY, INTENT, TAKEN, ChunkMap, PassThrough
 from blockmig.array.tcmu.storage import Backing
+from blockmig.errors import ArrayError
 
 CHUNK = 4096
 CHUNKS = 8
@@ -256,16 +257,20 @@ def test_after_the_commit_host_writes_reach_the_destination_only(tmp_path):
     passthrough.close()
 
 
-def test_during_the_commit_a_write_to_a_held_chunk_waits_and_others_reach_both(tmp_path):
+def test_during_the_commit_only_writes_to_the_chunk_being_copied_wait(tmp_path):
+    """Chunks 2 and 4 are the last dirty ones: while the commit copies 2, a write to 2 waits, and writes to
+    4 (next in the commit's list) and to 5 (not in it) reach both arrays at once; 2's write goes on as soon
+    as 2 is copied, not at the commit's end."""
     passthrough, source, destination = make(tmp_path)
-    dirty_by_host(passthrough, [2])
+    dirty_by_host(passthrough, [2, 4])
     committed_content = chunk_of(source, 2)
     copying, go_on = threading.Event(), threading.Event()
     read = passthrough.source.read
 
     def slow_read(offset, length):
-        copying.set()
-        assert go_on.wait(30), "the test never let the commit go on"
+        if offset == 2 * CHUNK:
+            copying.set()
+            assert go_on.wait(30), "the test never let the commit go on"
         return read(offset, length)
 
     passthrough.source.read = slow_read
@@ -278,36 +283,75 @@ def test_during_the_commit_a_write_to_a_held_chunk_waits_and_others_reach_both(t
             errors.append(exc)
 
     committer = threading.Thread(target=run, args=(passthrough.commit_pending,))
-    held_data, other_data = os.urandom(CHUNK), os.urandom(CHUNK)
+    held_data, next_data, other_data = os.urandom(CHUNK), os.urandom(CHUNK), os.urandom(CHUNK)
     held_writer = threading.Thread(target=run, args=(host_write, passthrough, 2, held_data))
-    other_writer = threading.Thread(target=run, args=(host_write, passthrough, 5, other_data))
     try:
         committer.start()
         assert copying.wait(10), "commit_pending never read the dirty chunk"
         held_writer.start()
         held_writer.join(0.5)
-        assert held_writer.is_alive(), "a write to a held chunk completed during the commit"
+        assert held_writer.is_alive(), "a write to the chunk being copied completed meanwhile"
         assert chunk_of(source, 2) == committed_content and chunk_of(destination, 2) != held_data
-        other_writer.start()
-        other_writer.join(10)
-        assert not other_writer.is_alive(), "a write to a chunk the commit does not hold waited"
-        assert chunk_of(source, 5) == other_data == chunk_of(destination, 5)
+        for chunk, data in ((4, next_data), (5, other_data)):
+            writer = threading.Thread(target=run, args=(host_write, passthrough, chunk, data))
+            writer.start()
+            writer.join(10)
+            assert not writer.is_alive(), f"a write to chunk {chunk}, not being copied, waited"
+            assert chunk_of(source, chunk) == data == chunk_of(destination, chunk)
         assert passthrough.chunks.bytes[5] != DIRTY and passthrough.guard.state.pass_through
         assert held_writer.is_alive() and committer.is_alive()
     finally:
         go_on.set()
-        for thread in (committer, held_writer, other_writer):
+        for thread in (committer, held_writer):
             if thread.ident is not None:
                 thread.join(10)
     assert not errors, errors
     assert not committer.is_alive() and not held_writer.is_alive()
     record = next(r for r in results if isinstance(r, dict))
-    assert record["chunks"] == [2]
-    assert record["digests"] == {"2": hashlib.sha256(committed_content).hexdigest()}
+    assert record["chunks"] == [2, 4]
+    assert record["digests"]["2"] == hashlib.sha256(committed_content).hexdigest()
+    assert record["digests"]["4"] == hashlib.sha256(next_data).hexdigest()  # copied after its write
+    assert 0 <= record["held_seconds"] <= record["seconds"]
     assert not passthrough.guard.state.pass_through
-    assert chunk_of(destination, 2) == held_data  # after the commit's copy, to the destination only
-    assert chunk_of(source, 2) == committed_content
+    assert chunk_of(destination, 2) == held_data
+    assert chunk_of(source, 2) in (committed_content, held_data)  # went on before the flip, or after it
+    assert chunk_of(source, 4) == next_data == chunk_of(destination, 4)
     assert chunk_of(source, 5) == other_data == chunk_of(destination, 5)
+    passthrough.close()
+
+
+@pytest.mark.parametrize("failed_chunk, committed", [(3, True), (5, False)],
+                         ids=["copied-later", "not-copied"])
+def test_a_host_write_the_destination_failed_during_the_commit(tmp_path, failed_chunk, committed):
+    """While the commit copies chunk 1 (of 1 and 3), a host write's destination half fails: to chunk 3 the
+    commit's own copy mends it; to chunk 5 the source alone has it, so the commit must not end the
+    pass-through (the next one copies it)."""
+    passthrough, source, destination = make(tmp_path)
+    dirty_by_host(passthrough, [1, 3])
+    read = passthrough.source.read
+    write = passthrough.destination.write_from
+    written = os.urandom(CHUNK)
+
+    def failing_write_from(offset, views):
+        raise OSError(5, "Input/output error")
+
+    def read_then_fail_a_host_write(offset, length):
+        if offset == CHUNK:
+            passthrough.destination.write_from = failing_write_from
+            host_write(passthrough, failed_chunk, written)
+            passthrough.destination.write_from = write
+        return read(offset, length)
+
+    passthrough.source.read = read_then_fail_a_host_write
+    if committed:
+        record = passthrough.commit_pending()
+        assert record["chunks"] == [1, 3] and not passthrough.guard.state.pass_through
+        assert chunk_of(destination, 3) == written == chunk_of(source, 3)
+    else:
+        with pytest.raises(ArrayError, match=r"failed host writes to chunks \[5\]"):
+            passthrough.commit_pending()
+        assert passthrough.guard.state.pass_through and passthrough.chunks.bytes[5] == DIRTY
+        assert chunk_of(source, 5) == written != chunk_of(destination, 5)
     passthrough.close()
 
 

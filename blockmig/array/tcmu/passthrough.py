@@ -82,6 +82,11 @@ class ChunkMap:
             self._set([i for i in dirty if self.bytes[i] == DIRTY], TAKEN)
             return dirty
 
+    def take(self, chunks) -> None:
+        """Dirty ones among these chunks are TAKEN again: the caller copies them next, their writes held."""
+        with self._lock:
+            self._set([c for c in chunks if self.bytes[c] == DIRTY], TAKEN)
+
     def redo(self, chunks) -> list[int]:
         """Chunks the migrator found unlike its manifest: those the host has written (not CLEAN: a write
         where the copy had passed reaches both and leaves no dirt) are dirty again, for a delta pass or the
@@ -209,20 +214,25 @@ class PassThrough:
         self.modify(offset, length, lambda target, at: target.write_same(at, length, block))
 
     def commit_pending(self, save=lambda record: None) -> dict:
-        """The last dirty chunks copied source -> destination with the host's writes to them held (not
-        others: they reach both), read back; `save(record)`, then the destination is the volume. The
-        record: the chunks, their digests (as read back) and how long their writes were held."""
+        """The last dirty chunks copied source -> destination one at a time, read back, the host's writes
+        to the chunk being copied held meanwhile (to the others they reach both, as before): a host write
+        waits one chunk's copy at most, wherever it lands. Then `save(record)`, and the destination is the
+        volume. The record: the chunks, their digests (as read back), the longest one chunk's writes were
+        held, and how long the commit took."""
         size = self.chunks.chunk_size
         with self._locked(range(LOCK_STRIPES)):  # no write half way while the last list is taken
             # no pass in flight (a write elsewhere keeps the destination current), no migrator write admitted
             self.guard.arm_delta([])
             final = self.chunks.take_dirty()
-            with self._released:
-                self._held = set(final)
-        held_at = time.monotonic()
-        digests = {}
+        began = time.monotonic()
+        digests, longest = {}, 0.0
         try:
             for chunk in final:
+                with self._locked(range(chunk, chunk + 1)):  # no write to it half way
+                    with self._released:
+                        self._held = {chunk}
+                    self.chunks.take([chunk])  # a destination that failed a write to it: this copy mends it
+                held_at = time.monotonic()
                 start = chunk * size
                 length = min(size, self.size - start)
                 data = self.source.read(start, length)
@@ -231,20 +241,29 @@ class PassThrough:
                 if back != data:
                     raise ArrayError(f"chunk {chunk} read back from the destination differs from the source")
                 digests[chunk] = digest_chunk(back)
+                self._release_held()  # its waiting writes now reach both, like any other chunk's
+                longest = max(longest, time.monotonic() - held_at)
             self.destination.flush()
             with self._locked(range(LOCK_STRIPES)):
+                missed = [c for c, state in enumerate(self.chunks.bytes) if state == DIRTY]
+                if missed:  # the destination failed a host write meanwhile: the source alone has it
+                    raise ArrayError(f"the destination failed host writes to chunks {missed[:8]} during the "
+                                     "commit; the pass-through goes on, and the next commit copies them")
                 record = {"chunks": final, "digests": {str(c): d for c, d in digests.items()},
-                          "held_seconds": round(time.monotonic() - held_at, 6)}
+                          "held_seconds": round(longest, 6), "seconds": round(time.monotonic() - began, 6)}
                 save(record)  # before the flip: a committed volume always has its record
                 self.chunks.copied(final)  # before it too: a restart then finds nothing dirty, or INTENT
                 self.guard.set_pass_through(False)
         finally:
-            with self._released:
-                self._held, parked, self._parked = set(), self._parked, []
-                self._released.notify_all()
-            for resubmit in parked:
-                resubmit()
+            self._release_held()
         return record
+
+    def _release_held(self) -> None:
+        with self._released:
+            self._held, parked, self._parked = set(), self._parked, []
+            self._released.notify_all()
+        for resubmit in parked:
+            resubmit()
 
     def park(self, offset: int, length: int, resubmit) -> bool:
         """A host write touching a chunk the commit holds: `resubmit()` once it ends (True), else False."""
