@@ -170,8 +170,9 @@ def _add_migrate(sub) -> None:
                              "offline: a fence for the whole copy (the default for a bare disk, and where "
                              "--fence or --switch relogin is given)")
     parser.add_argument("--max-hold", type=_seconds_argument(0, 60, low_included=False), metavar="SECONDS",
-                        help="online: commit once the last dirty chunks are estimated to copy in this long; only "
-                             "the host writes to them wait meanwhile (default 1)")
+                        help="online: commit once the last dirty chunks are estimated to copy in this long; they "
+                             "are copied one at a time, and a host write to the one being copied waits for it "
+                             "(default 1)")
     parser.add_argument("--fence", choices=("writeprotect", "suspend", "none"),
                         help="offline: keep the source unchanged during the copy: write-protect the host's mapping "
                              "(default), hold host IO on the map, or none (only if the host is quiesced)")
