@@ -1,13 +1,19 @@
-"""Pass-through moves of the host stacks beside a filesystem directly on the map: LVs on the map, and two
-volumes of one host in one `--switch together` plan with a writer ordered across them.
+"""Pass-through moves of the host stacks beside a filesystem directly on the map: LVs on the map, a
+partition on the map, and two volumes of one host in one `--switch together` plan with a writer ordered
+across them.
 
 Each asserts what the host cares about: zero application errors, zero lost acknowledged writes, fsck clean,
 the map never without a usable path, the stacked maps' tables untouched; and prints the longest single IO
 each workload saw.
 """
 
+import os
+import subprocess
+
+import pytest
 from lvm_support import assert_moved, lvm_host  # noqa: F401  (a fixture)
-from migrate_support import blockmig, journal, migrate_args
+from migrate_support import MiB, blockmig, journal, migrate_args
+from test_host_usage import write_mbr_with_one_partition
 from test_pass_through_online import HOLD, MapWatch, migrate_watched, print_figures, shaped_lab  # noqa: F401
 from test_plan import (  # noqa: F401  (host_volumes and state_dir are fixtures)
     VOLUME,
@@ -17,7 +23,9 @@ from test_plan import (  # noqa: F401  (host_volumes and state_dir are fixtures)
     state_dir,
     write_plan,
 )
-from workloads import OrderedPairWriter, run_during
+from workloads import FsAppender, OrderedPairWriter, run_during
+
+from blockmig.host import multipath, udev
 
 
 def test_an_lv_on_the_map_moves_by_pass_through(lvm_host):
@@ -36,6 +44,42 @@ def test_an_lv_on_the_map_moves_by_pass_through(lvm_host):
     appender, writer = lvm_host.appender, lvm_host.writer
     print(f"LV on the map: {appender.name} write+fsync {appender.fsync.summary()}; "
           f"{writer.name} {writer.stall.summary()}")
+
+
+def dm_table(device: str) -> str:
+    return subprocess.run(["dmsetup", "table", os.path.basename(device)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.mark.parametrize("shaped_lab", [(64 * MiB, 4096)], indirect=True, ids=["4096"])
+def test_a_partition_on_the_map_moves_with_its_filesystem_mounted(shaped_lab, tmp_path):
+    """An msdos label, one partition from 1 MiB, ext4 on it with an fsync appender, 4096-byte blocks, no
+    --mode (the default): the partition's map stays as it was while its multipath map changes paths."""
+    host = shaped_lab
+    block = host.block_size  # the label's LBAs count logical blocks
+    write_mbr_with_one_partition(host.device, start_sector=MiB // block, sectors=(host.size - MiB) // block)
+    subprocess.run(["kpartx", "-a", "-s", host.device], check=True, capture_output=True)
+    try:
+        dm = os.path.basename(os.path.realpath(host.device))
+        [holder] = udev.wait_until(lambda: os.listdir(f"/sys/block/{dm}/holders"), "the partition map")
+        partition = f"/dev/{holder}"
+        table = dm_table(partition)
+        assert table.split()[-1] == str(MiB // 512), table  # starts at 1 MiB
+        appender = FsAppender(partition, "ext4", str(tmp_path / "mnt"), interval=0.02)
+        appender.start()
+        try:
+            report, watch = migrate_watched(host, appender, mode=None)
+            appender.stop()
+            print_figures(report, appender)
+            watch.check()
+            assert report["mode"] == "pass-through"
+            assert multipath.logical_block_size(host.device) == host.block_size
+            appender.check()  # 0 errors, every acknowledged line there, fsck clean
+            assert dm_table(partition) == table
+        finally:
+            appender.close()
+    finally:
+        subprocess.run(["kpartx", "-d", host.device], capture_output=True)
 
 
 def test_a_together_plan_of_two_volumes_moves_by_pass_through(host_volumes, backing_dir, state_dir, tmp_path):
