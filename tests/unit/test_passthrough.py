@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blockmig.array.tcmu import passthrough as passthrough_module
 from blockmig.array.tcmu.guard import ArrayGuard
 from blockmig.array.tcmu.passthrough import CLEAN, DIRTY, INTENT, TAKEN, ChunkMap, PassThrough
 from blockmig.array.tcmu.storage import Backing
@@ -257,10 +258,11 @@ def test_after_the_commit_host_writes_reach_the_destination_only(tmp_path):
     passthrough.close()
 
 
-def test_during_the_commit_only_writes_to_the_chunk_being_copied_wait(tmp_path):
-    """Chunks 2 and 4 are the last dirty ones: while the commit copies 2, a write to 2 waits, and writes to
-    4 (next in the commit's list) and to 5 (not in it) reach both arrays at once; 2's write goes on as soon
-    as 2 is copied, not at the commit's end."""
+def test_during_the_commit_only_writes_to_the_piece_being_copied_wait(tmp_path, monkeypatch):
+    """Chunks 2 and 4 are the last dirty ones, copied in halves: while the commit copies 2's first half, a
+    write there waits; writes to 2's second half, to 4 (next in the commit's list) and to 5 (not in it)
+    reach both arrays at once; the held write goes on as soon as its half is copied."""
+    monkeypatch.setattr(passthrough_module, "COMMIT_PIECE", CHUNK // 2)
     passthrough, source, destination = make(tmp_path)
     dirty_by_host(passthrough, [2, 4])
     committed_content = chunk_of(source, 2)
@@ -283,7 +285,8 @@ def test_during_the_commit_only_writes_to_the_chunk_being_copied_wait(tmp_path):
             errors.append(exc)
 
     committer = threading.Thread(target=run, args=(passthrough.commit_pending,))
-    held_data, next_data, other_data = os.urandom(CHUNK), os.urandom(CHUNK), os.urandom(CHUNK)
+    held_data, next_data, other_data = os.urandom(CHUNK // 2), os.urandom(CHUNK), os.urandom(CHUNK)
+    half = os.urandom(CHUNK // 2)
     held_writer = threading.Thread(target=run, args=(host_write, passthrough, 2, held_data))
     try:
         committer.start()
@@ -291,13 +294,14 @@ def test_during_the_commit_only_writes_to_the_chunk_being_copied_wait(tmp_path):
         held_writer.start()
         held_writer.join(0.5)
         assert held_writer.is_alive(), "a write to the chunk being copied completed meanwhile"
-        assert chunk_of(source, 2) == committed_content and chunk_of(destination, 2) != held_data
-        for chunk, data in ((4, next_data), (5, other_data)):
-            writer = threading.Thread(target=run, args=(host_write, passthrough, chunk, data))
+        assert chunk_of(source, 2) == committed_content
+        for chunk, data, within in ((2, half, CHUNK // 2), (4, next_data, 0), (5, other_data, 0)):
+            writer = threading.Thread(target=run, args=(host_write, passthrough, chunk, data, within))
             writer.start()
             writer.join(10)
-            assert not writer.is_alive(), f"a write to chunk {chunk}, not being copied, waited"
-            assert chunk_of(source, chunk) == data == chunk_of(destination, chunk)
+            assert not writer.is_alive(), f"a write to chunk {chunk} at {within}, not being copied, waited"
+            at, end = chunk * CHUNK + within, chunk * CHUNK + within + len(data)
+            assert source.read_bytes()[at:end] == data == destination.read_bytes()[at:end]
         assert passthrough.chunks.bytes[5] != DIRTY and passthrough.guard.state.pass_through
         assert held_writer.is_alive() and committer.is_alive()
     finally:
@@ -309,12 +313,13 @@ def test_during_the_commit_only_writes_to_the_chunk_being_copied_wait(tmp_path):
     assert not committer.is_alive() and not held_writer.is_alive()
     record = next(r for r in results if isinstance(r, dict))
     assert record["chunks"] == [2, 4]
-    assert record["digests"]["2"] == hashlib.sha256(committed_content).hexdigest()
+    copied_2 = committed_content[:CHUNK // 2] + half  # its first half before the write, the second after
+    assert record["digests"]["2"] == hashlib.sha256(copied_2).hexdigest()
     assert record["digests"]["4"] == hashlib.sha256(next_data).hexdigest()  # copied after its write
     assert 0 <= record["held_seconds"] <= record["seconds"]
     assert not passthrough.guard.state.pass_through
-    assert chunk_of(destination, 2) == held_data
-    assert chunk_of(source, 2) in (committed_content, held_data)  # went on before the flip, or after it
+    assert chunk_of(destination, 2) == held_data + half
+    assert chunk_of(source, 2) in (copied_2, held_data + half)  # went on before the flip, or after it
     assert chunk_of(source, 4) == next_data == chunk_of(destination, 4)
     assert chunk_of(source, 5) == other_data == chunk_of(destination, 5)
     passthrough.close()
