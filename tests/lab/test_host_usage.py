@@ -85,6 +85,8 @@ def test_a_partition_with_a_filesystem_on_the_map(source_map, tmp_path):
             assert users.describe() == f"ext4 on {mountpoint} mounted read-write (via {partition})"
         finally:
             subprocess.run(["umount", str(mountpoint)], check=True)
+        # the umount's change event has a udev worker probe (open) the partition for a moment
+        udev.wait_until(lambda: not volume_users(source_map.device).openers, "udev's probe to end", 10)
         users = volume_users(source_map.device)
         assert users.in_use and not users.mounts and users.describe() == f"{partition} stacked on it"
     finally:
