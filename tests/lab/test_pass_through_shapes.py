@@ -83,7 +83,8 @@ def test_a_partition_on_the_map_moves_with_its_filesystem_mounted(shaped_lab, tm
     try:
         dm = os.path.basename(os.path.realpath(host.device))
         [holder] = udev.wait_until(lambda: os.listdir(f"/sys/block/{dm}/holders"), "the partition map")
-        partition = f"/dev/{holder}"
+        with open(f"/sys/block/{holder}/dm/name") as name:  # dmsetup takes the map's name
+            partition = "/dev/mapper/" + name.read().strip()
         table = dm_table(partition)
         assert table.split()[-1] == str(MiB // 512), table  # starts at 1 MiB
         appender = FsAppender(partition, "ext4", str(tmp_path / "mnt"), interval=0.02)
