@@ -98,9 +98,10 @@ def test_an_online_migration_draws_its_passes_and_audits_each_milestone(small_lv
     records = audit_records(syslog)
     data = journal("pic")
 
-    # the audit trail: one record per milestone, each with every field (a pass-through has no switch step,
-    # so no "switched" record: its path changes are the join and the hand-over)
-    assert [r["event"] for r in records] == ["planned", "destination_created", "finished"]
+    # the audit trail: one record per milestone, each with every field (a pass-through's "switched" is its
+    # commit, with the longest one piece's writes were held)
+    assert [r["event"] for r in records] == ["planned", "destination_created", "switched", "finished"]
+    assert float(records[2]["io_held_seconds"]) == data["steps"]["commit"]["facts"]["writes_held_seconds"]
     for record in records:
         assert record["priority"] == 14 and record["tag"].startswith("blockmig[")  # user.info
         assert record["id"] == "pic" and record["wwid"] == lab.SOURCE_WWID == data["source"]["wwid"]
