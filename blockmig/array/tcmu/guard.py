@@ -71,7 +71,7 @@ class ArrayGuard:
     def __init__(self, path: str, volume: str):
         self.path = path
         self._lock = threading.Lock()
-        # Held by the ring's thread from a migrator write's admission to its journaling: arming (from a
+        # Held by the migrator-writes thread from a write's admission to its journaling: arming (from a
         # control thread) never changes the rule between the two.
         self.admission = threading.Lock()
         self.is_new = not os.path.exists(path)
