@@ -84,8 +84,9 @@ def test_a_partition_on_the_map_moves_with_its_filesystem_mounted(shaped_lab, tm
         dm = os.path.basename(os.path.realpath(host.device))
         [holder] = udev.wait_until(lambda: os.listdir(f"/sys/block/{dm}/holders"), "the partition map")
         with open(f"/sys/block/{holder}/dm/name") as name:  # dmsetup takes the map's name
-            partition = "/dev/mapper/" + name.read().strip()
-        table = dm_table(partition)
+            partition_map = name.read().strip()
+        partition = f"/dev/{holder}"  # the kernel's node (udev's /dev/mapper link may come later)
+        table = dm_table(partition_map)
         assert table.split()[-1] == str(MiB // 512), table  # starts at 1 MiB
         appender = FsAppender(partition, "ext4", str(tmp_path / "mnt"), interval=0.02)
         appender.start()
@@ -97,7 +98,7 @@ def test_a_partition_on_the_map_moves_with_its_filesystem_mounted(shaped_lab, tm
             assert report["mode"] == "pass-through"
             assert multipath.logical_block_size(host.device) == host.block_size
             appender.check()  # 0 errors, every acknowledged line there, fsck clean
-            assert dm_table(partition) == table
+            assert dm_table(partition_map) == table
         finally:
             appender.close()
     finally:
