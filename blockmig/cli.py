@@ -188,6 +188,9 @@ def _add_migrate(sub) -> None:
                         help="chunk length, a multiple of 4K and of the volume's block size, up to 256M (default 4M)")
     parser.add_argument("--max-rate", type=max_rate_argument,
                         help="throttle the copy to this many bytes per second (at least 1M)")
+    parser.add_argument("--min-rate", type=max_rate_argument,
+                        help="online: while the host's IO is slowed by the copy, the array holds the copy back, "
+                             "down to this many bytes per second (at least 1M; default 1M)")
     parser.add_argument("--id", dest="migration_id", type=id_argument,
                         help="migration (or plan) id: letters, digits, '.', '_', '-', at most 41 (default: time and WWID)")
     parser.add_argument("--json", action="store_true", help="one JSON event per line on stdout, then the report")
@@ -196,7 +199,7 @@ def _add_migrate(sub) -> None:
 
 
 MIGRATE_OPTIONS = ("to_target", "to_portal", "backing_dir", "backing_device", "fence", "switch", "switch_timeout",
-                   "chunk_size", "max_rate", "worm", "mode", "max_hold", "backstore")
+                   "chunk_size", "max_rate", "min_rate", "worm", "mode", "max_hold", "backstore")
 
 
 def _cmd_migrate(args) -> int:
@@ -409,6 +412,8 @@ def _print_report(report: dict, as_json: bool) -> None:
 def _interval_text(interval: dict) -> str:
     """'commit 1.8 s (one chunk's writes held 0.12 s at most)': a pass-through interval for status and report."""
     text = f"{interval['phase']} {interval['seconds']} s"
+    if interval.get("yielded_seconds"):
+        return text + f" (its writes yielded {interval['yielded_seconds']:.1f} s to the host's IO)"
     if interval.get("longest_hold") is not None:
         return text + f" (one chunk's writes held {interval['longest_hold']:.3f} s at most)"
     return text + (" (writes to the last chunks held)" if interval.get("held") else "")
@@ -655,6 +660,9 @@ def _add_array(sub) -> None:
                             "over the array's own session to the source array), the destination kept current; "
                             "needs --guard-initiator and --chunk-size")
     serve.add_argument("--chunk-size", type=parse_size, help="the migration's chunk (the pass-through's dirty map)")
+    serve.add_argument("--min-rate", type=max_rate_argument,
+                       help="with --pass-through-source: the copy's floor while its writes yield to the host's "
+                            "(default 1M per second)")
     serve.add_argument("--state-dir",
                        help="where the guard's state file lives (default /var/lib/blockmig/backstore)")
     serve.add_argument("--run-dir", help="where the control socket lives (default /run/blockmig)")
@@ -671,6 +679,8 @@ def _cmd_array(args) -> int:
         raise UsageError("--size is only for --backing-file: a device serves its whole size")
     if bool(args.pass_through_source) != bool(args.chunk_size):
         raise UsageError("--pass-through-source and --chunk-size go together")
+    if args.min_rate and not args.pass_through_source:
+        raise UsageError("--min-rate paces a copy under the host's passed-through IO: it needs --pass-through-source")
     if args.pass_through_source and not args.guard_initiator:
         raise UsageError("--pass-through-source needs --guard-initiator (the migrator's view the copy writes)")
     if args.migrator_serial and not args.guard_initiator:
@@ -700,6 +710,7 @@ def _cmd_array(args) -> int:
         migrator_serial=args.migrator_serial,
         geometry=geometry, guard_initiator=args.guard_initiator,
         source=args.pass_through_source, chunk_size=args.chunk_size or 0,
+        **({"min_rate": args.min_rate} if args.min_rate else {}),
         state_dir=args.state_dir or service.STATE_DIR, run_dir=args.run_dir or service.RUN_DIR,
     )
     server = service.VolumeServer(request)

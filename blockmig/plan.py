@@ -64,6 +64,7 @@ VOLUME_OPTIONS = (
     "switch_timeout",
     "chunk_size",
     "max_rate",
+    "min_rate",
     "worm",
     "mode",
     "max_hold",
@@ -245,7 +246,7 @@ def _checked_options(options: dict, where: str) -> dict:
                 problem = f"{value!r}: must be a number of seconds between 1 and 600"
             else:
                 value = float(value)
-        elif key in ("chunk_size", "max_rate"):
+        elif key in ("chunk_size", "max_rate", "min_rate"):
             try:
                 value = parse_chunk_size(value) if key == "chunk_size" else parse_max_rate(value)
             except ValueError as exc:

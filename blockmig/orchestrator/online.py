@@ -38,11 +38,12 @@ def choose_mode(requested: str | None, fence_given: bool, map_name: str | None, 
     return PASS_THROUGH
 
 
-def new_pass_through_state(max_hold: float) -> dict:
+def new_pass_through_state(max_hold: float, min_rate: int | None = None) -> dict:
     """The journal's `online` record of a pass-through move."""
     if not 0 < max_hold <= 60:
         raise UsageError(f"--max-hold {max_hold:g} s must be above 0 and at most 60 s")
-    return {"mechanism": PASS_THROUGH, "max_hold": max_hold, "pass1_done": False, "pass1_rate": None,
+    return {"mechanism": PASS_THROUGH, "max_hold": max_hold, "min_rate": min_rate, "pass1_done": False,
+            "pass1_rate": None,
             "pass": 0, "passes": [], "intervals": []}
 
 

@@ -187,6 +187,7 @@ class PassThroughCopyStep(BaseStep):
             destination = f"/dev/{migrator_disk(migration)}"
         state = journal.data["online"]
         progress = Progress(migration.emit, "copy")
+        began = time.time()
         if not state["pass1_done"]:
             manifest = copy_volume(
                 source, destination, journal.copy_journal_path, chunk_size=journal.data["chunk_size"],
@@ -200,6 +201,9 @@ class PassThroughCopyStep(BaseStep):
             state.update(pass1_done=True, pass1_rate=rate)
             journal.save()
         manifest = converge(migration, source, destination)
+        # the host's IO shared the arrays with the copy: how long the handler held the copy back for it
+        yielded = served_destination.client_of(migration).state().get("yielded_seconds")
+        _interval(migration, "copy", began, held=False, yielded_seconds=yielded)
         return {"source_disk": source, "destination_disk": destination, "chunks": manifest.chunk_count,
                 "seconds": progress.seconds}
 

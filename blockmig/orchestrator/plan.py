@@ -42,6 +42,7 @@ class MigrationRequest:
     worm: bool = False
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_rate: float | None = None
+    min_rate: int | None = None  # online: the copy's floor while the array holds it back for the host's IO
     migration_id: str | None = None
     switch_timeout: float = DEFAULT_SWITCH_TIMEOUT
     mode: str | None = None  # online (= pass-through) | offline; None: online.choose_mode's default
@@ -159,7 +160,8 @@ def plan_migration(request: MigrationRequest) -> MigrationJournal:
             },
             fence=fence,
             mode=mode,
-            online=online.new_pass_through_state(request.max_hold) if mode == online.PASS_THROUGH else None,
+            online=(online.new_pass_through_state(request.max_hold, request.min_rate)
+                    if mode == online.PASS_THROUGH else None),
             array_session=source_session.new_record(migration_id) if mode == online.PASS_THROUGH else None,
             switch=request.switch,
             switch_timeout=request.switch_timeout,
@@ -182,8 +184,12 @@ def _check_request(request: MigrationRequest) -> None:
         sizes.parse_chunk_size(request.chunk_size)
         if request.max_rate is not None:
             sizes.parse_max_rate(request.max_rate)
+        if request.min_rate is not None:
+            sizes.parse_max_rate(request.min_rate)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if request.min_rate is not None and request.max_rate is not None and request.min_rate > request.max_rate:
+        raise UsageError(f"--min-rate {request.min_rate} is above --max-rate {request.max_rate} bytes/s")
     if not 1 <= request.switch_timeout <= 600:
         raise UsageError(f"switch timeout {request.switch_timeout:g} s must be between 1 and 600 s")
     if request.migration_id is not None:

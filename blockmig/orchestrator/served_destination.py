@@ -91,7 +91,8 @@ def serve(migration) -> lio.Volume:
         if is_pass_through(migration.journal):  # the host's view: the source's identity, through to it
             passing = {"serial": source["serial"], "migrator_serial": destination["temporary_serial"],
                        "pass_through_source": "/dev/" + SourceSession(migration.journal).disk(),
-                       "chunk_size": migration.journal.data["chunk_size"]}
+                       "chunk_size": migration.journal.data["chunk_size"],
+                       "min_rate": migration.journal.data["online"].get("min_rate")}
         state = client.serve_detached(
             served_name(migration.journal),
             backing=destination["backing"],

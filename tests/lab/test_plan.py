@@ -19,6 +19,7 @@ from blockio import read_direct, read_file
 from migrate_support import (
     GROUP_SWITCH_TIMEOUT,
     KERNEL_BACKSTORE,
+    LAB_MIN_RATE,
     MiB,
     MigrationLab,
     add_host_volume,
@@ -101,6 +102,7 @@ to_target = "{lab.DESTINATION_IQN}"
 to_portal = "{lab.DESTINATION_PORTAL[0]}:{lab.DESTINATION_PORTAL[1]}"
 backing_dir = "{backing_dir}"
 chunk_size = "1M"
+min_rate = "{LAB_MIN_RATE}"
 mode = "{mode}"
 {extra_defaults}
 {volumes}"""

@@ -102,6 +102,8 @@ def state_dirs(tmp_path, monkeypatch):
     (["copy", "/dev/null", "/dev/null", "--chunk-size", "-4M"], "--chunk-size"),
     (["migrate", "/dev/null", "--max-rate", "0.5"], "--max-rate"),
     (["copy", "/dev/null", "/dev/null", "--max-rate", "100"], "--max-rate"),
+    (["migrate", "/dev/null", "--min-rate", "0.5"], "--min-rate"),
+    (["array", "serve", "--name", "x", "--backing-device", "/dev/null", "--min-rate", "nan"], "--min-rate"),
     (["migrate", "/dev/null", "--switch-timeout", "nan"], "--switch-timeout"),
     (["migrate", "/dev/null", "--max-hold", "inf"], "--max-hold"),
     (["copy", "/dev/null", "/dev/null", "--journal-interval", "-1"], "--journal-interval"),
@@ -114,6 +116,18 @@ def test_bad_ids_and_sizes_on_the_command_line_are_one_line_exit_2_and_make_noth
     assert result.stdout == ""
     assert sorted(os.listdir(state_dirs)) == [], "state, plans or locks were made"
     assert not os.path.exists("/tmp/x")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["migrate", "/dev/null", "--to-target", "t", "--to-portal", "127.0.0.1:3260", "--min-rate", "8M",
+      "--max-rate", "4M"], "blockmig: error: --min-rate 8388608 is above --max-rate 4194304 bytes/s"),
+    (["array", "serve", "--name", "x", "--backing-device", "/dev/null", "--min-rate", "8M"],
+     "blockmig: error: --min-rate paces a copy under the host's passed-through IO: it needs --pass-through-source"),
+])
+def test_a_floor_rate_that_cannot_apply_is_one_line_and_makes_nothing(state_dirs, args, message):
+    result = run_blockmig(*args)
+    assert result.returncode != 0 and result.stderr.splitlines() == [message], result.stderr
+    assert result.stdout == "" and sorted(os.listdir(state_dirs)) == []
 
 
 def test_a_plan_id_from_the_api_is_checked_before_anything_is_planned(state_dirs):

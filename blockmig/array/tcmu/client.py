@@ -84,6 +84,7 @@ def serve_detached(
     migrator_serial: str | None = None,
     pass_through_source: str | None = None,
     chunk_size: int | None = None,
+    min_rate: int | None = None,
 ) -> dict:
     """Start the handler in a session of its own (it outlives blockmig), its output appended to `log_path`;
     return its state once it answers on its socket. The backing file must exist (prepare_backing_file)."""
@@ -92,7 +93,8 @@ def serve_detached(
                        {"--serial": serial, "--geometry": json.dumps(geometry),
                         "--guard-initiator": guard_initiator, "--migrator-serial": migrator_serial,
                         "--pass-through-source": pass_through_source,
-                        "--chunk-size": str(chunk_size) if chunk_size else None})
+                        "--chunk-size": str(chunk_size) if chunk_size else None,
+                        "--min-rate": str(min_rate) if min_rate else None})
     process = start_daemon(argv, f"the backstore handler for {name}", log_path=log_path)
     client = BackstoreClient(name, run_dir)
     deadline = time.monotonic() + timeout

@@ -13,6 +13,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 from blockmig.errors import ArrayError
@@ -46,6 +47,7 @@ class Command:
     cmd_id: int
     cdb: bytes
     iovecs: list[memoryview]
+    fetched: float = 0.0  # time.monotonic() of the fetch: the host's latency as the array sees it
 
     @property
     def data_length(self) -> int:
@@ -127,7 +129,7 @@ class CommandRing:
         """Every command the kernel queued since the last fetch, in ring order."""
         mem, cmdr_off, size = self.mem, self.cmdr_off, self.cmdr_size
         head = _U32.unpack_from(mem, MAILBOX_CMD_HEAD)[0]
-        commands = []
+        commands, now = [], time.monotonic()
         while self._fetch != head:
             entry = cmdr_off + self._fetch
             len_op, cmd_id = _HEADER.unpack_from(mem, entry)
@@ -142,7 +144,7 @@ class CommandRing:
                 for at in range(entry + ENTRY_IOVECS, entry + ENTRY_IOVECS + 16 * iov_cnt, 16):
                     base, iov_len = _IOVEC.unpack_from(mem, at)
                     iovecs.append(mem[base:base + iov_len])
-                commands.append(Command(cmd_id, cdb, iovecs))
+                commands.append(Command(cmd_id, cdb, iovecs, now))
             self._fetch = (self._fetch + length) % size
         return commands
 

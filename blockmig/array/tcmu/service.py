@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from blockmig.array import lio
 from blockmig.array.tcmu import scsi
 from blockmig.array.tcmu.guard import ArrayGuard
+from blockmig.array.tcmu.pace import FLOOR_RATE, HostFirst
 from blockmig.array.tcmu.passthrough import PassThrough
 from blockmig.array.tcmu.ring import Command, CommandRing, find_uio_device
 from blockmig.array.tcmu.storage import Backing
@@ -81,6 +82,7 @@ class ServeRequest:
     workers: int = 8
     source: str | None = None  # pass the host's view through to this device (passthrough.py)
     chunk_size: int = 0  # the migration's chunk: the pass-through's dirty map counts in it
+    min_rate: int = FLOOR_RATE  # the copy's floor while it yields to the host's IO (pace.py)
 
 
 @dataclass
@@ -222,6 +224,7 @@ class VolumeServer:
         # 1 MiB O_DSYNC write there held every host command for its length: ~100 ms under TCG)
         self._migrator_writes = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                       thread_name_prefix="migrator-writes")
+        self.pacer = HostFirst(request.min_rate)  # the migrator's writes yield to the host's IO
         self._listener: socket.socket | None = None
         self._selector = selectors.DefaultSelector()
         self.identity: scsi.Identity | None = None
@@ -361,6 +364,8 @@ class VolumeServer:
         """One migrator write at a time, in ring order: the guard's check, the write and the reserved
         address's advance under one admission (a second write is checked against the advanced address)."""
         try:
+            if self.passthrough is not None and self.guard.state.pass_through:
+                self.pacer.pace(decoded.transfer.length)
             with self.guard.admission:
                 refusal = self._write_refusal(view, decoded.transfer)
                 if refusal is not None:
@@ -460,6 +465,8 @@ class VolumeServer:
         if not notify:
             view.completed_inline = True
         view.ring.complete(command.cmd_id, reply.status, reply.sense, read_len, notify=notify)
+        if view.role == "host" and self.passthrough is not None:
+            self.pacer.host_done(command.fetched)
 
     # --- control ---------------------------------------------------------------------------
     def _answer_control(self) -> None:
@@ -508,7 +515,8 @@ class VolumeServer:
             "receiving": state.receiving, "guard_initiator": state.guard_initiator,
             "views": {v.role: {"storage_object": v.so.name, "uio": v.ring.uio_path} for v in self.views},
             "pid": os.getpid(), "pass_through": state.pass_through,
-            **({"dirty_chunks": self.passthrough.chunks.dirty_count()} if self.passthrough else {}),
+            **({"dirty_chunks": self.passthrough.chunks.dirty_count(),
+                "yielded_seconds": round(self.pacer.yielded, 3)} if self.passthrough else {}),
             **({"taken": taken} if taken is not None else {}),
             **({"clean": clean} if clean is not None else {}),
             **({"commit": committed or self._saved_commit()} if self.passthrough else {}),
