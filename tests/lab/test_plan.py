@@ -92,6 +92,8 @@ def write_plan(tmp_path, devices: list[str], backing_dir: str, plan_id: str, par
     default, the handler); `per_volume` adds lines to a volume."""
     if backstore is not None and mode == "offline":
         extra_defaults += f'\nbackstore = "{backstore}"'
+    if mode == "online" and "max_rate" not in extra_defaults + "".join((per_volume or {}).values()):
+        extra_defaults += f'\nmin_rate = "{LAB_MIN_RATE}"'  # a floor above a test's own max_rate is refused
     volumes = "".join(f'\n[[volumes]]\ndevice = "{device}"\n' + (per_volume or {}).get(device, "")
                       for device in devices)
     text = f"""id = "{plan_id}"
@@ -102,7 +104,6 @@ to_target = "{lab.DESTINATION_IQN}"
 to_portal = "{lab.DESTINATION_PORTAL[0]}:{lab.DESTINATION_PORTAL[1]}"
 backing_dir = "{backing_dir}"
 chunk_size = "1M"
-min_rate = "{LAB_MIN_RATE}"
 mode = "{mode}"
 {extra_defaults}
 {volumes}"""
