@@ -364,7 +364,9 @@ class VolumeServer:
         """One migrator write at a time, in ring order: the guard's check, the write and the reserved
         address's advance under one admission (a second write is checked against the advanced address)."""
         try:
-            if self.passthrough is not None and self.guard.state.pass_through:
+            # pass 1 only: a delta pass is what converges, and the host's writes decide how much it has to do
+            state = self.guard.state
+            if self.passthrough is not None and state.pass_through and state.mode == "sequential":
                 self.pacer.pace(decoded.transfer.length)
             with self.guard.admission:
                 refusal = self._write_refusal(view, decoded.transfer)
