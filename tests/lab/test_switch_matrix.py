@@ -15,7 +15,7 @@ from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
     migration_lab,
     report_of,
 )
-from workloads import FsAppender, RawWriter
+from workloads import HOST_IO_INTERVAL, FsAppender, RawWriter
 
 from blockmig import lab
 from blockmig.array import lio
@@ -24,10 +24,11 @@ from blockmig.host import multipath
 XFS_SIZE = 320 * MiB  # mkfs.xfs (xfsprogs 6.1) refuses filesystems under 300 MiB
 
 
-def _writer(volume, block: int = 4096) -> RawWriter:
+def _writer(volume, block: int = 4096, interval: float = HOST_IO_INTERVAL) -> RawWriter:
     # The second half of the volume: the first half keeps the known data the checks compare.
     start = volume.size // 2 // MiB * MiB
-    return RawWriter(volume.device, volume.size, block=block, region=(start, (volume.size - start) // block * block))
+    return RawWriter(volume.device, volume.size, block=block, region=(start, (volume.size - start) // block * block),
+                     interval=interval)
 
 
 def _region(writer: RawWriter) -> tuple[int, int]:
@@ -41,7 +42,9 @@ def _held(report: dict, case: str) -> None:
 
 @pytest.mark.parametrize("switch", ["multipath", "relogin"])
 def test_raw_writer_with_the_suspend_fence(migration_lab, switch):
-    with _writer(migration_lab) as writer:
+    # multipath: the one flooding writer of the lab (no wait between its writes), at the switch a host
+    # has most IO in flight through
+    with _writer(migration_lab, interval=0 if switch == "multipath" else HOST_IO_INTERVAL) as writer:
         result = blockmig(*migration_lab.migrate_args(*KERNEL_BACKSTORE, "--fence", "suspend", "--switch", switch, "--id", "rw"))
     assert result.returncode == 0, result.stderr
     report = report_of(result)

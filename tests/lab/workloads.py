@@ -41,6 +41,12 @@ XFS_SMALL_ENV = {"TEST_DIR": "1", "TEST_DEV": "1", "QA_CHECK_FS": "1"}
 XFS_MIGRATION_SIZE = 64 * MiB if os.environ.get("BLOCKMIG_LAB_RUNNER") == "qemu" else XFS_MIN_SIZE
 XFS_MIGRATION_ENV = XFS_SMALL_ENV if XFS_MIGRATION_SIZE < XFS_MIN_SIZE else None
 MAX_KEPT_ERRORS = 200
+# Seconds a raw workload waits between two of its IOs: a busy host's pace (a few hundred IOs a second),
+# not a flood. The lab guest has one emulated CPU: a workload that never waits takes most of it from the
+# move it is there to watch (a 16 MiB offline move ran 69 s under a flooding reader against 25 s alone),
+# and a test then measures the emulator. One case floods on purpose (interval=0: test_switch_matrix's
+# raw writer on the multipath switch).
+HOST_IO_INTERVAL = 0.002
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ class RawWriter(_Workload):
     name = "raw writer"
 
     def __init__(self, device: str, size: int, block: int = 4096, region: tuple[int, int] | None = None,
-                 writer_id: int = 1, interval: float = 0.0, seed: int = 1):
+                 writer_id: int = 1, interval: float = HOST_IO_INTERVAL, seed: int = 1):
         super().__init__()
         self.device = device
         self.block = block
@@ -291,8 +297,9 @@ class RawReader(_Workload):
     name = "raw reader"
 
     def __init__(self, device: str, expected: bytes, region: tuple[int, int] | None = None, block: int = 64 * 1024,
-                 seed: int = 7):
+                 seed: int = 7, interval: float = HOST_IO_INTERVAL):
         super().__init__()
+        self.interval = interval
         self.device = device
         self.expected = expected
         self.block = block
@@ -314,6 +321,7 @@ class RawReader(_Workload):
             self.reads += 1
             if data != self.expected[offset:offset + self.block]:
                 self.mismatches.append(offset)
+            self._stop.wait(self.interval)
 
     def check(self, allow_errors: bool = False) -> None:
         problems = self._problems_of_run(allow_errors)
@@ -336,8 +344,10 @@ class OrderedPairWriter(_Workload):
 
     name = "ordered pair writer"
 
-    def __init__(self, first: str, second: str, blocks: int = 256, block: int = 4096, bases: tuple[int, int] = (0, 0)):
+    def __init__(self, first: str, second: str, blocks: int = 256, block: int = 4096, bases: tuple[int, int] = (0, 0),
+                 interval: float = HOST_IO_INTERVAL):
         super().__init__()
+        self.interval = interval
         self.devices = (first, second)
         self.bases = bases  # where each volume's blocks start (two regions of one device in a self-test)
         self.blocks = blocks
@@ -367,6 +377,7 @@ class OrderedPairWriter(_Workload):
                             self._record_error(f"volume {volume} seq {seq}", exc)
                             time.sleep(0.02)
                     self.done[volume] = seq
+                self._stop.wait(self.interval)
         finally:
             for fd in fds:
                 os.close(fd)
