@@ -88,7 +88,7 @@ class MapWatch:
 def shaped_lab(request, backing_dir, tmp_path, monkeypatch):
     """The lab with a source of `request.param` = (size, block size), random data on it; a MigrationLab."""
     monkeypatch.setenv("BLOCKMIG_STATE_DIR", str(tmp_path / "migrations"))
-    size, block_size = getattr(request, "param", (64 * MiB, 512))
+    size, block_size = getattr(request, "param", (32 * MiB, 512))
     lab.lab_down(backing_dir)
     lab.lab_up(size, backing_dir, block_size=block_size)
     try:
