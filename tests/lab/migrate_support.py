@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from blockio import read_direct, read_file, write_direct
-from workloads import HOST_IO_INTERVAL
+from workloads import READ_INTERVAL
 
 from blockmig import faults, lab
 from blockmig.array import lio
@@ -66,7 +66,7 @@ class HostReader:
             self.reads += 1
             if data != self.expected[offset:offset + READ_BLOCK]:
                 self.mismatches.append(offset)
-            self._stop.wait(HOST_IO_INTERVAL)
+            self._stop.wait(READ_INTERVAL)
 
     def __enter__(self) -> "HostReader":
         self._thread.start()

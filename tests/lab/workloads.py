@@ -47,6 +47,7 @@ MAX_KEPT_ERRORS = 200
 # and a test then measures the emulator. One case floods on purpose (interval=0: test_switch_matrix's
 # raw writer on the multipath switch).
 HOST_IO_INTERVAL = 0.002
+READ_INTERVAL = 0.02  # the readers' 64 KiB blocks: about 3 MB/s, more than the writers' 4 KiB ones move
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,7 @@ class RawReader(_Workload):
     name = "raw reader"
 
     def __init__(self, device: str, expected: bytes, region: tuple[int, int] | None = None, block: int = 64 * 1024,
-                 seed: int = 7, interval: float = HOST_IO_INTERVAL):
+                 seed: int = 7, interval: float = READ_INTERVAL):
         super().__init__()
         self.interval = interval
         self.device = device
