@@ -128,7 +128,8 @@ def test_the_handler_killed_in_the_copy_is_started_again_by_resume(shaped_lab):
     host.assert_host_on_destination(writer_region=WRITTEN, report=report)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+# SIGTERM only: SIGINT takes the same safe point (test_signals stops a copy, a hold and a plan with it too)
+@pytest.mark.parametrize("signum", [signal.SIGTERM], ids=["SIGTERM"])
 def test_a_signal_in_a_delta_pass_stops_at_a_safe_point_then_rollback(shaped_lab, signum):
     """SIGTERM (or the admin's Ctrl-C) while a delta pass runs: blockmig ends the pass, exits 128+N with one
     line, the host working on the handler's path meanwhile; rollback, the writer still running, puts it on

@@ -167,7 +167,7 @@ def assert_moved(host: MigrationLab, report: dict) -> None:
     assert not [s for s in iscsi.sessions() if s.iface.startswith("blockmig-array-")]
 
 
-@pytest.mark.parametrize("shaped_lab", [(64 * MiB, 512), (XFS_MIGRATION_SIZE, 4096)], indirect=True,
+@pytest.mark.parametrize("shaped_lab", [(32 * MiB, 512), (XFS_MIGRATION_SIZE, 4096)], indirect=True,
                          ids=["ext4-512", "xfs-4096"])
 def test_a_filesystem_directly_on_the_map_moves_online_with_its_writer(shaped_lab, tmp_path):
     """No --mode: online is the default for a map, whatever is on it (assert_moved checks the mode)."""
@@ -192,7 +192,7 @@ def test_a_filesystem_directly_on_the_map_moves_online_with_its_writer(shaped_la
         appender.close()
 
 
-@pytest.mark.parametrize("shaped_lab", [(48 * MiB + 4096, 4096)], indirect=True, ids=["raw-4096-odd-size"])
+@pytest.mark.parametrize("shaped_lab", [(24 * MiB + 4096, 4096)], indirect=True, ids=["raw-4096-odd-size"])
 def test_a_raw_writer_on_the_map_loses_no_acknowledged_write(shaped_lab):
     host = shaped_lab
     writer = RawWriter(host.device, host.size, block=4096, region=REGION, interval=0.002)
