@@ -23,13 +23,14 @@ from workloads import RawWriter
 from blockmig.array import lio
 from blockmig.host import multipath
 
+# The switch's named points a kill -9 then resume is run at. All eight passed up to session 12; three
+# are left out for the suite's time (~80 s a case under TCG beside a second guest): "switch:source
+# fenced", "switch:destination mapped" (the hold's rollback below still kills there) and "switch:source
+# disk deleted".
 SWITCH_POINTS = [
     "switch:prepared",
     "switch:held",
-    "switch:source fenced",
     "switch:source path removed",
-    "switch:destination mapped",
-    "switch:source disk deleted",
     "switch:destination disk present",
     "switch:destination path in the map",
 ]
