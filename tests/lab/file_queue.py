@@ -21,7 +21,7 @@ import time
 import uuid
 
 DURATIONS = pathlib.Path(__file__).with_name("durations.txt")
-SLACK = 1.5  # a busy machine ran the lab 1.35x slower than durations.txt says (2026-12-03's CI)
+SLACK = 1.2  # on a slow day; the budget keeps 150 s more for a file that runs over
 
 
 def file_seconds() -> dict[str, float]:
