@@ -34,10 +34,13 @@ def file_seconds() -> dict[str, float]:
     return seconds
 
 
-def longest_first(names: list[str]) -> list[str]:
-    seconds = file_seconds()
-    default = max(seconds.values(), default=60.0) / 2
-    return sorted(names, key=lambda name: (-seconds.get(name, default), name))
+def estimate(seconds: dict[str, float], name: str) -> float:
+    """A file's seconds from file_seconds(); half the longest for a file missing there."""
+    return seconds.get(name, max(seconds.values(), default=60.0) / 2)
+
+
+def longest_first(names: list[str], seconds: dict[str, float]) -> list[str]:
+    return sorted(names, key=lambda name: (-estimate(seconds, name), name))
 
 
 def claim(queue: str, name: str) -> bool:
@@ -61,10 +64,10 @@ def pytest_runtestloop(session):
     budget = float(os.environ.get("BLOCKMIG_LAB_BUDGET", "inf"))
     began = time.monotonic()
     seconds = file_seconds()
-    for name in longest_first(list(by_file)):
+    for name in longest_first(list(by_file), seconds):
         if session.shouldfail or session.shouldstop:
             break
-        if time.monotonic() - began + SLACK * seconds.get(name, 0.0) > budget:
+        if time.monotonic() - began + SLACK * estimate(seconds, name) > budget:
             print(f"\n-- {name} not started: its estimate ends past the guest's budget of {budget:.0f} s",
                   flush=True)
             continue

@@ -52,7 +52,7 @@ def test_kill_at_a_named_point_then_resume(shaped_lab, stop_at):
     """kill -9 of blockmig at each named point with a writer running; resume finishes; nothing lost; after
     the commit a rollback is refused with one line and changes nothing."""
     host = shaped_lab
-    writer = RawWriter(host.device, host.size, block=4096, region=REGION, interval=0.002)
+    writer = RawWriter(host.device, host.size, block=4096, region=REGION)
     writer.start()
     try:
         with MapWatch(host.map_name) as watch:
@@ -82,7 +82,7 @@ def test_the_handler_killed_in_the_copy_is_started_again_by_resume(shaped_lab):
     """kill -9 of the handler (and of blockmig) in pass 1, the host on the handler's path: its IO waits in the
     ring meanwhile; resume starts the handler again first, and the move finishes with nothing lost."""
     host = shaped_lab
-    writer = RawWriter(host.device, host.size, block=4096, region=REGION, interval=0.002)
+    writer = RawWriter(host.device, host.size, block=4096, region=REGION)
     writer.start()
     try:
         with MapWatch(host.map_name) as watch:
@@ -111,7 +111,7 @@ def test_the_handler_killed_in_the_copy_is_started_again_by_resume(shaped_lab):
     host.assert_host_on_destination(writer_region=WRITTEN, report=report)
 
 
-# SIGTERM only: SIGINT takes the same safe point (test_signals stops a copy, a hold and a plan with it too)
+# SIGTERM only: SIGINT takes the same safe point (test_signals stops a write-protected copy with it)
 @pytest.mark.parametrize("signum", [signal.SIGTERM], ids=["SIGTERM"])
 def test_a_signal_in_a_delta_pass_stops_at_a_safe_point_then_rollback(shaped_lab, signum):
     """SIGTERM (or the admin's Ctrl-C) while a delta pass runs: blockmig ends the pass, exits 128+N with one
@@ -119,7 +119,7 @@ def test_a_signal_in_a_delta_pass_stops_at_a_safe_point_then_rollback(shaped_lab
     the source alone."""
     host = shaped_lab
     name = signal.Signals(signum).name
-    writer = RawWriter(host.device, host.size, block=4096, region=REGION, interval=0.002)
+    writer = RawWriter(host.device, host.size, block=4096, region=REGION)
     writer.start()
     try:
         with MapWatch(host.map_name) as watch:

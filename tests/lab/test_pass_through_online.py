@@ -198,7 +198,7 @@ def test_a_filesystem_directly_on_the_map_moves_online_with_its_writer(shaped_la
 @pytest.mark.parametrize("shaped_lab", [(24 * MiB + 4096, 4096)], indirect=True, ids=["raw-4096-odd-size"])
 def test_a_raw_writer_on_the_map_loses_no_acknowledged_write(shaped_lab):
     host = shaped_lab
-    writer = RawWriter(host.device, host.size, block=4096, region=REGION, interval=0.002)
+    writer = RawWriter(host.device, host.size, block=4096, region=REGION)
     writer.start()
     try:
         report, watch = migrate_watched(host, writer, min_rate=None)

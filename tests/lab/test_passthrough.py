@@ -105,7 +105,7 @@ def test_a_copy_under_a_host_writer_then_commit_leaves_no_acknowledged_write_beh
     source, array_disk, volume, host_disk, content = pass_through
     migrator_disk = "/dev/" + migrator_disks(MIGRATOR_LUN)
     destination = os.path.join(backing_dir, "pt.img")
-    writer = RawWriter(host_disk, SIZE, interval=0.002)
+    writer = RawWriter(host_disk, SIZE)
     writer.start()
     try:
         time.sleep(0.5)
