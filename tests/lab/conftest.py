@@ -6,6 +6,7 @@ Every fixture that builds something tears it down again, also when the test fail
 
 import pytest
 from file_queue import pytest_runtestloop  # noqa: F401  (guests side by side share the files)
+from workloads import mounts_under, unmount_filesystem
 
 from blockmig import lab
 from blockmig.host import iscsi, multipath
@@ -20,6 +21,15 @@ def pytest_runtest_logreport(report):
         print(f"\n-- {report.nodeid} failed in {report.when}:\n{report.longreprtext[-6000:]}\n", flush=True)
     elif report.when == "call":  # what each test cost, also in the log of a guest killed by its timeout
         print(f"\n-- {report.nodeid} {report.outcome} in {report.duration:.0f} s", flush=True)
+
+
+@pytest.fixture(autouse=True)
+def no_mount_left_by_an_earlier_test(tmp_path_factory):
+    """A filesystem an earlier test left mounted on a lab map (that test's teardown failed, and said so)
+    would fail every later test's lab_down ("map in use"): one failure, not the rest of the guest's."""
+    for mountpoint in mounts_under(str(tmp_path_factory.getbasetemp())):
+        print(f"\n-- unmounting {mountpoint}, left mounted by an earlier test", flush=True)
+        unmount_filesystem(mountpoint)
 
 
 MIGRATOR_IFACE = "blockmig-test-migrator"

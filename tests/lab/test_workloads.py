@@ -23,6 +23,7 @@ from workloads import (
     RawWriter,
     device_reader,
     file_reader,
+    is_mounted,
     lab_of_size,
     run_during,
 )
@@ -202,7 +203,7 @@ def test_fs_appender_passes(fs_appender, backing_dir):
     size = os.path.getsize(lab.source_backing_file(backing_dir)) / MiB
     print(f"\n[{runner()}] {fs_appender.summary()}; volume {size:.0f} MiB takes {used:.0f} MiB of tmpfs")
     assert len(fs_appender.acked_lines) > 20 and fs_appender.acked_state == fs_appender.acked_lines[-1]
-    assert not os.path.ismount(fs_appender.mountpoint)
+    assert not is_mounted(fs_appender.mountpoint)
 
 
 def test_xfs_minimum_size_and_the_fstests_escape(backing_dir, tmp_path):
@@ -217,6 +218,27 @@ def test_xfs_minimum_size_and_the_fstests_escape(backing_dir, tmp_path):
         finally:
             appender.close()
     print(f"\n[{runner()}] {XFS_SMALL_SIZE // MiB} MiB {appender.summary()}")
+
+
+def test_a_shut_down_xfs_is_still_seen_mounted_and_unmounted(backing_dir, tmp_path):
+    """A shut-down xfs answers stat of its root with EIO (os.path.ismount then says "not mounted"): the
+    appender must still see the mount and take it down, or the map stays held for every later test."""
+    with lab_of_size(XFS_SMALL_SIZE, backing_dir) as device:
+        appender = FsAppender(device, "xfs", str(tmp_path / "mnt"), mkfs_env=XFS_SMALL_ENV)
+        try:
+            appender.make_filesystem()
+            appender.mount()
+            shutdown = subprocess.run(["xfs_io", "-x", "-c", "shutdown", appender.mountpoint],
+                                      capture_output=True, text=True)
+            assert shutdown.returncode == 0, shutdown.stderr
+            with pytest.raises(OSError) as stat_error:
+                os.stat(appender.mountpoint)
+            assert stat_error.value.errno == errno.EIO and not os.path.ismount(appender.mountpoint)
+            assert is_mounted(appender.mountpoint)
+            appender.unmount()
+            assert not appender.mounted and not is_mounted(appender.mountpoint)
+        finally:
+            appender.close()
 
 
 def _rewrite(path, text):

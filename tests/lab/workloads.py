@@ -422,6 +422,46 @@ def _tail(result: subprocess.CompletedProcess) -> str:
     return " | ".join((result.stdout + result.stderr).strip().splitlines()[-4:])
 
 
+def _mounts() -> list[tuple[str, str, str]]:
+    """(mountpoint, major:minor, fstype) of this namespace's mounts (mountpoints escaped as mountinfo
+    writes them: the lab's are pytest's temporary paths, which have no blanks)."""
+    with open("/proc/self/mountinfo") as handle:
+        rows = [line.split() for line in handle]
+    return [(fields[4], fields[2], fields[fields.index("-") + 1]) for fields in rows if "-" in fields]
+
+
+def is_mounted(mountpoint: str) -> bool:
+    """From mountinfo: os.path.ismount stats the mount's root, which a shut-down xfs answers with EIO,
+    and ismount then says "not mounted" (so a CI run once left an xfs mounted and every later test's
+    lab_down failed)."""
+    return any(point == mountpoint for point, _, _ in _mounts())
+
+
+def mounts_under(root: str) -> list[str]:
+    """Mountpoints at or below `root`, deepest first (the order to unmount them in)."""
+    return sorted({point for point, _, _ in _mounts() if (point + "/").startswith(root.rstrip("/") + "/")},
+                  key=len, reverse=True)
+
+
+def unmount_filesystem(mountpoint: str) -> None:
+    """umount, a busy one lazily; nothing if nothing is mounted there.
+
+    xfs retries a failed metadata write for ever by default: after refused writes its (lazy) unmount
+    kept the map open. Told first to give up (its sysfs error knobs), it lets go.
+    """
+    found = [(number, fstype) for point, number, fstype in _mounts() if point == mountpoint]
+    if not found:
+        return
+    for number, fstype in found:
+        if fstype == "xfs":
+            name = os.path.basename(os.path.realpath(f"/sys/dev/block/{number}"))
+            for knob, value in (("fail_at_unmount", "1"), ("metadata/EIO/max_retries", "0")):
+                with contextlib.suppress(OSError), open(f"/sys/fs/xfs/{name}/error/{knob}", "w") as handle:
+                    handle.write(value)
+    if _run_tool(["umount", mountpoint]).returncode != 0:
+        _run_tool(["umount", "-l", mountpoint])
+
+
 class FsAppender(_Workload):
     """A filesystem on the device; appends numbered lines to a file with an fsync after each.
 
@@ -472,22 +512,8 @@ class FsAppender(_Workload):
 
     def unmount(self) -> None:
         """Idempotent; a busy or failing umount falls back to a lazy one, so nothing stays mounted."""
-        if not os.path.ismount(self.mountpoint):
-            self.mounted = False
-            return
-        if self.fstype == "xfs":
-            self._xfs_gives_up_failed_writes()
-        if _run_tool(["umount", self.mountpoint]).returncode != 0:
-            _run_tool(["umount", "-l", self.mountpoint])
-        self.mounted = os.path.ismount(self.mountpoint)
-
-    def _xfs_gives_up_failed_writes(self) -> None:
-        """xfs retries a failed metadata write for ever by default: after refused writes its (lazy)
-        unmount kept the map open, and every later test's lab_down failed. Told to give up, it lets go."""
-        error = f"/sys/fs/xfs/{os.path.basename(os.path.realpath(self.device))}/error"
-        for path, value in ((f"{error}/fail_at_unmount", "1"), (f"{error}/metadata/EIO/max_retries", "0")):
-            with contextlib.suppress(OSError), open(path, "w") as handle:
-                handle.write(value)
+        unmount_filesystem(self.mountpoint)
+        self.mounted = is_mounted(self.mountpoint)
 
     def close(self) -> None:
         """Stop and unmount, whatever state the test left it in (for fixtures' finally)."""
