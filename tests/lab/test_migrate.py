@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 
 import pytest
@@ -207,6 +208,9 @@ def test_second_migration_of_the_same_volume_is_refused(migration_lab):
     first = start_blockmig(*migration_lab.migrate_args("--id", "first", "--max-rate", "1M"))
     try:
         wait_for_journal("first", lambda j: copied_bytes("first") > 0)
+        # held still (it keeps its lock), so what changes meanwhile is the refused ones' doing: once a CI
+        # run's loaded guest ran the two refused commands slower than the first's 16 s copy went on
+        os.kill(first.pid, signal.SIGSTOP)
         before = _arrays_and_host()
         second = blockmig(*migration_lab.migrate_args("--id", "second"))
         assert second.returncode != 0
@@ -216,6 +220,7 @@ def test_second_migration_of_the_same_volume_is_refused(migration_lab):
         assert resumed.returncode != 0 and "already running" in resumed.stderr, resumed.stderr
         assert _arrays_and_host() == before
     finally:
+        os.kill(first.pid, signal.SIGCONT)
         stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
     migration_lab.assert_host_on_destination()
