@@ -133,7 +133,8 @@ def _kill_group(process: subprocess.Popen) -> None:
                 pipe.close()
 
 
-def start_daemon(args: list[str], what: str, log_path: str | None = None) -> subprocess.Popen:
+def start_daemon(args: list[str], what: str, log_path: str | None = None,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
     """A long-lived helper process (the array-side backstore handler): no timeout, its owner stops it.
 
     Here so that every process blockmig starts is started in this module. Without `log_path` the caller
@@ -141,12 +142,14 @@ def start_daemon(args: list[str], what: str, log_path: str | None = None) -> sub
     blockmig (a kill -9, a Ctrl-C in blockmig's terminal): a migration's destination must not vanish with
     the process that started it.
     """
+    # cwd "/": a process that outlives blockmig must not hold the directory it was run from (a filesystem
+    # the admin will unmount: perhaps the very volume it moves)
     try:
         if log_path is None:
             return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+                                    stderr=subprocess.PIPE, text=True, cwd="/", env=env)
         with open(log_path, "ab") as log:
             return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True)
+                                    start_new_session=True, cwd="/", env=env)
     except OSError as exc:
         raise HostError(f"{what}: cannot start {args[0]}: {exc.strerror}") from None

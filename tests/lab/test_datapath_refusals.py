@@ -15,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from migrate_support import blockmig_env
+
 MiB = 1024 * 1024
 
 
@@ -34,7 +35,7 @@ def test_copy_refuses_a_destination_held_by_a_dm_map(tmp_path):
         dm_device = os.path.basename(os.path.realpath(f"/dev/mapper/{map_name}"))
         result = subprocess.run(
             [sys.executable, "-m", "blockmig", "copy", source, destination, "--journal", str(tmp_path / "j.json")],
-            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+            capture_output=True, text=True, env=blockmig_env(),
         )
         major_minor = f"{os.major(os.stat(destination).st_rdev)}:{os.minor(os.stat(destination).st_rdev)}"
         assert result.returncode == 2
@@ -68,7 +69,7 @@ def test_copy_refuses_a_destination_that_is_a_partition_of_the_source(tmp_path):
         disk = os.stat(source).st_rdev
         result = subprocess.run(
             [sys.executable, "-m", "blockmig", "copy", source, partition, "--journal", str(tmp_path / "j.json")],
-            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+            capture_output=True, text=True, env=blockmig_env(),
         )
         assert result.returncode == 2
         assert result.stderr.splitlines() == [

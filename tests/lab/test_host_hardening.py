@@ -21,10 +21,10 @@ import sys
 import pytest
 from migrate_support import (  # noqa: F401  (migration_lab is a fixture)
     KERNEL_BACKSTORE,
-    REPO,
     MiB,
     add_host_volume,
     blockmig,
+    blockmig_env,
     journal,
     migration_lab,
     report_of,
@@ -331,7 +331,7 @@ def test_reconfigure_is_refused_while_a_suspend_fence_holds_a_map(migration_lab)
         assert multipath.is_suspended(migration_lab.map_name)
         other = subprocess.run(
             [sys.executable, "-c", "from blockmig.host import multipath; multipath.reconfigure(settle_for=1)"],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120,
+            capture_output=True, text=True, env=blockmig_env(), timeout=120,
         )
         assert other.returncode != 0
         assert f"not running multipathd reconfigure: map(s) {migration_lab.map_name} suspended" in other.stderr

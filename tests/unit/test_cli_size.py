@@ -32,3 +32,17 @@ def test_copy_with_a_chunk_size_loads_no_orchestrator_or_host_module(tmp_path):
     assert "blockmig.datapath.copy" in loaded
     assert not [name for name in loaded if name.startswith(("blockmig.host", "blockmig.orchestrator",
                                                              "blockmig.plan", "blockmig.migration"))]
+
+
+def test_status_loads_no_asyncio(tmp_path):
+    """`blockmig status` waits for nothing: tenacity (which imports asyncio, a third of its start in the
+    lab's emulated guest) is imported only by a wait."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "blockmig", "status"], capture_output=True,
+                            text=True, check=False, env={**os.environ, "BLOCKMIG_STATE_DIR": str(tmp_path)})
+    loaded = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "import time:" in line]
+    assert result.returncode == 0 and "blockmig.plan" in loaded, result.stderr[-2000:]
+    assert "asyncio" not in loaded and "tenacity" not in loaded

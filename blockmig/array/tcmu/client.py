@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import psutil
 
+import blockmig
 from blockmig.array.tcmu.guard import load_state
 from blockmig.array.tcmu.service import RUN_DIR, STATE_DIR, socket_path, state_path
 from blockmig.errors import ArrayError
@@ -60,7 +61,7 @@ def start_served_volume(
                        {"--serial": serial, "--geometry-from": geometry_from,
                         "--guard-initiator": guard_initiator, "--pass-through-source": pass_through_source,
                         "--chunk-size": str(chunk_size) if chunk_size else None})
-    process = start_daemon(argv, f"the backstore handler for {name}")
+    process = start_daemon(argv, f"the backstore handler for {name}", env=_serve_env())
     line = process.stdout.readline().strip()
     if not line:
         error = process.stderr.read().strip().splitlines()
@@ -95,7 +96,7 @@ def serve_detached(
                         "--pass-through-source": pass_through_source,
                         "--chunk-size": str(chunk_size) if chunk_size else None,
                         "--min-rate": str(min_rate) if min_rate else None})
-    process = start_daemon(argv, f"the backstore handler for {name}", log_path=log_path)
+    process = start_daemon(argv, f"the backstore handler for {name}", log_path=log_path, env=_serve_env())
     client = BackstoreClient(name, run_dir)
     deadline = time.monotonic() + timeout
     while True:
@@ -156,15 +157,23 @@ def stop_handler(name: str, timeout: float = 60) -> bool:
     return bool(processes)
 
 
+def _serve_env() -> dict[str, str]:
+    """The handler runs the very blockmig that starts it (this tree, or site-packages), not one found in the
+    directory blockmig was run from (it starts in "/", and -P keeps its cwd off sys.path)."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(blockmig.__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+
+
 def _serve_argv(name: str, state_dir: str, run_dir: str, backing_file: str | None, size: int | None,
                 backing_device: str | None, options: dict[str, str | None]) -> list[str]:
     """`blockmig array serve`'s command line; options whose value is None are left out."""
-    argv = [sys.executable, "-m", "blockmig", "array", "serve", "--name", name,
-            "--state-dir", state_dir, "--run-dir", run_dir]
-    if backing_file:
-        argv += ["--backing-file", backing_file, "--size", str(size)]
+    argv = [sys.executable, "-P", "-m", "blockmig", "array", "serve", "--name", name,
+            "--state-dir", os.path.abspath(state_dir), "--run-dir", os.path.abspath(run_dir)]
+    if backing_file:  # absolute: the handler runs in "/"
+        argv += ["--backing-file", os.path.abspath(backing_file), "--size", str(size)]
     else:
-        argv += ["--backing-device", backing_device]
+        argv += ["--backing-device", os.path.abspath(backing_device)]
     for option, value in options.items():
         if value:
             argv += [option, value]
