@@ -273,10 +273,10 @@ def test_a_host_name_portal(migration_lab):
 # -- a creation killed half way -------------------------------------------------------------------------
 
 
-# Each point once, resume or rollback, both for the handler's; left out for the suite's time (each ~40 s
-# under TCG, passed in sessions 8-12): backing-file-made then rollback, storage-object-made then resume.
 @pytest.mark.parametrize("point, then, backstore", [
     ("create:backing-file-made", "resume", "kernel"),
+    ("create:backing-file-made", "rollback", "kernel"),
+    ("create:storage-object-made", "resume", "kernel"),
     ("create:storage-object-made", "rollback", "kernel"),
     ("export:acl-made", "rollback", "kernel"),
     ("create:handler-serving", "resume", "handler"),

@@ -23,14 +23,13 @@ from workloads import RawWriter
 from blockmig.array import lio
 from blockmig.host import multipath
 
-# The switch's named points a kill -9 then resume is run at. All eight passed up to session 12; three
-# are left out for the suite's time (~80 s a case under TCG beside a second guest): "switch:source
-# fenced", "switch:destination mapped" (the hold's rollback below still kills there) and "switch:source
-# disk deleted".
 SWITCH_POINTS = [
     "switch:prepared",
     "switch:held",
+    "switch:source fenced",
     "switch:source path removed",
+    "switch:destination mapped",
+    "switch:source disk deleted",
     "switch:destination disk present",
     "switch:destination path in the map",
 ]
@@ -67,7 +66,7 @@ def test_kill_at_each_switch_point_then_resume(migration_lab, point):
     writer.check(migration_lab.read_through_map)
 
 
-@pytest.mark.parametrize("point", ["switch:held", "switch:destination mapped"])  # the hold's first and last point
+@pytest.mark.parametrize("point", ["switch:held", "switch:source path removed", "switch:destination mapped"])
 def test_kill_inside_the_hold_then_rollback(migration_lab, point):
     with _writer(migration_lab) as writer:
         _kill_at(migration_lab, "kr", point, "--fence", "suspend")
