@@ -1,5 +1,5 @@
-"""Pass-through moves of the host stacks beside a filesystem directly on the map: LVs on the map, a
-partition on the map, and two volumes of one host in one `--switch together` plan with a writer ordered
+"""Pass-through moves of the host stacks beside a filesystem directly on the map: a partition on the
+map, and two volumes of one host in one `--switch together` plan with a writer ordered
 across them.
 
 Each asserts what the host cares about: zero application errors, zero lost acknowledged writes, fsck clean,
@@ -9,11 +9,9 @@ each workload saw.
 
 import os
 import subprocess
-import tempfile
 
 import pytest
-from lvm_support import VG, assert_moved, lvm_host, run  # noqa: F401  (a fixture)
-from migrate_support import MiB, blockmig, copied_bytes, journal, migrate_args, start_blockmig
+from migrate_support import MiB, blockmig, journal
 from test_host_usage import write_mbr_with_one_partition
 from test_pass_through_online import HOLD, MapWatch, migrate_watched, print_figures, shaped_lab  # noqa: F401
 from test_plan import (  # noqa: F401  (host_volumes and state_dir are fixtures)
@@ -29,42 +27,9 @@ from workloads import FsAppender, OrderedPairWriter, run_during
 
 from blockmig.host import multipath, udev
 
-
-def test_an_lv_on_the_map_moves_by_pass_through(lvm_host):
-    """`--mode pass-through` of a VG's map (an ext4 LV with an fsync appender, a raw LV with a writer that
-    logs its acknowledged writes): the LVs' tables are never touched. Once its copy has begun (the PV
-    label is on the migrator's disk then): LVM sees the map's PV alone, no duplicate, and VG metadata it
-    writes meanwhile (straight to the map, through the handler) is on the destination afterwards."""
-    lvm_host.start()
-    try:
-        with MapWatch(lvm_host.map_name) as watch, tempfile.TemporaryFile("w+") as events:
-            args = migrate_args(lvm_host.map_device, lvm_host.backing_dir, "--mode", "pass-through", *HOLD,
-                                "--id", "lv")
-            process = start_blockmig(*args, stdout=events)
-            try:
-                wait_for(lambda: copied_bytes("lv") > 0 or process.poll() is not None,
-                         "the copy's first chunk", timeout=600)
-                run("vgchange", "-q", "--addtag", "moved_online", VG)
-                run("pvscan", "--cache")
-                pvs = subprocess.run(["pvs", "--noheadings", "-o", "pv_name"], capture_output=True, text=True)
-                assert process.poll() is None, "the move ended before LVM was asked"
-                _, stderr = process.communicate(timeout=900)
-            except BaseException:
-                process.kill()
-                raise
-            events.seek(0)
-            result = subprocess.CompletedProcess(args, process.returncode, events.read(), stderr)
-    finally:
-        lvm_host.stop()
-    assert pvs.stdout.split() == [lvm_host.map_device] and "uplicate" not in pvs.stderr, pvs
-    assert result.returncode == 0, result.stderr
-    watch.check()
-    assert_moved(lvm_host, result)  # 0 errors, 0 lost writes, fsck clean, the LVs' tables untouched
-    run("pvscan", "--cache")
-    assert run("vgs", "--noheadings", "-o", "vg_tags", VG).strip() == "moved_online", "VG metadata lost"
-    appender, writer = lvm_host.appender, lvm_host.writer
-    print(f"LV on the map: {appender.name} write+fsync {appender.fsync.summary()}; "
-          f"{writer.name} {writer.stall.summary()}")
+# Left out for the suite's time (~5 min under TCG; passed in sessions 9-13): an LV case by pass-through
+# that asked LVM mid-copy (`pvs` saw the map's PV alone, no duplicate; a VG tag written meanwhile was on
+# the destination). LVs on the map still move online in test_report.py and test_signals.py.
 
 
 def dm_table(device: str) -> str:

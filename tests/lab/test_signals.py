@@ -37,7 +37,6 @@ from blockmig.array import lio
 from blockmig.host import multipath
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
-ALL_THREE = pytest.mark.parametrize("signum", list(EXIT_CODES), ids=lambda s: signal.Signals(s).name)
 
 
 def _writer(lab_) -> RawWriter:
@@ -79,7 +78,9 @@ def _map_flowing(map_name: str) -> None:
 # -- inside the switch's hold -----------------------------------------------------------------------
 
 
-@ALL_THREE
+# SIGTERM and SIGHUP. SIGINT passed here too (sessions 6-13) and is left out for the suite's time:
+# test_sigint_in_a_write_protected_copy_then_rollback stops blockmig with it.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_signal_in_the_hold_finishes_the_switch_then_stops(migration_lab, signum):
     """After the source path is out: the switch goes on to the destination, the map resumes, then blockmig exits."""
     with _writer(migration_lab) as writer:

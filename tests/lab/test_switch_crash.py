@@ -66,7 +66,9 @@ def test_kill_at_each_switch_point_then_resume(migration_lab, point):
     writer.check(migration_lab.read_through_map)
 
 
-@pytest.mark.parametrize("point", ["switch:held", "switch:source path removed", "switch:destination mapped"])
+# The hold's first and last point; "switch:source path removed" passed too (sessions 6-13) and is left out
+# for the suite's time (test_kill_at_each_switch_point_then_resume kills there, then resumes).
+@pytest.mark.parametrize("point", ["switch:held", "switch:destination mapped"])
 def test_kill_inside_the_hold_then_rollback(migration_lab, point):
     with _writer(migration_lab) as writer:
         _kill_at(migration_lab, "kr", point, "--fence", "suspend")
