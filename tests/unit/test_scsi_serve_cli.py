@@ -38,3 +38,26 @@ def test_serve_refuses_an_existing_backing_file_of_another_size(tmp_path):
                           "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2 and "holds 8192 bytes" in result.stderr
     assert sorted(os.listdir(tmp_path)) == ["v.img"] and (tmp_path / "v.img").stat().st_size == 8192
+
+
+def test_a_started_handler_runs_the_blockmig_that_starts_it(monkeypatch, tmp_path):
+    """It starts in "/" with -P: this tree goes on its path, its paths are absolute; an installed blockmig
+    (in site-packages) is left to find itself, so site-packages never comes before the standard library."""
+    import site
+
+    import blockmig
+    from blockmig.array.tcmu import client
+
+    tree = os.path.dirname(os.path.dirname(os.path.abspath(blockmig.__file__)))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    assert client._serve_env()["PYTHONPATH"].split(os.pathsep) == [tree, "/elsewhere"]
+    monkeypatch.setattr(site, "getsitepackages", lambda: [tree])
+    assert client._serve_env() is None
+    monkeypatch.chdir(tmp_path)
+    argv = client._serve_argv("v", "state", "run", "v.img", 4096, None,
+                              {"--serial": "ab", "--geometry": None})
+    assert argv[1:5] == ["-P", "-m", "blockmig", "array"]
+    assert argv[argv.index("--state-dir") + 1] == str(tmp_path / "state")
+    assert argv[argv.index("--run-dir") + 1] == str(tmp_path / "run")
+    assert argv[argv.index("--backing-file") + 1] == str(tmp_path / "v.img")
+    assert argv[-2:] == ["--serial", "ab"] and "--geometry" not in argv

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -157,10 +158,14 @@ def stop_handler(name: str, timeout: float = 60) -> bool:
     return bool(processes)
 
 
-def _serve_env() -> dict[str, str]:
-    """The handler runs the very blockmig that starts it (this tree, or site-packages), not one found in the
-    directory blockmig was run from (it starts in "/", and -P keeps its cwd off sys.path)."""
+def _serve_env() -> dict[str, str] | None:
+    """The handler runs the very blockmig that starts it, not one found in the directory blockmig was run
+    from (it starts in "/", and -P keeps its cwd off sys.path): one run from a tree gets that tree on its
+    path; an installed one finds itself as its parent did (site-packages on PYTHONPATH would come before
+    the standard library). None: the parent's environment as it is."""
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(blockmig.__file__)))
+    if package_root in site.getsitepackages():
+        return None
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
 
